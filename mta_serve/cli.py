@@ -1,0 +1,155 @@
+"""The `mta-serve` command: serve a model (default), or convert checkpoints into the native format.
+
+  mta-serve [--model DIR | --config YAML] [--host H] [--port P] ...   serve over HTTP
+  mta-serve convert reference SRC_DIR OUT_DIR [--tokenizer FILE] [--dtype D]
+  mta-serve convert hf SRC_DIR OUT_DIR [--mta-config YAML] [--tokenizer FILE] [--dtype D]
+
+Bad input ends with a one-line `mta-serve: error: ...` on stderr and a non-zero exit, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import resources
+from pathlib import Path
+
+from .config import DTYPES, ConfigError, ModelConfig, MTAConfig
+from .tokenizer import TokenizerError
+
+DEFAULT_MODEL_NAME = "mta-tiny-random"
+DEFAULT_SEED = 0
+
+
+class CLIError(ValueError):
+    pass
+
+
+def default_config_path() -> Path:
+    """The embedded default model's config (configs/tiny.yaml, installed as mta_serve.configs)."""
+    return Path(str(resources.files("mta_serve.configs") / "tiny.yaml"))
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mta-serve",
+        description="Serve a Multi-Token Attention model over an OpenAI-compatible HTTP API. With no "
+                    "arguments it serves the embedded default model (a tiny seeded random MTA model). "
+                    "Other commands: `mta-serve convert reference|hf --help`.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", metavar="DIR", help="native checkpoint directory (config.json, "
+                     "model.safetensors, tokenizer files)")
+    src.add_argument("--config", metavar="YAML", help="serve a seeded random model of this config "
+                     "(byte tokenizer; the config's vocab_size must be >= 258)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="weight seed for --config / the default model")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", metavar="NAME", help="model id in the API (default: the directory "
+                   f"name, or '{DEFAULT_MODEL_NAME}')")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--dtype", choices=DTYPES, help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    return p
+
+
+def convert_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mta-serve convert", description="Write a native mta-serve checkpoint.")
+    sub = p.add_subparsers(dest="source", required=True)
+    ref = sub.add_parser("reference", help="from the reference implementation: consolidated.pth + params.json")
+    hf = sub.add_parser("hf", help="from a Hugging Face Llama-architecture checkpoint (safetensors), as an "
+                                   "identity-initialized MTA model that computes the same logits")
+    for q in (ref, hf):
+        q.add_argument("src_dir", metavar="SRC_DIR")
+        q.add_argument("out_dir", metavar="OUT_DIR")
+        q.add_argument("--tokenizer", metavar="FILE", help="tokenizer file (tiktoken ranks or tokenizer.json) "
+                       "when the source's recorded tokenizer is not available here")
+        q.add_argument("--dtype", choices=DTYPES, help="weight dtype to write (default: the source's)")
+    hf.add_argument("--mta-config", metavar="YAML", help="MTA options (the `mta:` section of a config) "
+                    "for the converted model; default: the paper's conv + head mixing, no norm/gate")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["convert"]:
+            return convert(convert_parser().parse_args(argv[1:]))
+        return serve(serve_parser().parse_args(argv))
+    except (ConfigError, TokenizerError, CLIError, OSError) as exc:
+        print(f"mta-serve: error: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # CheckpointError and friends
+        print(f"mta-serve: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def load_served_model(args: argparse.Namespace):
+    """-> ServedModel for the serve arguments."""
+    import torch
+
+    from .checkpoint import load_checkpoint
+    from .model import DTYPES as TORCH_DTYPES, build_model
+    from .server import ServedModel
+    from .tokenizer import BytesTokenizer
+
+    dtype = TORCH_DTYPES[args.dtype] if args.dtype else None
+    if args.model:
+        model, tokenizer = load_checkpoint(args.model, device=args.device, dtype=dtype)
+        name = args.served_model_name or Path(args.model).resolve().name
+    else:
+        cfg = ModelConfig.from_yaml(args.config or default_config_path())
+        tokenizer = BytesTokenizer()
+        if cfg.vocab_size < tokenizer.vocab_size:
+            raise CLIError(f"--config vocab_size={cfg.vocab_size} is below the byte tokenizer's 258 ids")
+        model = build_model(cfg, seed=args.seed, mta_init="random", device=args.device, dtype=dtype)
+        name = args.served_model_name or (Path(args.config).stem if args.config else DEFAULT_MODEL_NAME)
+    torch.set_grad_enabled(False)
+    return ServedModel(name=name, model=model, tokenizer=tokenizer)
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .server import build_app
+
+    served = load_served_model(args)
+    print(f"mta-serve: serving '{served.name}' on http://{args.host}:{args.port}", file=sys.stderr)
+    uvicorn.run(build_app(served), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _mta_from_yaml(path: str) -> MTAConfig:
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text())
+    if isinstance(data, dict) and "mta" in data:
+        data = data["mta"]
+    if not isinstance(data, dict):
+        raise CLIError(f"{path}: expected a mapping of MTA options")
+    return ModelConfig.from_dict({"dim": 8, "n_layers": 1, "n_heads": 1, "vocab_size": 1, "mta": data}).mta
+
+
+def convert(args: argparse.Namespace) -> int:
+    from .checkpoint import import_reference, save_native
+
+    if args.source == "reference":
+        cfg, state_dict, tokenizer = import_reference(args.src_dir, args.tokenizer, args.dtype)
+    else:
+        cfg, state_dict, tokenizer = _convert_hf(args)
+    out = save_native(args.out_dir, cfg, state_dict, tokenizer)
+    print(f"mta-serve: wrote {out} ({cfg.dtype}, {cfg.n_layers} layers); serve it with "
+          f"`mta-serve --model {out}`")
+    return 0
+
+
+def _convert_hf(args: argparse.Namespace):
+    from .hf_llama import convert_hf_llama
+    from .tokenizer import load_tokenizer, tokenizer_from_file
+
+    mta = _mta_from_yaml(args.mta_config) if args.mta_config else None
+    cfg, state_dict = convert_hf_llama(Path(args.src_dir), mta=mta, dtype=args.dtype)
+    tokenizer = tokenizer_from_file(args.tokenizer) if args.tokenizer else load_tokenizer(Path(args.src_dir))
+    return cfg, state_dict, tokenizer
+
+
+if __name__ == "__main__":
+    sys.exit(main())
