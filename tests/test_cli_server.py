@@ -168,3 +168,32 @@ def test_seeded_sampling_is_reproducible(default_server):
     texts = {httpx.post(default_server.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
              for _ in range(2)}
     assert len(texts) == 1
+
+
+def test_cli_convert_reference_then_serve(tmp_path):
+    """A reference checkpoint converted by the CLI is served as is and generates what the source model does."""
+    import json as _json
+
+    import torch
+
+    params = {"model": {"dim": 32, "n_layers": 2, "n_heads": 4, "vocab_size": 258, "weight_tying": True,
+                        "max_seqlen": 64, "mta": {"use_mta": True, "query_kernel_size": 2, "key_kernel_size": 3}},
+              "distributed": {"model_dtype": "fp32"}, "data": {"tokenizer": {"name": "bytes"}}}
+    cfg = ModelConfig.from_reference_params(params)
+    source = build_model(cfg, seed=5, mta_init="random")
+    sd = dict(source.state_dict())
+    sd["output.tied_module.weight"] = sd["tok_embeddings.weight"]
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "ref" / "params.json").write_text(_json.dumps(params))
+    torch.save({"model": sd}, tmp_path / "ref" / "consolidated.pth")
+    out = run_cli("convert", "reference", str(tmp_path / "ref"), str(tmp_path / "toy-ref"))
+    assert out.returncode == 0, out.stderr
+    prompt = BytesTokenizer().encode("abc")
+    expected, _ = generate(source, prompt, GenerationParams(max_tokens=5, temperature=0, ignore_eos=True), 257)
+    server = Server("--model", str(tmp_path / "toy-ref"))
+    try:
+        resp = httpx.post(server.url + "/v1/completions", timeout=60, json={
+            "model": "toy-ref", "prompt": prompt, "max_tokens": 5, "temperature": 0, "ignore_eos": True})
+        assert resp.json()["choices"][0]["text"] == BytesTokenizer().decode(expected)
+    finally:
+        server.stop()
