@@ -29,6 +29,16 @@ def default_config_path() -> Path:
     return Path(str(resources.files("mta_serve.configs") / "tiny.yaml"))
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}: allowed an integer in [0, 65535]")
+    return port
+
+
 def serve_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mta-serve",
@@ -42,7 +52,7 @@ def serve_parser() -> argparse.ArgumentParser:
                      "(byte tokenizer; the config's vocab_size must be >= 258)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="weight seed for --config / the default model")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--served-model-name", metavar="NAME", help="model id in the API (default: the directory "
                    f"name, or '{DEFAULT_MODEL_NAME}')")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")

@@ -45,11 +45,17 @@ def grouped_head_conv(maps: torch.Tensor, head_kernel: torch.Tensor) -> torch.Te
     return torch.einsum("gro,grij->goij", head_kernel.to(maps.dtype), grouped).reshape(maps.shape)
 
 
-def attention_probs(q: torch.Tensor, k: torch.Tensor, w: MTAWeights) -> torch.Tensor:
-    """Steps 0-6 for one sequence: q [T, H, d], k [T, H, d] (GQA already expanded) -> P' [H, T, T]."""
-    seq_len, _, head_dim = q.shape
+def attention_probs(q: torch.Tensor, k: torch.Tensor, w: MTAWeights, first_row: int = 0) -> torch.Tensor:
+    """Steps 0-6 for one sequence: query rows first_row.. first_row+R-1, q [R, H, d]; keys 0..T-1,
+    k [T, H, d] (GQA already expanded) -> P' [H, R, T].
+
+    With first_row > 0 the convolutions see zeros above the first row, so only rows at least
+    (c_q - 1) + (c_q' - 1) below it are exact: the caller passes that many extra leading rows.
+    """
+    n_rows, _, head_dim = q.shape
     scores = torch.einsum("ihd,jhd->hij", q, k) / math.sqrt(head_dim)
-    allowed = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).tril()
+    rows = torch.arange(first_row, first_row + n_rows, device=q.device)
+    allowed = torch.arange(k.shape[0], device=q.device)[None, :] <= rows[:, None]  # [R, T]
     if w.pre_kernel is not None:
         scores = key_query_conv(scores.masked_fill(~allowed, 0.0), w.pre_kernel, w.pad_key)
     if w.wpsm is not None:

@@ -8,6 +8,7 @@ runs the dense reference attention; faster backends plug in later behind the sam
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,9 @@ from torch import nn
 
 from .config import ModelConfig
 from .dense_attention import MTAWeights, dense_mta_attention
+
+# (layer_id, attention module, q [N, H, d], k [N, G, d], v [N, G, d]) -> heads [N, H, d]
+AttendFn = Callable[[int, "MTAAttention", torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -97,9 +101,9 @@ class MTAAttention(nn.Module):
             heads = heads * torch.sigmoid(self.gate(heads))
         return heads
 
-    def forward(self, x, cos, sin, cu_seqlens: list[int]) -> torch.Tensor:
+    def forward(self, x, cos, sin, attend: "AttendFn", layer_id: int) -> torch.Tensor:
         q, k, v = self.project(x, cos, sin)
-        heads = dense_mta_attention(q, k, v, self.mta_weights(), cu_seqlens)
+        heads = attend(layer_id, self, q, k, v)
         return self.wo(self.norm_and_gate(heads.to(x.dtype)).flatten(-2))
 
 
@@ -126,8 +130,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x, cos, sin, cu_seqlens: list[int]) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, cu_seqlens)
+    def forward(self, x, cos, sin, attend: "AttendFn", layer_id: int) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, attend, layer_id)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -140,16 +144,29 @@ class MTATransformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
-    def forward(self, tokens: torch.Tensor, cu_seqlens: list[int]) -> torch.Tensor:
-        """tokens [N] packed sequences, cu_seqlens B+1 offsets -> logits [N, vocab] (at least fp32)."""
-        positions = torch.cat([torch.arange(e - s, device=tokens.device)
-                               for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:])])
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, attend: "AttendFn") -> torch.Tensor:
+        """tokens, positions [N] -> final hidden states [N, dim] (after the last norm).
+
+        `attend(layer_id, attention_module, q, k, v) -> heads [N, H, d]` is the attention backend: the dense
+        reference here, the paged cache in the engine.
+        """
         h = self.tok_embeddings(tokens)
         cos, sin = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta,
                                torch.promote_types(h.dtype, torch.float32))
-        for layer in self.layers:
-            h = layer(h, cos, sin, cu_seqlens)
-        return self.logits(self.norm(h))
+        for layer_id, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, attend, layer_id)
+        return self.norm(h)
+
+    def dense_logits(self, tokens: torch.Tensor, cu_seqlens: list[int]) -> torch.Tensor:
+        """The ground truth: tokens [N] of packed whole sequences (cu_seqlens B+1 offsets) -> logits [N, vocab]
+        (at least fp32), every layer through the dense reference attention."""
+        positions = torch.cat([torch.arange(e - s, device=tokens.device)
+                               for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:])])
+
+        def attend(layer_id, attn, q, k, v):
+            return dense_mta_attention(q, k, v, attn.mta_weights(), cu_seqlens)
+
+        return self.logits(self(tokens, positions, attend))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight
@@ -163,7 +180,7 @@ class MTATransformer(nn.Module):
         for seq in sequences:
             cu.append(cu[-1] + len(seq))
         tokens = torch.tensor([t for seq in sequences for t in seq], dtype=torch.long, device=device)
-        logits = self(tokens, cu)
+        logits = self.dense_logits(tokens, cu)
         return [logits[s:e] for s, e in zip(cu[:-1], cu[1:])]
 
 
