@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, ModelConfig
+from .reference_params import tokenizer_spec
 from .model import DTYPES, MTATransformer, build_model
 from .tokenizer import load_tokenizer, tokenizer_from_file, tokenizer_from_reference
 
@@ -94,12 +95,17 @@ def load_checkpoint(model_dir: str | Path, device: str | torch.device = "cpu",
     weights = Path(model_dir) / "model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"{model_dir} has config.json but no model.safetensors")
-    with safe_open(str(weights), framework="pt", device=str(device)) as f:
-        state_dict = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as f:
+            state_dict = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error type for corrupt files
+        raise CheckpointError(f"{weights} cannot be read: {exc}") from None
     check_state_dict(cfg, state_dict, str(weights))
+    tokenizer = load_tokenizer(Path(model_dir))
+    check_tokenizer_fits(cfg, tokenizer, str(model_dir))
     model = build_model(cfg, seed=None, device=device, dtype=dtype)
     model.load_state_dict(state_dict, strict=True)
-    return model, load_tokenizer(Path(model_dir))
+    return model, tokenizer
 
 
 # ---- reference implementation layout ----------------------------------------------------------------
@@ -144,20 +150,39 @@ def import_reference(src_dir: str | Path, tokenizer_path: str | Path | None = No
     for path in (params_path, weights_path):
         if not path.is_file():
             raise CheckpointError(f"{src} is not a reference checkpoint: {path.name} is missing")
-    params = json.loads(params_path.read_text())
-    cfg = ModelConfig.from_reference_params(params)
+    try:
+        params = json.loads(params_path.read_text())
+        cfg = ModelConfig.from_reference_params(params)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{params_path} is not valid JSON: {exc}") from None
+    except ConfigError as exc:
+        raise CheckpointError(f"{params_path}: {exc}") from None
     if dtype is not None:
         cfg = ModelConfig.from_dict({**cfg.to_dict(), "dtype": dtype})
-    blob = torch.load(weights_path, map_location="cpu", weights_only=True)
-    raw = blob["model"] if isinstance(blob, dict) and "model" in blob else blob
-    state_dict = reference_to_native_keys(cfg, raw)
+    state_dict = reference_to_native_keys(cfg, _load_reference_weights(weights_path))
     check_state_dict(cfg, state_dict, str(weights_path))
-    spec = params.get("data", {}).get("tokenizer")
+    spec = tokenizer_spec(params)
     if spec is None and tokenizer_path is None:
         raise CheckpointError(f"{params_path} names no data.tokenizer: pass --tokenizer FILE")
     tokenizer = (tokenizer_from_file(tokenizer_path) if spec is None
                  else tokenizer_from_reference(spec, tokenizer_path))
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise CheckpointError(f"tokenizer emits {tokenizer.vocab_size} ids but the model's vocab_size is "
-                              f"{cfg.vocab_size}")
+    check_tokenizer_fits(cfg, tokenizer, str(src))
     return cfg, state_dict, tokenizer
+
+
+def _load_reference_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load raises many types, with multi-line messages
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path} cannot be read as a PyTorch state dict: {first_line}") from None
+    raw = blob["model"] if isinstance(blob, dict) and "model" in blob else blob
+    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise CheckpointError(f"{path} holds no state dict of tensors (expected {{'model': state_dict}})")
+    return raw
+
+
+def check_tokenizer_fits(cfg: ModelConfig, tokenizer, source: str) -> None:
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise CheckpointError(f"{source}: the tokenizer emits {tokenizer.vocab_size} ids but the model's "
+                              f"vocab_size is {cfg.vocab_size}")

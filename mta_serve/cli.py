@@ -13,8 +13,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from .config import DTYPES, ConfigError, ModelConfig, MTAConfig
-from .tokenizer import TokenizerError
+from .config import DTYPES, ModelConfig, MTAConfig
 
 DEFAULT_MODEL_NAME = "mta-tiny-random"
 DEFAULT_SEED = 0
@@ -84,11 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["convert"]:
             return convert(convert_parser().parse_args(argv[1:]))
         return serve(serve_parser().parse_args(argv))
-    except (ConfigError, TokenizerError, CLIError, OSError) as exc:
-        print(f"mta-serve: error: {exc}", file=sys.stderr)
-        return 1
-    except ValueError as exc:  # CheckpointError and friends
-        print(f"mta-serve: error: {exc}", file=sys.stderr)
+    except (ValueError, OSError, RuntimeError) as exc:  # config, checkpoint, tokenizer, device errors
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"mta-serve: error: {message}", file=sys.stderr)
         return 1
 
 
@@ -130,7 +127,10 @@ def serve(args: argparse.Namespace) -> int:
 def _mta_from_yaml(path: str) -> MTAConfig:
     import yaml
 
-    data = yaml.safe_load(Path(path).read_text())
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as exc:
+        raise CLIError(f"{path} is not valid YAML: {exc}") from None
     if isinstance(data, dict) and "mta" in data:
         data = data["mta"]
     if not isinstance(data, dict):

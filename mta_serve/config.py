@@ -32,6 +32,10 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
 def _conv_pair(name: str, value: Any) -> tuple[int, int] | None:
     if value is None:
         return None
@@ -123,10 +127,8 @@ class ModelConfig:
             self.ffn_hidden_dim = 256 * math.ceil(int(8 * self.dim / 3) / 256)
         _require(_is_int(self.ffn_hidden_dim) and self.ffn_hidden_dim >= 1, "ffn_hidden_dim",
                  self.ffn_hidden_dim, "a positive integer")
-        _require(isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0, "norm_eps", self.norm_eps,
-                 "a positive number")
-        _require(isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0, "rope_theta",
-                 self.rope_theta, "a positive number")
+        _require(_is_positive_number(self.norm_eps), "norm_eps", self.norm_eps, "a positive finite number")
+        _require(_is_positive_number(self.rope_theta), "rope_theta", self.rope_theta, "a positive finite number")
         _require(isinstance(self.tie_embeddings, bool), "tie_embeddings", self.tie_embeddings, "true or false")
         _require(self.dtype in DTYPES, "dtype", self.dtype, f"one of {DTYPES}")
         self._check_mta()
@@ -154,8 +156,11 @@ class ModelConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ModelConfig":
-        with open(path) as f:
-            data = yaml.safe_load(f)
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
         _require(isinstance(data, dict), str(path), type(data).__name__, "a YAML mapping of ModelConfig fields")
         return cls.from_dict(data)
 
@@ -171,7 +176,13 @@ class ModelConfig:
     def from_reference_params(cls, params: dict[str, Any]) -> "ModelConfig":
         from .reference_params import model_config_kwargs
 
-        return cls(**model_config_kwargs(params))
+        if not isinstance(params, dict):
+            raise ConfigError("params.json must be a JSON object with a 'model' mapping")
+        try:
+            kwargs = model_config_kwargs(params)
+        except (TypeError, AttributeError, ZeroDivisionError, KeyError) as exc:
+            raise ConfigError(f"params.json is malformed: {exc}") from None
+        return cls(**kwargs)
 
 
 def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
@@ -185,3 +196,44 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
     if missing:
         raise ConfigError(f"missing config field {prefix}{missing[0]}: required fields are {required}")
     return cls(**data)
+
+
+@dataclass(slots=True)
+class CacheConfig:
+    """The paged KV cache. Its size is `num_blocks` if given, else derived from a memory budget: on CUDA a
+    fraction of the memory free after a warm-up forward, on CPU `cpu_kv_cache_bytes`."""
+
+    block_size: int = 16  # tokens per block
+    num_blocks: int | None = None
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_bytes: int = 256 << 20
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        _require(_is_int(self.block_size) and self.block_size >= 1, "block_size", self.block_size,
+                 "a positive integer")
+        _require(self.num_blocks is None or (_is_int(self.num_blocks) and self.num_blocks >= 1), "num_blocks",
+                 self.num_blocks, "null or a positive integer")
+        _require(_is_positive_number(self.gpu_memory_utilization) and self.gpu_memory_utilization <= 1,
+                 "gpu_memory_utilization", self.gpu_memory_utilization, "a number in (0, 1]")
+        _require(_is_int(self.cpu_kv_cache_bytes) and self.cpu_kv_cache_bytes >= 1, "cpu_kv_cache_bytes",
+                 self.cpu_kv_cache_bytes, "a positive integer")
+        _require(isinstance(self.enable_prefix_caching, bool), "enable_prefix_caching",
+                 self.enable_prefix_caching, "true or false")
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    """Continuous batching limits. `max_chunk_tokens` caps the tokens one request computes per step (chunked
+    prefill); None lets a prompt take the whole remaining token budget."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_chunk_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            _require(_is_int(value) and value >= 1, name, value, "a positive integer")
+        _require(self.max_chunk_tokens is None or (_is_int(self.max_chunk_tokens) and self.max_chunk_tokens >= 1),
+                 "max_chunk_tokens", self.max_chunk_tokens, "null or a positive integer")

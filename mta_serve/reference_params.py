@@ -33,8 +33,13 @@ def model_config_kwargs(params: dict[str, Any]) -> dict[str, Any]:
     dim = model.get("dim", 512)
     head_dim = model.get("head_dim")
     n_heads = model.get("n_heads") or dim // head_dim
-    dtype_name = params.get("distributed", {}).get("model_dtype", "fp32")
-    if dtype_name not in _REFERENCE_DTYPES:
+    if model.get("triton") and (model.get("mta") or {}).get("use_mta"):
+        _check_triton(model["mta"])
+    for name in ("dim", "n_layers", "multiple_of"):
+        if name in model and not (isinstance(model[name], int) and model[name] > 0):
+            raise ConfigError(f"params.json: invalid model.{name}={model[name]!r}: allowed a positive integer")
+    dtype_name = (params.get("distributed") or {}).get("model_dtype", "fp32")
+    if not isinstance(dtype_name, str) or dtype_name not in _REFERENCE_DTYPES:
         raise ConfigError(f"invalid distributed.model_dtype={dtype_name!r}: allowed {sorted(_REFERENCE_DTYPES)}")
     return dict(
         dim=dim, n_layers=model.get("n_layers", 8), n_heads=n_heads, vocab_size=model["vocab_size"],
@@ -44,6 +49,17 @@ def model_config_kwargs(params: dict[str, Any]) -> dict[str, Any]:
         tie_embeddings=model.get("weight_tying", False), max_seq_len=model.get("max_seqlen", 1024),
         dtype=_REFERENCE_DTYPES[dtype_name], mta=mta_config(model.get("mta") or {}),
     )
+
+
+def _check_triton(mta: dict[str, Any]) -> None:
+    # The reference's Triton MTA layers always pad keys on both sides and mix heads after the softmax with a
+    # linear layer; configs that say otherwise compute something else there than on their other layers.
+    if mta.get("pad_key", "both") != "both":
+        raise ConfigError(f"params.json: model.triton=true with model.mta.pad_key={mta['pad_key']!r} is not "
+                          "supported: the Triton layers always pad 'both'")
+    if mta.get("head_kernel_size") is not None:
+        raise ConfigError("params.json: model.triton=true with model.mta.head_kernel_size is not supported: the "
+                          "Triton layers use a linear post-softmax head mixing instead")
 
 
 def _ffn_hidden(dim: int, multiplier: float | None, multiple_of: int) -> int:
@@ -96,5 +112,6 @@ def _layers(value: Any) -> list[int] | None:
 
 def tokenizer_spec(params: dict[str, Any]) -> dict[str, Any] | None:
     """The reference's `data.tokenizer` ({"name", "path"}), if recorded."""
-    spec = params.get("data", {}).get("tokenizer")
+    data = params.get("data")
+    spec = data.get("tokenizer") if isinstance(data, dict) else None
     return spec if isinstance(spec, dict) else None

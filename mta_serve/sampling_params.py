@@ -1,0 +1,56 @@
+"""Per-request sampling parameters (OpenAI / vLLM semantics), validated on construction."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MAX_LOGPROBS = 20
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """Temperature 0 is greedy. Penalties follow vLLM: presence/frequency subtract from the logits of tokens
+    already generated; repetition divides positive (multiplies negative) logits of tokens seen in the prompt
+    or output. `logprobs` / `prompt_logprobs` = how many top alternatives to report (0 = only the chosen
+    token's); logprobs are those of the model's raw distribution, before penalties and temperature."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", "an integer >= 1"),
+            (self.temperature >= 0, "temperature", "a number >= 0"),
+            (0 < self.top_p <= 1, "top_p", "a number in (0, 1]"),
+            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "an integer >= 0 (0 = off)"),
+            (0 <= self.min_p <= 1, "min_p", "a number in [0, 1]"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty", "a number in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "a number in [-2, 2]"),
+            (0 < self.repetition_penalty <= 2, "repetition_penalty", "a number in (0, 2]"),
+            (isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens",
+             "an integer in [0, max_tokens]"),
+            (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs", f"0..{MAX_LOGPROBS}"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS, "prompt_logprobs",
+             f"0..{MAX_LOGPROBS}"),
+        ]
+        for ok, name, allowed in checks:
+            if not ok:
+                raise ValueError(f"invalid {name}={getattr(self, name)!r}: allowed {allowed}")
+        self.stop_token_ids = tuple(self.stop_token_ids)
+        self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
