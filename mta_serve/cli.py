@@ -13,7 +13,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from .config import DTYPES, ModelConfig, MTAConfig
+from .config import DTYPES, CacheConfig, ModelConfig, MTAConfig, SchedulerConfig
 
 DEFAULT_MODEL_NAME = "mta-tiny-random"
 DEFAULT_SEED = 0
@@ -57,6 +57,20 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--dtype", choices=DTYPES, help="compute dtype (default: the checkpoint's)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    e = p.add_argument_group("engine")
+    cache, sched = CacheConfig(), SchedulerConfig()
+    e.add_argument("--max-num-seqs", type=int, default=sched.max_num_seqs,
+                   help="most requests batched in one step")
+    e.add_argument("--max-num-batched-tokens", type=int, default=sched.max_num_batched_tokens,
+                   help="most tokens computed in one step (prompt chunks + decodes)")
+    e.add_argument("--max-chunk-tokens", type=int, help="most prompt tokens one request computes per step")
+    e.add_argument("--block-size", type=int, default=cache.block_size, help="tokens per KV-cache block")
+    e.add_argument("--num-kv-blocks", type=int, help="KV-cache size in blocks (default: from the memory budget)")
+    e.add_argument("--cpu-kv-cache-bytes", type=int, default=cache.cpu_kv_cache_bytes,
+                   help="KV-cache memory budget on the CPU")
+    e.add_argument("--gpu-memory-utilization", type=float, default=cache.gpu_memory_utilization,
+                   help="fraction of GPU memory the weights, activations and KV cache may use")
+    e.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     return p
 
 
@@ -89,15 +103,25 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def load_served_model(args: argparse.Namespace):
-    """-> ServedModel for the serve arguments."""
+def _device(name: str):
     import torch
 
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CLIError(f"invalid --device {name!r}: allowed e.g. cpu, cuda, cuda:1") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def load_model(args: argparse.Namespace):
+    """-> (model, tokenizer, served name) for the serve arguments."""
     from .checkpoint import load_checkpoint
     from .model import DTYPES as TORCH_DTYPES, build_model
-    from .server import ServedModel
     from .tokenizer import BytesTokenizer
 
+    args.device = _device(args.device)
     dtype = TORCH_DTYPES[args.dtype] if args.dtype else None
     if args.model:
         model, tokenizer = load_checkpoint(args.model, device=args.device, dtype=dtype)
@@ -109,16 +133,30 @@ def load_served_model(args: argparse.Namespace):
             raise CLIError(f"--config vocab_size={cfg.vocab_size} is below the byte tokenizer's 258 ids")
         model = build_model(cfg, seed=args.seed, mta_init="random", device=args.device, dtype=dtype)
         name = args.served_model_name or (Path(args.config).stem if args.config else DEFAULT_MODEL_NAME)
-    torch.set_grad_enabled(False)
-    return ServedModel(name=name, model=model, tokenizer=tokenizer)
+    return model, tokenizer, name
+
+
+def build_engine(args: argparse.Namespace, model, tokenizer):
+    from .engine import LLMEngine
+
+    cache = CacheConfig(block_size=args.block_size, num_blocks=args.num_kv_blocks,
+                        gpu_memory_utilization=args.gpu_memory_utilization,
+                        cpu_kv_cache_bytes=args.cpu_kv_cache_bytes, enable_prefix_caching=not args.no_prefix_caching)
+    scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                                max_chunk_tokens=args.max_chunk_tokens)
+    return LLMEngine(model, tokenizer, cache, scheduler, seed=args.seed)
 
 
 def serve(args: argparse.Namespace) -> int:
+    import torch
     import uvicorn
 
-    from .server import build_app
+    from .async_engine import AsyncEngine
+    from .server import ServedModel, build_app
 
-    served = load_served_model(args)
+    torch.set_grad_enabled(False)
+    model, tokenizer, name = load_model(args)
+    served = ServedModel(name, AsyncEngine(build_engine(args, model, tokenizer)))
     print(f"mta-serve: serving '{served.name}' on http://{args.host}:{args.port}", file=sys.stderr)
     uvicorn.run(build_app(served), host=args.host, port=args.port, log_level=args.log_level)
     return 0

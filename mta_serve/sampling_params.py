@@ -1,9 +1,22 @@
 """Per-request sampling parameters (OpenAI / vLLM semantics), validated on construction."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
+
+
+class SamplingParamsError(ValueError):
+    """An invalid sampling parameter; `param` names it (the API reports it in the error's `param`)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(slots=True)
@@ -30,16 +43,26 @@ class SamplingParams:
     prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise SamplingParamsError(name, f"invalid {name}={value!r}: allowed a finite number")
+        for name in ("max_tokens", "top_k", "min_tokens"):
+            if not _is_int(getattr(self, name)):
+                raise SamplingParamsError(name, f"invalid {name}={getattr(self, name)!r}: allowed an integer")
+        if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed < 2**63):
+            raise SamplingParamsError("seed", f"invalid seed={self.seed!r}: allowed an integer in [0, 2^63)")
         checks = [
-            (isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", "an integer >= 1"),
+            (self.max_tokens >= 1, "max_tokens", "an integer >= 1"),
             (self.temperature >= 0, "temperature", "a number >= 0"),
             (0 < self.top_p <= 1, "top_p", "a number in (0, 1]"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "an integer >= 0 (0 = off)"),
+            (self.top_k >= 0, "top_k", "an integer >= 0 (0 = off)"),
             (0 <= self.min_p <= 1, "min_p", "a number in [0, 1]"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty", "a number in [-2, 2]"),
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "a number in [-2, 2]"),
             (0 < self.repetition_penalty <= 2, "repetition_penalty", "a number in (0, 2]"),
-            (isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens",
+            (0 <= self.min_tokens <= self.max_tokens, "min_tokens",
              "an integer in [0, max_tokens]"),
             (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs", f"0..{MAX_LOGPROBS}"),
             (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS, "prompt_logprobs",
@@ -47,7 +70,7 @@ class SamplingParams:
         ]
         for ok, name, allowed in checks:
             if not ok:
-                raise ValueError(f"invalid {name}={getattr(self, name)!r}: allowed {allowed}")
+                raise SamplingParamsError(name, f"invalid {name}={getattr(self, name)!r}: allowed {allowed}")
         self.stop_token_ids = tuple(self.stop_token_ids)
         self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
 

@@ -14,9 +14,9 @@ import pytest
 
 from mta_serve.checkpoint import save_model
 from mta_serve.config import ModelConfig
-from mta_serve.generate import GenerationParams, generate
 from mta_serve.model import build_model
 from mta_serve.tokenizer import BytesTokenizer
+from helpers import greedy_reference
 
 CLI = [sys.executable, "-m", "mta_serve.cli"]
 
@@ -124,7 +124,15 @@ def test_openai_client(default_server):
     ({"model": "mta-tiny-random", "prompt": "a", "max_tokens": "many"}, 400, "max_tokens"),
     ({"model": "mta-tiny-random", "prompt": "a", "stream": True}, 400, "stream"),
     ({"model": "mta-tiny-random", "prompt": "a", "suffix": "z"}, 400, "suffix"),
-    ({"model": "mta-tiny-random", "prompt": "a", "temperature": -1}, 400, None),
+    ({"model": "mta-tiny-random", "prompt": "a", "temperature": -1}, 400, "temperature"),
+    ({"model": "mta-tiny-random", "prompt": "a", "top_p": 0}, 400, "top_p"),
+    ({"model": "mta-tiny-random", "prompt": "a", "seed": 2**70}, 400, "seed"),
+    ({"model": "mta-tiny-random", "prompt": [True, False]}, 400, "prompt"),
+    ({"model": "mta-tiny-random", "prompt": [1.0, 2.0]}, 400, "prompt"),
+    ({"model": "mta-tiny-random", "prompt": ["a", "b"]}, 400, "prompt"),
+    ({"model": "mta-tiny-random", "prompt": "a", "max_tokens": "3"}, 400, "max_tokens"),
+    ({"model": "mta-tiny-random", "prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "mta-tiny-random", "prompt": "a", "n": 2}, 400, "n"),
     ({"model": "nope", "prompt": "a"}, 404, "model"),
     ({"prompt": "a"}, 400, "model"),
 ])
@@ -133,6 +141,39 @@ def test_errors_are_openai_json(default_server, body, status, param):
     assert resp.status_code == status, resp.text
     err = resp.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["param"] == param and err["message"]
+
+
+def test_nan_and_unknown_routes_are_openai_json(default_server):
+    resp = httpx.post(default_server.url + "/v1/completions", headers={"content-type": "application/json"},
+                      content=b'{"model": "mta-tiny-random", "prompt": "a", "temperature": NaN}')
+    assert resp.status_code == 400 and "NaN" in resp.json()["error"]["message"]
+    resp = httpx.get(default_server.url + "/v1/nothing")
+    assert resp.status_code == 404 and resp.json()["error"]["code"] == 404
+    resp = httpx.get(default_server.url + "/v1/completions")
+    assert resp.status_code == 405 and resp.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_concurrent_requests_are_batched_and_exact(default_server):
+    """Eight simultaneous greedy requests of different lengths each get what they get alone."""
+    import asyncio
+
+    prompts = ["a", "hello there", "MTA", "x" * 40, "0123456789", "Zz", "the quick brown fox", "."]
+
+    async def one(client, prompt):
+        body = {"model": "mta-tiny-random", "prompt": prompt, "max_tokens": 6, "temperature": 0,
+                "ignore_eos": True}
+        resp = await client.post(default_server.url + "/v1/completions", json=body, timeout=120)
+        return resp.json()["choices"][0]["text"]
+
+    async def together():
+        async with httpx.AsyncClient() as client:
+            return await asyncio.gather(*(one(client, p) for p in prompts))
+
+    async def alone():
+        async with httpx.AsyncClient() as client:
+            return [await one(client, p) for p in prompts]
+
+    assert asyncio.run(together()) == asyncio.run(alone())
 
 
 def test_malformed_json_is_400(default_server):
@@ -151,8 +192,7 @@ def test_serves_a_native_checkpoint_exactly(tmp_path):
     cfg = ModelConfig.from_yaml(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
     model = build_model(cfg, seed=42, mta_init="random")
     save_model(tmp_path / "my-model", model, BytesTokenizer())
-    expected, _ = generate(model, BytesTokenizer().encode("The cat"), GenerationParams(max_tokens=6, temperature=0,
-                                                                                       ignore_eos=True), 257)
+    expected, _ = greedy_reference(model, BytesTokenizer().encode("The cat"), 6)
     server = Server("--model", str(tmp_path / "my-model"))
     try:
         resp = httpx.post(server.url + "/v1/completions", timeout=60, json={
@@ -189,7 +229,7 @@ def test_cli_convert_reference_then_serve(tmp_path):
     out = run_cli("convert", "reference", str(tmp_path / "ref"), str(tmp_path / "toy-ref"))
     assert out.returncode == 0, out.stderr
     prompt = BytesTokenizer().encode("abc")
-    expected, _ = generate(source, prompt, GenerationParams(max_tokens=5, temperature=0, ignore_eos=True), 257)
+    expected, _ = greedy_reference(source, prompt, 5)
     server = Server("--model", str(tmp_path / "toy-ref"))
     try:
         resp = httpx.post(server.url + "/v1/completions", timeout=60, json={

@@ -12,6 +12,7 @@ from mta_serve.config import CacheConfig, ModelConfig, MTAConfig, SchedulerConfi
 from mta_serve.engine import LLMEngine
 from mta_serve.model import build_model
 from mta_serve.sampling_params import SamplingParams
+from helpers import greedy_reference
 
 LOGPROB_TOL = 1e-4
 BLOCK = 4
@@ -51,18 +52,6 @@ def model_and_reference(request):
         return cache[key]
 
     return model, reference
-
-
-@torch.no_grad()
-def greedy_reference(model, prompt, max_tokens):
-    """Full recompute with the dense reference for every token: (tokens, logprob of each)."""
-    tokens, logprobs = [], []
-    for _ in range(max_tokens):
-        logits = model.score([prompt + tokens])[0][-1]
-        token = int(torch.argmax(logits))
-        logprobs.append(float(torch.log_softmax(logits, -1)[token]))
-        tokens.append(token)
-    return tokens, logprobs
 
 
 def make_engine(model, num_blocks=512, **scheduler) -> LLMEngine:

@@ -1,0 +1,163 @@
+"""Sampling: seeds, filters, penalties, biases, stops and logprobs, through the engine and as units."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mta_serve.config import CacheConfig, ModelConfig, MTAConfig, SchedulerConfig
+from mta_serve.engine import LLMEngine, RequestError
+from mta_serve.model import build_model
+from mta_serve.request import Request
+from mta_serve.sampler import apply_penalties, filtered_probs
+from mta_serve.sampling_params import SamplingParams
+
+VOCAB = 40
+EOS = 3
+
+
+class _EosOnly:
+    """The engine only reads eos_id from a tokenizer when prompts are token ids."""
+
+    eos_id = EOS
+    vocab_size = VOCAB
+
+    def decode(self, ids, skip_special=True):
+        return " ".join(map(str, ids))
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, vocab_size=VOCAB, max_seq_len=96,
+                      mta=MTAConfig(pre_conv=[3, 3], post_conv=[2, 3], wpsm=True, head_kernel_size=2))
+    return build_model(cfg, seed=3, mta_init="random")
+
+
+def engine(model, **scheduler) -> LLMEngine:
+    return LLMEngine(model, None, CacheConfig(block_size=4, num_blocks=128), SchedulerConfig(**scheduler))
+
+
+def run(eng, requests: dict) -> dict:
+    for rid, (prompt, params) in requests.items():
+        eng.add_request(rid, prompt, params)
+    done = {}
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.finished:
+                done[out.request_id] = out
+    return done
+
+
+def seeded(seed: int, n: int = 12) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=1.3, top_p=0.95, seed=seed, ignore_eos=True)
+
+
+def test_seeded_sampling_is_independent_of_the_batch(model):
+    target = ([5, 6, 7, 8], seeded(1234))
+    alone = run(engine(model), {"x": target})["x"].token_ids
+    crowd = {f"o{i}": ([9 + i] * (2 + 3 * i), seeded(i) if i % 2 else SamplingParams(max_tokens=5 + i))
+             for i in range(7)}
+    mixed = run(engine(model, max_chunk_tokens=3), {**crowd, "x": target})["x"].token_ids
+    first = run(engine(model), {"x": target, **dict(list(crowd.items())[:2])})["x"].token_ids
+    assert alone == mixed == first
+    other_seed = run(engine(model), {"x": (target[0], seeded(999))})["x"].token_ids
+    assert other_seed != alone  # 12 tokens at temperature 1.3: a different seed differs
+
+
+def test_top_k_one_is_greedy(model):
+    prompt = [1, 2, 3, 4, 5]
+    greedy = run(engine(model), {"g": (prompt, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))})
+    top1 = run(engine(model), {"k": (prompt, SamplingParams(max_tokens=8, temperature=5.0, top_k=1,
+                                                             ignore_eos=True))})
+    assert greedy["g"].token_ids == top1["k"].token_ids
+
+
+def test_logit_bias_forces_a_token(model):
+    out = run(engine(model), {"b": ([1, 2], SamplingParams(max_tokens=4, temperature=0, logit_bias={17: 100.0},
+                                                           ignore_eos=True))})
+    assert out["b"].token_ids == [17, 17, 17, 17]
+
+
+def test_min_tokens_eos_and_stop_token_ids(model):
+    eng = LLMEngine(model, _EosOnly(), CacheConfig(block_size=4, num_blocks=64), SchedulerConfig())
+    push_eos = {EOS: 100.0}
+    out = run(eng, {
+        "eos": ([1, 2], SamplingParams(max_tokens=6, temperature=0, logit_bias=push_eos)),
+        "min": ([1, 2], SamplingParams(max_tokens=6, temperature=0, logit_bias=push_eos, min_tokens=3)),
+        "ignore": ([1, 2], SamplingParams(max_tokens=3, temperature=0, logit_bias=push_eos, ignore_eos=True)),
+        "stop": ([1, 2], SamplingParams(max_tokens=6, temperature=0, logit_bias={21: 100.0},
+                                        stop_token_ids=(21,))),
+    })
+    assert out["eos"].token_ids == [EOS] and out["eos"].finish_reason == "stop"
+    assert EOS not in out["min"].token_ids[:3] and out["min"].token_ids[3] == EOS
+    assert out["min"].finish_reason == "stop" and len(out["min"].token_ids) == 4
+    assert out["ignore"].token_ids == [EOS] * 3 and out["ignore"].finish_reason == "length"
+    assert out["stop"].token_ids == [21] and out["stop"].finish_reason == "stop"
+
+
+@torch.no_grad()
+def test_logprobs_and_prompt_logprobs_match_the_dense_reference(model):
+    prompt = [4, 9, 2, 33, 7, 1, 8]
+    params = SamplingParams(max_tokens=5, temperature=0, logprobs=3, prompt_logprobs=2, ignore_eos=True)
+    out = run(engine(model, max_chunk_tokens=3), {"p": (prompt, params)})["p"]
+    full = prompt + out.token_ids
+    ref = torch.log_softmax(model.score([full])[0], dim=-1)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    for pos in range(1, len(prompt)):
+        record = out.prompt_logprobs[pos]
+        assert record.token_id == prompt[pos]
+        assert abs(record.logprob - ref[pos - 1, prompt[pos]].item()) < 1e-4
+        assert list(record.top) == torch.topk(ref[pos - 1], 2).indices.tolist()
+    for i, record in enumerate(out.logprobs):
+        row = ref[len(prompt) - 1 + i]
+        assert record.token_id == out.token_ids[i] and abs(record.logprob - row.max().item()) < 1e-4
+        assert list(record.top) == torch.topk(row, 3).indices.tolist()
+        assert all(abs(v - row[k].item()) < 1e-4 for k, v in record.top.items())
+
+
+def test_penalties_arithmetic():
+    r = Request("r", [5, 6], SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=2.0))
+    r.token_ids += [6, 7, 7]  # outputs: 6 once, 7 twice
+    logits = torch.tensor([1.0, -1.0, 2.0, 0.0, 0.0, 4.0, -2.0, 3.0])
+    apply_penalties(logits, r)
+    # outputs: presence + frequency * count; then repetition over prompt+output tokens 5, 6, 7
+    expected = torch.tensor([1.0, -1.0, 2.0, 0.0, 0.0, 4.0 / 2, (-2.0 - 0.75) * 2, (3.0 - 1.0) / 2])
+    assert torch.allclose(logits, expected)
+
+
+def test_filters():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    assert torch.allclose(filtered_probs(logits, 2, 1.0, 0.0), torch.tensor([0.625, 0.375, 0, 0]))
+    assert torch.allclose(filtered_probs(logits, 0, 0.7, 0.0), torch.tensor([0.625, 0.375, 0, 0]))
+    assert torch.allclose(filtered_probs(logits, 0, 0.85, 0.0), torch.tensor([0.5, 0.3, 0.15, 0]) / 0.95)
+    assert torch.allclose(filtered_probs(logits, 0, 1.0, 0.5), torch.tensor([0.625, 0.375, 0, 0]))
+    assert torch.allclose(filtered_probs(logits, 0, 0.01, 0.0), torch.tensor([1.0, 0, 0, 0]))
+
+
+@pytest.mark.parametrize("kwargs,param", [
+    (dict(temperature=math.nan), "temperature"), (dict(top_p=0), "top_p"), (dict(seed=2**70), "seed"),
+    (dict(max_tokens=0), "max_tokens"), (dict(logprobs=21), "logprobs"), (dict(min_tokens=9, max_tokens=3),
+                                                                          "min_tokens"),
+    (dict(top_k=1.5), "top_k"), (dict(repetition_penalty=0), "repetition_penalty"),
+])
+def test_invalid_params_name_the_param(kwargs, param):
+    with pytest.raises(ValueError) as err:
+        SamplingParams(**kwargs)
+    assert err.value.param == param and param in str(err.value)
+
+
+def test_requests_that_can_never_fit_are_rejected(model):
+    eng = LLMEngine(model, None, CacheConfig(block_size=4, num_blocks=5), SchedulerConfig())
+    with pytest.raises(RequestError, match="needs 6 KV-cache blocks of 4 tokens but the cache has 5"):
+        eng.add_request("big", [1] * 20, SamplingParams(max_tokens=4))
+    with pytest.raises(RequestError, match="exceeds the context length 96"):
+        eng.add_request("long", [1] * 90, SamplingParams(max_tokens=10))
+    with pytest.raises(RequestError, match="out of range"):
+        eng.add_request("oov", [1, VOCAB], SamplingParams())
+    with pytest.raises(RequestError, match="empty"):
+        eng.add_request("empty", [], SamplingParams())
+    eng.add_request("ok", [1, 2], SamplingParams(max_tokens=2))
+    with pytest.raises(RequestError, match="already in use"):
+        eng.add_request("ok", [1, 2], SamplingParams(max_tokens=2))
+    assert [r.request_id for r in eng.scheduler.waiting] == ["ok"]  # rejected requests were never queued
