@@ -18,20 +18,37 @@ class StepLogits:
     prompt_logits: dict[str, tuple[int, torch.Tensor]]  # request id -> (first position, [n, vocab] fp32)
 
 
-def num_cache_blocks(model: MTATransformer, cache: CacheConfig, device: torch.device) -> int:
-    """Blocks that fit the memory budget: on CUDA a fraction of the memory free after the weights and a
-    warm-up forward (the caller runs it), on CPU `cpu_kv_cache_bytes`."""
+def num_cache_blocks(model: MTATransformer, cache: CacheConfig, warmup_tokens: int) -> int:
+    """Blocks that fit the memory budget: on CUDA, `gpu_memory_utilization` of the GPU minus what the weights
+    and the activations of a warm-up forward over `warmup_tokens` tokens need; on CPU `cpu_kv_cache_bytes`."""
     if cache.num_blocks is not None:
         return cache.num_blocks
+    device = model.tok_embeddings.weight.device
     per_block = cache.block_size * cache_bytes_per_token(model.cfg, model.tok_embeddings.weight.dtype)
     if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        budget = free - (1 - cache.gpu_memory_utilization) * total
+        budget = cache.gpu_memory_utilization * torch.cuda.mem_get_info(device)[1] - _cuda_peak_use(
+            model, warmup_tokens, device)
     else:
         budget = cache.cpu_kv_cache_bytes
     if budget < per_block:
         raise RuntimeError(f"the KV-cache budget ({int(budget)} bytes) holds no block of {per_block} bytes")
     return int(budget // per_block)
+
+
+@torch.no_grad()
+def _cuda_peak_use(model: MTATransformer, num_tokens: int, device: torch.device) -> int:
+    """Bytes in use at the peak of a warm-up forward (weights, CUDA context, activations). The dense path
+    over one sequence needs at least the memory of any paged step of that many tokens."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    tokens = torch.zeros(num_tokens, dtype=torch.long, device=device)
+    model.dense_logits(tokens, [0, num_tokens])
+    torch.cuda.synchronize(device)
+    free, total = torch.cuda.mem_get_info(device)
+    in_use_now = total - free
+    activations = torch.cuda.max_memory_allocated(device) - torch.cuda.memory_allocated(device)
+    torch.cuda.empty_cache()
+    return in_use_now + activations
 
 
 class ModelRunner:
