@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from .engine import LLMEngine, RequestOutput
+from .metrics import Metrics
 from .sampling_params import SamplingParams
 
 
@@ -22,11 +23,17 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, metrics: Metrics | None = None, max_queued: int | None = None):
         self.engine = engine
+        self.metrics = metrics
+        self.max_queued = max_queued  # requests accepted but not yet running; None = unbounded
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.num_reserved = 0  # admission slots the server holds while it parses (event-loop thread only)
         self._error: BaseException | None = None
+        self._stopping = False
+        if metrics is not None:
+            metrics.set_cache_size(engine)
         self._thread = threading.Thread(target=self._run, name="mta-serve-engine", daemon=True)
         self._thread.start()
 
@@ -34,14 +41,32 @@ class AsyncEngine:
     def healthy(self) -> bool:
         return self._error is None and self._thread.is_alive()
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request, step by step, until it finishes. Raises RequestError if it is rejected."""
+    @property
+    def num_in_flight(self) -> int:
+        """Requests with a listener (accepted and not finished)."""
+        return len(self._streams)
+
+    def queue_full(self) -> bool:
+        """Whether a new request must be turned away: checked before any parsing or tokenization."""
+        return self.max_queued is not None and self._num_waiting() >= self.max_queued
+
+    def _num_waiting(self) -> int:
+        # Requests admitted by the server but not yet submitted, submitted but not yet seen by the engine
+        # thread, and waiting in the scheduler.
+        return self.num_reserved + self._commands.qsize() + len(self.engine.scheduler.waiting)
+
+    def generate(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Submit a request now; iterate the result for its outputs, step by step, until it finishes. Closing
+        the iterator early (a disconnect, a cancellation) aborts the request."""
         if not self.healthy:
             raise EngineDeadError(f"the engine loop has stopped: {self._error!r}")
         request_id = uuid.uuid4().hex
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         self._commands.put(("add", request_id, prompt, params))
+        return self._outputs(request_id, stream)
+
+    async def _outputs(self, request_id: str, stream: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while not finished:
@@ -56,6 +81,17 @@ class AsyncEngine:
             if not finished:
                 self._commands.put(("abort", request_id))
 
+    def abort_all(self) -> None:
+        """Abort every in-flight request (shutdown after the grace period)."""
+        for request_id in list(self._streams):
+            self._commands.put(("abort", request_id))
+            self._deliver(request_id, EngineDeadError("the server is shutting down"))
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._commands.put(("stop",))
+        self._thread.join(timeout=10)
+
     def _deliver(self, request_id: str, item) -> None:
         target = self._streams.get(request_id)
         if target is not None:
@@ -64,10 +100,12 @@ class AsyncEngine:
 
     def _run(self) -> None:
         try:
-            while True:
-                block = not self.engine.has_unfinished_requests()
-                self._drain(block)
-                for out in self.engine.step():
+            while not self._stopping:
+                self._drain(block=not self.engine.has_unfinished_requests())
+                outputs = self.engine.step()
+                if self.metrics is not None:
+                    self.metrics.observe_step(self.engine, outputs)
+                for out in outputs:
                     self._deliver(out.request_id, out)
         except BaseException as exc:  # the step failed: fail everyone pending, mark unhealthy
             self._error = exc
@@ -88,5 +126,8 @@ class AsyncEngine:
                     self.engine.add_request(request_id, prompt, params)
                 except ValueError as exc:  # RequestError, tokenizer errors: the caller's fault
                     self._deliver(request_id, exc)
+            elif command[0] == "abort":
+                if self.engine.abort_request(command[1]) and self.metrics is not None:
+                    self.metrics.request_aborted(command[1])
             else:
-                self.engine.abort_request(command[1])
+                return

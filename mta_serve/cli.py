@@ -9,6 +9,7 @@ Bad input ends with a one-line `mta-serve: error: ...` on stderr and a non-zero 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from importlib import resources
 from pathlib import Path
@@ -57,6 +58,12 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--dtype", choices=DTYPES, help="compute dtype (default: the checkpoint's)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the API routes")
+    p.add_argument("--max-queued-requests", type=int, default=256,
+                   help="requests that may wait for the engine before new ones get 429 (default: 256)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish after SIGTERM before they are aborted")
+    p.add_argument("--backend", choices=["torch"], default="torch", help="attention backend (default: torch)")
     e = p.add_argument_group("engine")
     cache, sched = CacheConfig(), SchedulerConfig()
     e.add_argument("--max-num-seqs", type=int, default=sched.max_num_seqs,
@@ -152,13 +159,25 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .async_engine import AsyncEngine
+    from .metrics import Metrics
     from .server import ServedModel, build_app
 
+    if args.max_queued_requests < 1:
+        raise CLIError(f"invalid --max-queued-requests {args.max_queued_requests}: allowed an integer >= 1")
     torch.set_grad_enabled(False)
     model, tokenizer, name = load_model(args)
-    served = ServedModel(name, AsyncEngine(build_engine(args, model, tokenizer)))
-    print(f"mta-serve: serving '{served.name}' on http://{args.host}:{args.port}", file=sys.stderr)
-    uvicorn.run(build_app(served), host=args.host, port=args.port, log_level=args.log_level)
+    engine = AsyncEngine(build_engine(args, model, tokenizer), Metrics(name), max_queued=args.max_queued_requests)
+    app = build_app(ServedModel(name, engine, api_key=args.api_key))
+    print(f"mta-serve: serving '{name}' on http://{args.host}:{args.port}", file=sys.stderr)
+    # On SIGTERM/SIGINT uvicorn stops accepting, lets in-flight requests finish for --shutdown-timeout seconds,
+    # then cancels them (which aborts their engine requests) and returns. It then re-raises the signal to the
+    # handler that was installed before it: a no-op here, so a requested shutdown exits 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=args.shutdown_timeout)
+    engine.abort_all()
+    engine.stop()
     return 0
 
 

@@ -39,15 +39,24 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
     num_cached_tokens: int = 0
+    arrival_time: float = 0.0  # time.monotonic() when added
+    first_scheduled_time: float | None = None  # when it started computing (queue time = this - arrival)
 
 
 @dataclass(slots=True)
 class _Tracked:
     request: Request
     detokenizer: IncrementalDetokenizer | None
-    text: str = ""
+    text: str = ""  # all decoded text (cut at a stop string)
+    num_emitted_chars: int = 0  # text already returned; stop-string candidates are held back
     num_reported: int = 0  # output tokens already returned
     num_cached_tokens: int = field(default=-1)
+
+    @property
+    def holdback(self) -> int:
+        """Characters held back while a stop string could still be completing."""
+        stops = self.request.params.stop
+        return max(map(len, stops)) - 1 if stops else 0
 
 
 class LLMEngine:
@@ -71,34 +80,35 @@ class LLMEngine:
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
         ids = self._prompt_ids(prompt)
+        self.validate(ids, params)
         request = Request(request_id, ids, params, eos_token_id=getattr(self.tokenizer, "eos_id", None))
-        self._check_fits(request)
         detok = IncrementalDetokenizer(self.tokenizer, ids) if self.tokenizer is not None else None
         self.requests[request_id] = _Tracked(request, detok)
         self.scheduler.add(request)
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise RequestError("a text prompt needs a tokenizer; pass token ids instead")
-            ids = self.tokenizer.encode(prompt, add_bos=True)
-        else:
-            ids = list(prompt)
-        if not ids:
-            raise RequestError("the prompt is empty")
+        if not isinstance(prompt, str):
+            return list(prompt)
+        if self.tokenizer is None:
+            raise RequestError("a text prompt needs a tokenizer; pass token ids instead")
+        return self.tokenizer.encode(prompt, add_bos=True)
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise RequestError if the request can never run. Reads only fixed configuration, so any thread
+        (the server, before queueing) may call it."""
         vocab = self.model.cfg.vocab_size
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if not prompt_ids:
+            raise RequestError("the prompt is empty")
+        bad = [t for t in prompt_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
             raise RequestError(f"token id {bad[0]!r} is out of range [0, {vocab})")
-        return ids
-
-    def _check_fits(self, request: Request) -> None:
-        max_len = self.model.cfg.max_seq_len
-        if request.max_num_tokens > max_len:
-            raise RequestError(f"prompt ({request.num_prompt_tokens} tokens) + max_tokens "
-                               f"({request.params.max_tokens}) = {request.max_num_tokens} exceeds the context "
-                               f"length {max_len}")
-        need = self.kv.blocks_for(request.max_num_tokens)
+        if params.stop and self.tokenizer is None:
+            raise RequestError("stop strings need a tokenizer to decode the output")
+        max_len, total = self.model.cfg.max_seq_len, len(prompt_ids) + params.max_tokens
+        if total > max_len:
+            raise RequestError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
+                               f"exceeds the context length {max_len}")
+        need = self.kv.blocks_for(total)
         if need > self.num_blocks:
             raise RequestError(f"the request needs {need} KV-cache blocks of {self.kv.block_size} tokens but the "
                                f"cache has {self.num_blocks}; shorten it or give the cache more memory")
@@ -154,19 +164,41 @@ class LLMEngine:
         request = tracked.request
         new_ids = request.output_token_ids[tracked.num_reported:]
         tracked.num_reported = request.num_output_tokens
+        self._advance_text(tracked, new_ids)
         finished = request.status.finished
-        new_text = ""
-        if tracked.detokenizer is not None:
-            new_text = "".join(tracked.detokenizer.push(t) for t in new_ids)
-            if finished:
-                new_text += tracked.detokenizer.flush()
-        tracked.text += new_text
+        end = len(tracked.text) if finished else max(len(tracked.text) - tracked.holdback, tracked.num_emitted_chars)
+        new_text = tracked.text[tracked.num_emitted_chars:end]
+        tracked.num_emitted_chars = end
         if finished:
             self.scheduler.finish(request, request.status)
             del self.requests[request.request_id]
         return RequestOutput(
-            request.request_id, request.prompt_token_ids, request.output_token_ids, new_ids, tracked.text,
-            new_text, finished, request.status.value if finished else None,
+            request.request_id, request.prompt_token_ids, request.output_token_ids, new_ids,
+            tracked.text[:end], new_text, finished, request.status.value if finished else None,
             request.logprobs if request.params.logprobs is not None else None,
             request.prompt_logprobs if request.params.prompt_logprobs is not None else None,
-            max(tracked.num_cached_tokens, 0))
+            max(tracked.num_cached_tokens, 0), request.arrival_time, request.first_scheduled_time)
+
+    def _advance_text(self, tracked: _Tracked, new_ids: list[int]) -> None:
+        """Decode the new tokens; a stop string in the text ends the request there."""
+        if tracked.detokenizer is None:
+            return
+        before = len(tracked.text)
+        tracked.text += "".join(tracked.detokenizer.push(t) for t in new_ids)
+        if tracked.request.status.finished:
+            tracked.text += tracked.detokenizer.flush()
+        stop_at = self._find_stop(tracked, before)
+        if stop_at is not None:
+            tracked.text = tracked.text[:stop_at]
+            tracked.request.status = RequestStatus.FINISHED_STOPPED
+
+    @staticmethod
+    def _find_stop(tracked: _Tracked, before: int) -> int | None:
+        """Where the text ends if a stop string appeared in it (only text near the new part is searched)."""
+        params = tracked.request.params
+        start = max(0, before - tracked.holdback)
+        found = [(i, stop) for stop in params.stop if (i := tracked.text.find(stop, start)) >= 0]
+        if not found:
+            return None
+        i, stop = min(found)
+        return i + len(stop) if params.include_stop_str_in_output else i

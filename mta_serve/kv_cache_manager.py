@@ -25,6 +25,12 @@ class KVCacheManager:
         self.block_size = block_size
         self.block_tables: dict[str, list[Block]] = {}
         self._hashes: dict[str, list[bytes]] = {}  # hashes of each request's full blocks, in order
+        self.prefix_query_tokens = 0  # tokens of admitted requests that were looked up in the prefix cache
+        self.prefix_hit_tokens = 0  # ... and that were found there
+
+    def record_prefix_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
+        self.prefix_query_tokens += num_tokens
+        self.prefix_hit_tokens += num_hit_tokens
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)

@@ -50,6 +50,7 @@ class Request:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token, if asked
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # first is None, if asked
     num_preemptions: int = 0
+    first_scheduled_time: float | None = None  # when it first computed tokens (end of its queue time)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

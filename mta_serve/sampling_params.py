@@ -39,6 +39,8 @@ class SamplingParams:
     min_tokens: int = 0
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one (kept if include_stop_str_in_output)
+    include_stop_str_in_output: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None
 
@@ -72,6 +74,9 @@ class SamplingParams:
             if not ok:
                 raise SamplingParamsError(name, f"invalid {name}={getattr(self, name)!r}: allowed {allowed}")
         self.stop_token_ids = tuple(self.stop_token_ids)
+        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if any(not isinstance(x, str) or not x for x in self.stop):
+            raise SamplingParamsError("stop", f"invalid stop={self.stop!r}: allowed non-empty strings")
         self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
 
     @property

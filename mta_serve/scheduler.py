@@ -8,6 +8,7 @@ starting after their cached prefix.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -96,6 +97,9 @@ class Scheduler:
             if not self.kv.allocate(request, num_new, cached):
                 return
             request.num_computed_tokens = len(cached) * self.kv.block_size
+            self.kv.record_prefix_lookup(request.num_tokens, request.num_computed_tokens)
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)

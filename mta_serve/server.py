@@ -1,31 +1,45 @@
 """OpenAI-compatible HTTP server (FastAPI + uvicorn) over the continuous-batching engine.
 
-Endpoints: GET /health, GET /v1/models, POST /v1/completions (non-streaming). Concurrent requests are batched
-by the engine. Every error is OpenAI's JSON: {"error": {"message", "type", "param", "code"}}.
+Routes: POST /v1/completions, POST /v1/chat/completions (both streaming or not), GET /v1/models, GET /health,
+GET /metrics, POST /tokenize, POST /detokenize, GET /tokenizer_info. Every error is OpenAI's JSON:
+{"error": {"message", "type", "param", "code"}}.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-import time
-import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .async_engine import AsyncEngine, EngineDeadError
-from .sampling_params import SamplingParamsError, SamplingParams
+from .completions import (Job, ParamError, chat_jobs, chat_logprobs, completion_jobs, completion_logprobs, merge,
+                          new_id, now)
+from .engine import RequestOutput
+from .protocol import (UNSUPPORTED, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                       TokenizeRequest)
+from .sampling_params import SamplingParamsError
 
 MAX_BODY_BYTES = 1 << 20
+RETRY_AFTER_S = 1
+_PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")
 
 
 @dataclass(slots=True)
 class ServedModel:
     name: str
     engine: AsyncEngine
+    api_key: str | None = None
+
+    @property
+    def tokenizer(self):
+        return self.engine.engine.tokenizer
 
     @property
     def max_model_len(self) -> int:
@@ -33,111 +47,59 @@ class ServedModel:
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, type_: str = "invalid_request_error"):
+    def __init__(self, status: int, message: str, param: str | None = None, type_: str = "invalid_request_error",
+                 headers: dict | None = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.type = status, message, param, type_
+        self.status, self.message, self.param, self.type, self.headers = status, message, param, type_, headers
 
 
-def error_response(status: int, message: str, param: str | None = None,
-                   type_: str = "invalid_request_error") -> JSONResponse:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": status}}
-    return JSONResponse(body, status_code=status)
+def error_body(status: int, message: str, param: str | None = None, type_: str = "invalid_request_error") -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": status}}
 
 
-class CompletionRequest(BaseModel):
-    # Unknown fields are ignored (clients such as benchmark tools send extras); known ones are strictly
-    # typed: "3" is not an integer and true is not 1.
-    model_config = ConfigDict(extra="ignore")
-
-    model: StrictStr
-    prompt: StrictStr | list[StrictInt]
-    max_tokens: StrictInt = 16
-    temperature: StrictFloat | StrictInt = 1.0
-    top_p: StrictFloat | StrictInt = 1.0
-    top_k: StrictInt = 0
-    min_p: StrictFloat | StrictInt = 0.0
-    seed: StrictInt | None = None
-    presence_penalty: StrictFloat | StrictInt = 0.0
-    frequency_penalty: StrictFloat | StrictInt = 0.0
-    repetition_penalty: StrictFloat | StrictInt = 1.0
-    min_tokens: StrictInt = 0
-    ignore_eos: StrictBool = False
-    stream: StrictBool = False
-    n: StrictInt = 1
-    echo: StrictBool = False
-    logprobs: StrictInt | None = None
-    suffix: StrictStr | None = None
-    best_of: StrictInt | None = None
-    stop: StrictStr | list[StrictStr] | None = None
-    user: StrictStr | None = None
-
-
-# Options a client may send that this server does not implement yet: rejected, never silently ignored.
-_UNSUPPORTED = {"stream": lambda v: v, "n": lambda v: v != 1, "echo": lambda v: v,
-                "logprobs": lambda v: v is not None, "suffix": lambda v: v is not None,
-                "best_of": lambda v: v not in (None, 1), "stop": lambda v: v not in (None, [], "")}
-
-
-def _reject_unsupported(req: CompletionRequest) -> None:
-    for name, unsupported in _UNSUPPORTED.items():
-        if unsupported(getattr(req, name)):
-            raise APIError(400, f"'{name}'={getattr(req, name)!r} is not supported by this server", param=name)
-
-
-def _sampling_params(req: CompletionRequest) -> SamplingParams:
-    try:
-        return SamplingParams(
-            max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-            min_p=req.min_p, seed=req.seed, presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
-            min_tokens=req.min_tokens, ignore_eos=req.ignore_eos)
-    except SamplingParamsError as exc:
-        raise APIError(400, str(exc), param=exc.param) from None
+def error_response(status: int, message: str, param: str | None = None, type_: str = "invalid_request_error",
+                   headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, type_), status_code=status, headers=headers)
 
 
 def build_app(served: ServedModel) -> FastAPI:
     app = FastAPI(title="mta-serve")
     _install_error_handlers(app)
-
-    @app.get("/health")
-    async def health() -> JSONResponse:
-        if not served.engine.healthy:
-            return error_response(503, "the engine loop has stopped", type_="server_error")
-        return JSONResponse({})
-
-    @app.get("/v1/models")
-    async def models() -> dict:
-        card = {"id": served.name, "object": "model", "created": 0, "owned_by": "mta-serve",
-                "max_model_len": served.max_model_len}
-        return {"object": "list", "data": [card]}
+    _install_auth(app, served.api_key)
+    _add_info_routes(app, served)
+    _add_tokenizer_routes(app, served)
 
     @app.post("/v1/completions")
-    async def completions(request: Request) -> JSONResponse:
-        req = await _parse(request, CompletionRequest)
-        if req.model != served.name:
-            raise APIError(404, f"model '{req.model}' does not exist; this server serves '{served.name}'",
-                           param="model", type_="not_found_error")
-        _reject_unsupported(req)
-        params = _sampling_params(req)
-        if not req.prompt:
-            raise APIError(400, "prompt is empty", param="prompt")
-        final = None
-        try:
-            async for out in served.engine.generate(req.prompt, params):
-                final = out
-        except EngineDeadError as exc:
-            raise APIError(503, str(exc), type_="server_error") from None
-        except ValueError as exc:  # the engine rejected the request
-            raise APIError(400, str(exc), param="prompt") from None
-        return JSONResponse(_completion_body(served.name, final))
+    async def completions(request: Request) -> Response:
+        async with _admission(served):
+            req = await _parse_generation(request, served, CompletionRequest)
+            jobs = _jobs(lambda: completion_jobs(req, served.tokenizer, served.max_model_len), served)
+            streams = _submit(served, jobs)
+        if req.stream:
+            return _sse(_completion_stream(served, req, jobs, streams))
+        finals = await _collect(streams, request)
+        return JSONResponse(_completion_body(served, req, jobs, finals))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        async with _admission(served):
+            req = await _parse_generation(request, served, ChatCompletionRequest)
+            jobs = _jobs(lambda: chat_jobs(req, served.tokenizer, served.max_model_len), served)
+            streams = _submit(served, jobs)
+        if req.stream:
+            return _sse(_chat_stream(served, req, jobs, streams))
+        finals = await _collect(streams, request)
+        return JSONResponse(_chat_body(served, req, jobs, finals))
 
     return app
 
 
+# ---- plumbing -------------------------------------------------------------------------------------------
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.param, exc.type)
+        return error_response(exc.status, exc.message, exc.param, exc.type, exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -147,6 +109,59 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
         return error_response(500, f"internal error: {type(exc).__name__}: {exc}", type_="server_error")
+
+
+def _install_auth(app: FastAPI, api_key: str | None) -> None:
+    if api_key is None:
+        return
+
+    @app.middleware("http")
+    async def _check_key(request: Request, call_next):
+        if request.url.path.startswith(_PROTECTED) and request.headers.get("authorization") != f"Bearer {api_key}":
+            return error_response(401, "missing or invalid API key (send 'Authorization: Bearer KEY')",
+                                  type_="authentication_error")
+        return await call_next(request)
+
+
+@contextlib.asynccontextmanager
+async def _admission(served: ServedModel):
+    """Turn away overload before parsing or tokenizing; hold a queue slot until the request is submitted."""
+    engine = served.engine
+    if not engine.healthy:
+        raise APIError(503, "the engine loop has stopped", type_="server_error")
+    if engine.queue_full():
+        raise APIError(429, f"the server is at its queue limit ({engine.max_queued} waiting requests); "
+                            "retry later", type_="rate_limit_error", headers={"Retry-After": str(RETRY_AFTER_S)})
+    engine.num_reserved += 1
+    try:
+        yield
+    finally:
+        engine.num_reserved -= 1
+
+
+async def _parse_generation(request: Request, served: ServedModel, schema: type[BaseModel]) -> Any:
+    """Parse a generation request and check its model and options."""
+    req = await _parse(request, schema)
+    if req.model != served.name:
+        raise APIError(404, f"model '{req.model}' does not exist; this server serves '{served.name}'",
+                       param="model", type_="not_found_error")
+    for name, unsupported in UNSUPPORTED.items():
+        if name in type(req).model_fields and unsupported(getattr(req, name)):
+            raise APIError(400, f"'{name}'={getattr(req, name)!r} is not supported by this server", param=name)
+    return req
+
+
+def _jobs(make, served: ServedModel) -> list[Job]:
+    """Build the engine requests, turning every validation failure into a 400 that names the parameter."""
+    try:
+        jobs = make()
+        for job in jobs:
+            served.engine.engine.validate(job.prompt_ids, job.params)
+    except (ParamError, SamplingParamsError) as exc:
+        raise APIError(400, str(exc), param=exc.param) from None
+    except ValueError as exc:  # RequestError (lengths, ids), tokenizer errors
+        raise APIError(400, str(exc), param="prompt") from None
+    return jobs
 
 
 async def _parse(request: Request, schema: type[BaseModel]) -> Any:
@@ -171,11 +186,219 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _completion_body(model_name: str, out) -> dict:
-    return {
-        "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-        "model": model_name,
-        "choices": [{"index": 0, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}],
-        "usage": {"prompt_tokens": len(out.prompt_token_ids), "completion_tokens": len(out.token_ids),
-                  "total_tokens": len(out.prompt_token_ids) + len(out.token_ids)},
-    }
+def _submit(served: ServedModel, jobs: list[Job]) -> list[AsyncIterator[RequestOutput]]:
+    try:
+        return [served.engine.generate(job.prompt_ids, job.params) for job in jobs]
+    except EngineDeadError as exc:
+        raise APIError(503, str(exc), type_="server_error") from None
+
+
+async def _collect(streams: list[AsyncIterator[RequestOutput]], request: Request) -> dict[int, RequestOutput]:
+    """Run the engine requests to completion; a client that disconnects meanwhile aborts them all."""
+    finals: dict[int, RequestOutput] = {}
+    merged = merge(streams)
+
+    async def consume() -> None:
+        async for i, out in merged:
+            if out.finished:
+                finals[i] = out
+
+    task = asyncio.create_task(consume())
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.25)
+            if not task.done() and await request.is_disconnected():
+                raise APIError(499, "client disconnected")
+        task.result()
+    except EngineDeadError as exc:
+        raise APIError(500, str(exc), type_="server_error") from None
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await merged.aclose()
+    return finals
+
+
+def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
+    async def body():
+        try:
+            async for event in events:
+                yield f"data: {json.dumps(event)}\n\n"
+        except (EngineDeadError, ValueError) as exc:  # after the 200: an error event, then [DONE]
+            yield f"data: {json.dumps(error_body(500, str(exc), type_='server_error'))}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream")
+
+
+def _usage(jobs: list[Job], n: int, finals: dict[int, RequestOutput], echo_only: bool = False) -> dict:
+    prompt_tokens = sum(len(job.prompt_ids) for job in jobs[::n])
+    completion_tokens = 0 if echo_only else sum(len(out.token_ids) for out in finals.values())
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+# ---- completions ----------------------------------------------------------------------------------------
+
+def _echo_only(req: CompletionRequest) -> bool:
+    return req.echo and req.max_tokens == 0
+
+
+def _completion_choice(served: ServedModel, req: CompletionRequest, job: Job, out: RequestOutput) -> dict:
+    echo_only = _echo_only(req)
+    text = (job.prompt_text if req.echo else "") + ("" if echo_only else out.text)
+    logprobs = None
+    if req.logprobs is not None:
+        records = list(out.prompt_logprobs or []) if req.echo else []
+        ids = list(job.prompt_ids) if req.echo else []
+        if not echo_only:
+            records += out.logprobs
+            ids += out.token_ids
+        logprobs = completion_logprobs(served.tokenizer, records, ids, 0)
+    return {"index": job.index, "text": text, "logprobs": logprobs,
+            "finish_reason": "length" if echo_only else out.finish_reason}
+
+
+def _completion_body(served, req: CompletionRequest, jobs: list[Job], finals: dict[int, RequestOutput]) -> dict:
+    choices = [_completion_choice(served, req, jobs[i], finals[i]) for i in range(len(jobs))]
+    return {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": served.name,
+            "choices": choices, "usage": _usage(jobs, req.n, finals, _echo_only(req))}
+
+
+async def _completion_stream(served, req: CompletionRequest, jobs: list[Job],
+                             streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[dict]:
+    head = {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": served.name}
+    finals: dict[int, RequestOutput] = {}
+    offsets = [0] * len(jobs)  # characters of each choice's text sent so far (for text_offset)
+    echoed: set[int] = set()
+    echo_only = _echo_only(req)
+    async for i, out in merge(streams):
+        job = jobs[i]
+        if req.echo and i not in echoed:  # the prompt first, with its logprobs (computed by now)
+            echoed.add(i)
+            offsets[i] = len(job.prompt_text)
+            yield {**head, "choices": [_echo_choice(served, req, job, out)]}
+        text = "" if echo_only else out.new_text
+        logprobs = None
+        if req.logprobs is not None and not echo_only:
+            records = out.logprobs[len(out.logprobs) - len(out.new_token_ids):]
+            logprobs = completion_logprobs(served.tokenizer, records, out.new_token_ids, offsets[i])
+        offsets[i] += len(text)
+        finish = ("length" if echo_only else out.finish_reason) if out.finished else None
+        if out.finished:
+            finals[i] = out
+        if text or finish or logprobs:
+            yield {**head, "choices": [{"index": job.index, "text": text, "logprobs": logprobs,
+                                        "finish_reason": finish}]}
+    if req.stream_options and req.stream_options.include_usage:
+        yield {**head, "choices": [], "usage": _usage(jobs, req.n, finals, echo_only)}
+
+
+def _echo_choice(served, req: CompletionRequest, job: Job, out: RequestOutput) -> dict:
+    logprobs = None
+    if req.logprobs is not None:
+        logprobs = completion_logprobs(served.tokenizer, out.prompt_logprobs, job.prompt_ids, 0)
+    return {"index": job.index, "text": job.prompt_text, "logprobs": logprobs, "finish_reason": None}
+
+
+# ---- chat completions -----------------------------------------------------------------------------------
+
+def _chat_body(served, req: ChatCompletionRequest, jobs: list[Job], finals: dict[int, RequestOutput]) -> dict:
+    choices = []
+    for i, job in enumerate(jobs):
+        out = finals[i]
+        logprobs = chat_logprobs(served.tokenizer, out.logprobs) if req.logprobs else None
+        choices.append({"index": job.index, "message": {"role": "assistant", "content": out.text},
+                        "logprobs": logprobs, "finish_reason": out.finish_reason})
+    return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": served.name,
+            "choices": choices, "usage": _usage(jobs, req.n, finals)}
+
+
+async def _chat_stream(served, req: ChatCompletionRequest, jobs: list[Job],
+                       streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[dict]:
+    head = {"id": new_id("chatcmpl"), "object": "chat.completion.chunk", "created": now(), "model": served.name}
+
+    def chunk(index: int, delta: dict, logprobs=None, finish=None) -> dict:
+        return {**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+
+    for job in jobs:
+        yield chunk(job.index, {"role": "assistant", "content": ""})
+    finals: dict[int, RequestOutput] = {}
+    async for i, out in merge(streams):
+        if out.new_text or (req.logprobs and out.new_token_ids):
+            logprobs = None
+            if req.logprobs:
+                logprobs = chat_logprobs(served.tokenizer, out.logprobs[len(out.logprobs) - len(out.new_token_ids):])
+            yield chunk(jobs[i].index, {"content": out.new_text}, logprobs)
+        if out.finished:
+            finals[i] = out
+            yield chunk(jobs[i].index, {}, finish=out.finish_reason)
+    if req.stream_options and req.stream_options.include_usage:
+        yield {**head, "choices": [], "usage": _usage(jobs, req.n, finals)}
+
+
+# ---- info and tokenizer routes ------------------------------------------------------------------------
+
+def _add_info_routes(app: FastAPI, served: ServedModel) -> None:
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if not served.engine.healthy:
+            return error_response(503, "the engine loop has stopped", type_="server_error")
+        return JSONResponse({})
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        card = {"id": served.name, "object": "model", "created": 0, "owned_by": "mta-serve",
+                "max_model_len": served.max_model_len}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        if served.engine.metrics is None:
+            raise APIError(404, "metrics are disabled", type_="not_found_error")
+        return Response(served.engine.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def _special_texts(tokenizer) -> dict[str, int]:
+    out = {}
+    for attr in ("bos_id", "eos_id"):
+        token_id = getattr(tokenizer, attr, None)
+        if token_id is not None:
+            out[tokenizer.decode([token_id], skip_special=False)] = token_id
+    return out
+
+
+def _add_tokenizer_routes(app: FastAPI, served: ServedModel) -> None:
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict:
+        req = await _parse(request, TokenizeRequest)
+        specials = _special_texts(served.tokenizer)
+        if req.prompt in specials:  # a special token's own text (how clients look up BOS/EOS ids)
+            tokens = [specials[req.prompt]]
+        else:
+            try:
+                tokens = served.tokenizer.encode(req.prompt, add_bos=req.add_special_tokens)
+            except ValueError as exc:
+                raise APIError(400, f"prompt cannot be tokenized: {exc}", param="prompt") from None
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": served.max_model_len, "token_strs": None}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict:
+        req = await _parse(request, DetokenizeRequest)
+        vocab = served.engine.engine.model.cfg.vocab_size
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is out of range [0, {vocab})", param="tokens")
+        try:
+            return {"prompt": served.tokenizer.decode(req.tokens)}
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="tokens") from None
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict:
+        tok = served.tokenizer
+        texts = {v: k for k, v in _special_texts(tok).items()}
+        eos = texts.get(getattr(tok, "eos_id", None))
+        return {"tokenizer_class": tok.kind, "bos_token": texts.get(getattr(tok, "bos_id", None)),
+                "eos_token": eos, "pad_token": eos, "chat_template": getattr(tok, "chat_template", None),
+                "model_max_length": served.max_model_len, "vocab_size": tok.vocab_size}

@@ -65,6 +65,7 @@ def test_preemption_frees_the_newest_and_requeues_it_first():
     a, b = add(s, "a", 4, max_tokens=8), add(s, "b", 4, max_tokens=8)
     out = s.schedule()
     assert plan(out) == [("a", 0, 4), ("b", 0, 4)] and s.kv.pool.num_free == 0
+    assert a.status is RequestStatus.RUNNING
     finish_step(s, out)
     out = s.schedule()  # a needs a third block: b (admitted last) is preempted
     assert plan(out) == [("a", 4, 5)] and out.preempted == [b]

@@ -1,0 +1,219 @@
+"""Completions and chat completions: API requests -> engine requests, engine outputs -> OpenAI JSON.
+
+A request with several prompts and `n` choices becomes len(prompts) x n engine requests; choice index
+= prompt index x n + i. With a seed, choice i samples with seed + i (so choices differ but reproduce).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import jinja2
+
+from .engine import RequestOutput
+from .protocol import ChatCompletionRequest, CompletionRequest
+from .request import TokenLogprob
+from .sampling_params import SamplingParams
+
+# Used when the tokenizer has no chat template: one "role: content" line per message, then the cue.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+LOGPROB_FLOOR = -9999.0  # JSON has no -inf
+
+
+@dataclass(slots=True)
+class Job:
+    """One engine request of an API request."""
+
+    index: int  # choice index
+    prompt_ids: list[int]
+    prompt_text: str
+    params: SamplingParams
+
+
+class ParamError(ValueError):
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+# ---- requests -> jobs ------------------------------------------------------------------------------------
+
+def sampling_params(req, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None,
+                    seed: int | None) -> SamplingParams:
+    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    bias = {}
+    for key, value in (req.logit_bias or {}).items():
+        try:
+            bias[int(key)] = value
+        except ValueError:
+            raise ParamError("logit_bias", f"logit_bias key {key!r} is not a token id") from None
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+        seed=seed, presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty, logit_bias=bias, min_tokens=req.min_tokens,
+        ignore_eos=req.ignore_eos, stop=stop, include_stop_str_in_output=req.include_stop_str_in_output,
+        logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+
+
+def completion_prompts(req: CompletionRequest, tokenizer) -> list[tuple[list[int], str]]:
+    """Every prompt of a completion request as (token ids, text)."""
+    prompt = req.prompt
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        prompt = [prompt]
+    if not prompt:
+        raise ParamError("prompt", "prompt is empty")
+    out = []
+    for p in prompt:
+        if isinstance(p, str):
+            if not p:
+                raise ParamError("prompt", "prompt is empty")
+            out.append((tokenizer.encode(p, add_bos=True), p))
+        else:
+            if not p:
+                raise ParamError("prompt", "prompt is empty")
+            out.append((list(p), None))
+    return out
+
+
+def completion_jobs(req: CompletionRequest, tokenizer, max_model_len: int) -> list[Job]:
+    if req.logprobs is not None and not 0 <= req.logprobs <= 20:
+        raise ParamError("logprobs", f"logprobs={req.logprobs} is out of range: allowed 0..20")
+    jobs = []
+    for p, (ids, text) in enumerate(completion_prompts(req, tokenizer)):
+        if text is None:
+            text = _safe_decode(tokenizer, ids)
+        max_tokens = max_model_len - len(ids) if req.max_tokens is None else req.max_tokens
+        if max_tokens == 0 and req.echo:
+            max_tokens = 1  # echo with max_tokens 0 returns the prompt only; one token is computed and dropped
+        prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
+        for i in range(req.n):
+            seed = None if req.seed is None else req.seed + i
+            params = sampling_params(req, max_tokens, req.logprobs, prompt_logprobs, seed)
+            jobs.append(Job(p * req.n + i, ids, text, params))
+    return jobs
+
+
+def render_chat(req: ChatCompletionRequest, tokenizer) -> tuple[list[int], bool]:
+    """Apply the tokenizer's chat template (or DEFAULT_CHAT_TEMPLATE) -> (prompt ids, used own template)."""
+    template = getattr(tokenizer, "chat_template", None)
+    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    try:
+        text = env.from_string(template or DEFAULT_CHAT_TEMPLATE).render(
+            messages=messages, add_generation_prompt=True, bos_token=_special_text(tokenizer, "bos_id"),
+            eos_token=_special_text(tokenizer, "eos_id"))
+    except jinja2.TemplateError as exc:
+        raise ParamError("messages", f"the chat template cannot render these messages: {exc}") from None
+    # A model's own template writes BOS as text itself; the default one does not.
+    return tokenizer.encode(text, add_bos=template is None), template is not None
+
+
+def chat_jobs(req: ChatCompletionRequest, tokenizer, max_model_len: int) -> list[Job]:
+    if req.top_logprobs is not None and not (req.logprobs and 0 <= req.top_logprobs <= 20):
+        raise ParamError("top_logprobs", "top_logprobs needs logprobs=true and a value in 0..20")
+    ids, _ = render_chat(req, tokenizer)
+    limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    max_tokens = max_model_len - len(ids) if limit is None else limit
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    return [Job(i, ids, "", sampling_params(req, max_tokens, logprobs, None,
+                                            None if req.seed is None else req.seed + i)) for i in range(req.n)]
+
+
+def _special_text(tokenizer, attr: str) -> str:
+    token_id = getattr(tokenizer, attr, None)
+    return "" if token_id is None else tokenizer.decode([token_id], skip_special=False)
+
+
+def _safe_decode(tokenizer, ids: list[int], skip_special: bool = True) -> str:
+    try:
+        return tokenizer.decode(ids, skip_special=skip_special)
+    except ValueError:
+        return ""
+
+
+# ---- running several engine requests as one ----------------------------------------------------------------
+
+async def merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave the outputs of several engine requests as they come: (stream index, output). Closing the
+    merged iterator (a disconnect) cancels every stream, which aborts its engine request."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in stream:
+                await queue.put((i, out))
+        except Exception as exc:  # delivered in order, re-raised to the consumer
+            await queue.put((i, exc))
+        await queue.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# ---- engine outputs -> OpenAI JSON ------------------------------------------------------------------------
+
+def _token_text(tokenizer, token_id: int) -> str:
+    return _safe_decode(tokenizer, [token_id], skip_special=False)
+
+
+def _lp(value: float) -> float:
+    return max(value, LOGPROB_FLOOR)
+
+
+def completion_logprobs(tokenizer, records: list[TokenLogprob | None], ids: list[int], offset: int) -> dict:
+    """OpenAI's completion logprobs for `ids` (records[i] None = no logprob, e.g. the first prompt token)."""
+    tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
+    for token_id, record in zip(ids, records):
+        text = _token_text(tokenizer, token_id)
+        tokens.append(text)
+        text_offset.append(offset)
+        offset += len(text)
+        if record is None:
+            token_logprobs.append(None)
+            top_logprobs.append(None)
+            continue
+        token_logprobs.append(_lp(record.logprob))
+        top: dict[str, float] = {}
+        for t, v in [(token_id, record.logprob), *record.top.items()]:
+            top.setdefault(_token_text(tokenizer, t), _lp(v))  # tokens that decode alike: keep the likeliest
+        top = dict(sorted(top.items(), key=lambda kv: -kv[1]))
+        top_logprobs.append(top)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+            "text_offset": text_offset}
+
+
+def chat_logprobs(tokenizer, records: list[TokenLogprob]) -> dict:
+    def entry(token_id: int, logprob: float) -> dict:
+        text = _token_text(tokenizer, token_id)
+        return {"token": text, "logprob": _lp(logprob), "bytes": list(text.encode("utf-8"))}
+
+    content = [{**entry(r.token_id, r.logprob), "top_logprobs": [entry(t, v) for t, v in r.top.items()]}
+               for r in records]
+    return {"content": content}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())

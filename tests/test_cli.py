@@ -1,0 +1,81 @@
+"""The `mta-serve` command: help, one-line errors, conversions, and serving checkpoints as they are."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from mta_serve.checkpoint import save_model
+from mta_serve.config import ModelConfig
+from mta_serve.model import build_model
+from mta_serve.tokenizer import BytesTokenizer
+from helpers import Server, greedy_reference, run_cli
+
+def test_help_lists_serve_and_convert():
+    out = run_cli("--help")
+    assert out.returncode == 0 and "--model" in out.stdout and "convert" in out.stdout
+    out = run_cli("convert", "hf", "--help")
+    assert out.returncode == 0 and "--mta-config" in out.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--model", "/nonexistent/model"], "does not exist"),
+    (["convert", "reference", "/nonexistent", "/tmp/out"], "params.json is missing"),
+    (["convert", "hf", "/nonexistent", "/tmp/out"], "nonexistent"),
+])
+def test_cli_errors_are_one_line(args, needle):
+    out = run_cli(*args)
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mta-serve: error:") and needle in lines[0], out.stderr
+
+
+def test_cli_bad_config_value(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("dim: 32\nn_layers: 1\nn_heads: 4\nvocab_size: 300\nmta:\n  pad_key: middle\n")
+    out = run_cli("--config", str(cfg))
+    assert out.returncode == 1 and "mta.pad_key='middle'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_serves_a_native_checkpoint_exactly(tmp_path):
+    cfg = ModelConfig.from_yaml(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+    model = build_model(cfg, seed=42, mta_init="random")
+    save_model(tmp_path / "my-model", model, BytesTokenizer())
+    expected, _ = greedy_reference(model, BytesTokenizer().encode("The cat"), 6)
+    server = Server("--model", str(tmp_path / "my-model"))
+    try:
+        resp = httpx.post(server.url + "/v1/completions", timeout=60, json={
+            "model": "my-model", "prompt": "The cat", "max_tokens": 6, "temperature": 0, "ignore_eos": True})
+        assert resp.json()["choices"][0]["text"] == BytesTokenizer().decode(expected)
+    finally:
+        server.stop()
+
+
+def test_cli_convert_reference_then_serve(tmp_path):
+    """A reference checkpoint converted by the CLI is served as is and generates what the source model does."""
+    import json as _json
+
+    import torch
+
+    params = {"model": {"dim": 32, "n_layers": 2, "n_heads": 4, "vocab_size": 258, "weight_tying": True,
+                        "max_seqlen": 64, "mta": {"use_mta": True, "query_kernel_size": 2, "key_kernel_size": 3}},
+              "distributed": {"model_dtype": "fp32"}, "data": {"tokenizer": {"name": "bytes"}}}
+    cfg = ModelConfig.from_reference_params(params)
+    source = build_model(cfg, seed=5, mta_init="random")
+    sd = dict(source.state_dict())
+    sd["output.tied_module.weight"] = sd["tok_embeddings.weight"]
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "ref" / "params.json").write_text(_json.dumps(params))
+    torch.save({"model": sd}, tmp_path / "ref" / "consolidated.pth")
+    out = run_cli("convert", "reference", str(tmp_path / "ref"), str(tmp_path / "toy-ref"))
+    assert out.returncode == 0, out.stderr
+    prompt = BytesTokenizer().encode("abc")
+    expected, _ = greedy_reference(source, prompt, 5)
+    server = Server("--model", str(tmp_path / "toy-ref"))
+    try:
+        resp = httpx.post(server.url + "/v1/completions", timeout=60, json={
+            "model": "toy-ref", "prompt": prompt, "max_tokens": 5, "temperature": 0, "ignore_eos": True})
+        assert resp.json()["choices"][0]["text"] == BytesTokenizer().decode(expected)
+    finally:
+        server.stop()

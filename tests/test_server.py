@@ -1,0 +1,382 @@
+"""The OpenAI-compatible server, live on 127.0.0.1: the `openai` client and raw httpx against `mta-serve`."""
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+
+import httpx
+import openai
+import pytest
+
+from helpers import Server
+
+MODEL = "mta-tiny-random"
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server()  # no model arguments: the embedded default
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def post(server, path: str, body: dict, **kw) -> httpx.Response:
+    return httpx.post(server.url + path, json=body, timeout=120, **kw)
+
+
+def completion(server, **body) -> dict:
+    resp = post(server, "/v1/completions", {"model": MODEL, **body})
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def sse_events(resp: httpx.Response) -> list:
+    """Parse an SSE body strictly: every event is `data: ...` followed by a blank line; the last is [DONE]."""
+    text = resp.text
+    assert text.endswith("data: [DONE]\n\n"), text[-200:]
+    events = text.split("\n\n")[:-1]
+    assert all(e.startswith("data: ") and "\n" not in e for e in events), events[:3]
+    return [json.loads(e[6:]) for e in events[:-1]]
+
+
+def stream(server, path: str, body: dict) -> list:
+    with httpx.stream("POST", server.url + path, json={"model": MODEL, "stream": True, **body}, timeout=120) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        r.read()
+        return sse_events(r)
+
+
+# ---- completions ----------------------------------------------------------------------------------------
+
+def test_prompt_forms_and_choice_indexes(server):
+    ids = [256, 72, 105]
+    for prompt, n_prompts in [("Hi", 1), (["Hi", "Yo"], 2), (ids, 1), ([ids, [256, 65]], 2)]:
+        body = completion(server, prompt=prompt, max_tokens=3, temperature=0, n=2, ignore_eos=True)
+        assert [c["index"] for c in body["choices"]] == list(range(2 * n_prompts))
+        assert all(c["finish_reason"] == "length" for c in body["choices"])
+        assert body["usage"]["completion_tokens"] == 6 * n_prompts
+
+
+def test_n_with_seed_reproduces_and_differs(client):
+    kw = dict(model=MODEL, prompt="seeded", max_tokens=8, temperature=1.0, n=3, seed=7,
+              extra_body={"ignore_eos": True})
+    first = [c.text for c in client.completions.create(**kw).choices]
+    second = [c.text for c in client.completions.create(**kw).choices]
+    assert first == second and len(set(first)) > 1
+
+
+def test_streamed_text_equals_non_streamed_at_temperature_0(server):
+    body = dict(prompt="The MTA engine", max_tokens=12, temperature=0, ignore_eos=True)
+    whole = completion(server, **body)["choices"][0]["text"]
+    chunks = stream(server, "/v1/completions", {**body, "stream_options": {"include_usage": True}})
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == whole
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 12
+    assert [c["choices"][0]["finish_reason"] for c in chunks[:-1]][-1] == "length"
+    assert sum(1 for c in chunks if not c["choices"]) == 1  # exactly one usage-only chunk
+
+
+def test_stop_strings_across_token_boundaries(server):
+    letters = {str(i): 30 for i in range(97, 123)}  # keep the random model's output to a-z
+    base = dict(prompt="stop here", max_tokens=16, temperature=0, ignore_eos=True, logit_bias=letters)
+    full = completion(server, **base)["choices"][0]["text"]
+    assert re.fullmatch("[a-z]{16}", full)
+    stop = full[5:8]  # three byte-tokens: spans token boundaries
+    cut = full[:full.index(stop)]
+    got = completion(server, **base, stop=[stop, "\x00never"])["choices"][0]
+    assert got["text"] == cut and got["finish_reason"] == "stop"
+    streamed = stream(server, "/v1/completions", {**base, "stop": stop})
+    assert "".join(c["choices"][0]["text"] for c in streamed) == cut
+    kept = completion(server, **base, stop=stop, include_stop_str_in_output=True)["choices"][0]["text"]
+    assert kept == cut + stop
+
+
+def test_logprobs_shape(server):
+    body = completion(server, prompt="abc", max_tokens=4, temperature=0, logprobs=3, ignore_eos=True)
+    lp = body["choices"][0]["logprobs"]
+    assert set(lp) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 4
+    # keyed by token text: alternatives that decode alike (lone high bytes) share a key, as in OpenAI's format
+    assert all(1 <= len(top) <= 4 for top in lp["top_logprobs"])
+    assert all(max(top.values()) == lp_ for top, lp_ in zip(lp["top_logprobs"], lp["token_logprobs"]))  # greedy
+    assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
+
+
+def test_echo_with_logprobs_as_lm_eval_sends_it(server):
+    ids = [256, 84, 104, 101, 32, 99, 97, 116]
+    body = completion(server, prompt=[ids], max_tokens=1, temperature=0, logprobs=1, echo=True, seed=1234)
+    choice = body["choices"][0]
+    lp = choice["logprobs"]
+    assert len(lp["token_logprobs"]) == len(ids) + 1  # the prompt, then one generated token
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(isinstance(x, float) for x in lp["token_logprobs"][1:])
+    assert choice["text"].startswith("The cat")
+    echo_only = completion(server, prompt="The cat", max_tokens=0, echo=True, logprobs=0)
+    assert echo_only["choices"][0]["text"] == "The cat" and echo_only["usage"]["completion_tokens"] == 0
+    assert len(echo_only["choices"][0]["logprobs"]["tokens"]) == 8  # BOS + 7 bytes
+
+
+def test_sampling_options_are_applied(server):
+    forced = completion(server, prompt="x", max_tokens=3, temperature=0, logit_bias={"65": 100}, ignore_eos=True)
+    assert forced["choices"][0]["text"] == "AAA"
+    penalized = completion(server, prompt="x", max_tokens=3, temperature=0, logit_bias={"65": 5},
+                           frequency_penalty=2.0, presence_penalty=2.0, ignore_eos=True, user="u1",
+                           min_tokens=2, repetition_penalty=1.1, top_k=5, min_p=0.01, top_p=0.9)
+    assert len(penalized["choices"][0]["text"]) >= 1
+
+
+# ---- chat ---------------------------------------------------------------------------------------------
+
+def test_chat_completion_and_stream(client):
+    messages = [{"role": "system", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "hello "}, {"type": "text", "text": "MTA"}]}]
+    out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0,
+                                         logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    choice = out.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason == "length"
+    assert len(choice.logprobs.content) == 6 and all(len(t.top_logprobs) == 2 for t in choice.logprobs.content)
+    # default template: "system: be brief\nuser: hello MTA\nassistant:" after BOS
+    assert out.usage.prompt_tokens == 1 + len("system: be brief\nuser: hello MTA\nassistant:")
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True},
+                                                 extra_body={"ignore_eos": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == choice.message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+# ---- tokenizer routes, models, metrics ----------------------------------------------------------------
+
+def test_tokenizer_routes(server):
+    tok = post(server, "/tokenize", {"prompt": "héllo", "add_special_tokens": False}).json()
+    assert tok["tokens"] == list("héllo".encode()) and tok["count"] == 6 and tok["max_model_len"] == 512
+    assert post(server, "/tokenize", {"prompt": "hi"}).json()["tokens"] == [256, 104, 105]
+    assert post(server, "/detokenize", {"tokens": tok["tokens"]}).json() == {"prompt": "héllo"}
+    info = httpx.get(server.url + "/tokenizer_info").json()
+    assert {"eos_token", "bos_token", "pad_token", "chat_template"} <= set(info)
+    # how lm-eval's remote tokenizer finds the EOS id: the first id of encode(eos_token)
+    eos = post(server, "/tokenize", {"prompt": info["eos_token"], "add_special_tokens": False}).json()
+    assert eos["tokens"] == [257]
+    assert post(server, "/detokenize", {"tokens": [999]}).status_code == 400
+
+
+def test_models_and_metrics(server):
+    models = httpx.get(server.url + "/v1/models").json()
+    assert models["data"][0]["id"] == MODEL and models["data"][0]["max_model_len"] == 512
+    completion(server, prompt="metrics", max_tokens=4, ignore_eos=True)
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                 "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total",
+                 "vllm:num_preemptions_total", "vllm:time_to_first_token_seconds_bucket",
+                 "vllm:inter_token_latency_seconds_bucket", "vllm:e2e_request_latency_seconds_bucket",
+                 "vllm:request_queue_time_seconds_bucket", "mta_kv_cache_query_bytes",
+                 "mta_prefix_cache_hit_tokens_total"):
+        assert name in text, name
+    generated = float(re.search(r'vllm:generation_tokens_total\{model_name="[^"]+"\} (\S+)', text).group(1))
+    assert generated >= 4
+    assert re.search(r'vllm:request_success_total\{finished_reason="length",model_name="[^"]+"\} [1-9]', text)
+    assert float(re.search(r"mta_kv_cache_query_bytes\{[^}]*\} (\S+)", text).group(1)) > 0
+
+
+# ---- errors -------------------------------------------------------------------------------------------
+
+ERRORS = [
+    ({"prompt": ""}, 400, "prompt"),
+    ({"prompt": []}, 400, "prompt"),
+    ({"prompt": [1, 999]}, 400, "prompt"),
+    ({"prompt": [-1]}, 400, "prompt"),
+    ({"prompt": [[1], []]}, 400, "prompt"),
+    ({"prompt": "a", "max_tokens": 100000}, 400, "prompt"),
+    ({"prompt": "a", "max_tokens": "many"}, 400, "max_tokens"),
+    ({"prompt": "a", "max_tokens": 2.0}, 400, "max_tokens"),
+    ({"prompt": [True, False]}, 400, "prompt"),
+    ({"prompt": "a", "logprobs": 21}, 400, "logprobs"),
+    ({"prompt": "a", "suffix": "z"}, 400, "suffix"),
+    ({"prompt": "a", "best_of": 2}, 400, "best_of"),
+    ({"prompt": "a", "temperature": -1}, 400, "temperature"),
+    ({"prompt": "a", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "a", "seed": 2**70}, 400, "seed"),
+    ({"prompt": "a", "n": 0}, 400, "n"),
+    ({"prompt": "a", "logit_bias": {"x": 1}}, 400, "logit_bias"),
+    ({"prompt": "a", "stop": [""]}, 400, "stop"),
+    ({"prompt": "a", "min_tokens": 99}, 400, "min_tokens"),
+    ({"model": "nope", "prompt": "a"}, 404, "model"),
+]
+
+
+@pytest.mark.parametrize("body,status,param", ERRORS, ids=[f"{e[2]}-{i}" for i, e in enumerate(ERRORS)])
+def test_completion_errors(server, body, status, param):
+    resp = post(server, "/v1/completions", {"model": MODEL, **body})
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["param"] == param and err["code"] == status
+
+
+def test_error_messages_and_routes(server):
+    resp = post(server, "/v1/completions", {"model": MODEL, "prompt": "abc", "max_tokens": 600})
+    assert "prompt (4 tokens) + max_tokens (600) = 604 exceeds the context length 512" in resp.text
+    resp = httpx.post(server.url + "/v1/completions", content=b"{nope", headers={"content-type": "application/json"})
+    assert resp.status_code == 400 and "not valid JSON" in resp.json()["error"]["message"]
+    resp = httpx.post(server.url + "/v1/completions", headers={"content-type": "application/json"},
+                      content=b'{"model": "mta-tiny-random", "prompt": "a", "temperature": NaN}')
+    assert resp.status_code == 400
+    resp = httpx.post(server.url + "/v1/completions", content=b'{"model": "x", "prompt": "' + b"a" * (2 << 20) + b'"}')
+    assert resp.status_code == 413 and resp.json()["error"]["code"] == 413
+    assert httpx.get(server.url + "/v1/nothing").json()["error"]["code"] == 404
+    assert httpx.get(server.url + "/v1/completions").status_code == 405
+    chat = post(server, "/v1/chat/completions", {"model": MODEL, "messages": []})
+    assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages"
+    tools = post(server, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                                   "tools": [{"type": "function"}]})
+    assert tools.status_code == 400 and tools.json()["error"]["param"] == "tools"
+
+
+def test_api_key():
+    s = Server("--api-key", "sekret")
+    try:
+        body = {"model": MODEL, "prompt": "a", "max_tokens": 1}
+        missing = post(s, "/v1/completions", body)
+        wrong = post(s, "/v1/completions", body, headers={"Authorization": "Bearer nope"})
+        right = post(s, "/v1/completions", body, headers={"Authorization": "Bearer sekret"})
+        assert missing.status_code == wrong.status_code == 401 and right.status_code == 200
+        assert missing.json()["error"]["type"] == "authentication_error"
+        assert httpx.get(s.url + "/health").status_code == 200  # health stays open for probes
+    finally:
+        s.stop()
+
+
+# ---- load: disconnects, queue limit, shutdown ------------------------------------------------------------
+
+async def _stream_request(url: str, prompt: str, disconnect_after: int | None) -> str:
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    async with httpx.AsyncClient(timeout=300) as c:
+        async with c.stream("POST", url + "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            events = 0
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    events += 1
+                    if line == "data: [DONE]":
+                        return "done"
+                    if disconnect_after is not None and events >= disconnect_after:
+                        return "disconnected"  # leaving the block closes the connection mid-stream
+    return "truncated"
+
+
+def _metric(server, name: str, **labels: str) -> float:
+    """The value of one sample in /metrics (its name, and labels it must carry)."""
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no sample {name} {labels}")
+
+
+def test_64_streams_with_a_quarter_disconnecting(server):
+    async def run():
+        jobs = [_stream_request(server.url, f"load {i}", 3 if i % 4 == 0 else None) for i in range(64)]
+        return await asyncio.gather(*jobs)
+
+    results = asyncio.run(run())
+    assert results.count("disconnected") == 16 and results.count("done") == 48
+    assert httpx.get(server.url + "/health").status_code == 200
+    for _ in range(100):  # aborts land within a step or two
+        if _metric(server, "vllm:num_requests_running") == 0 and _metric(server, "vllm:kv_cache_usage_perc") == 0:
+            break
+        asyncio.run(asyncio.sleep(0.1))
+    assert _metric(server, "vllm:num_requests_running") == 0 and _metric(server, "vllm:num_requests_waiting") == 0
+    assert _metric(server, "vllm:kv_cache_usage_perc") == 0.0  # every block is free (cached ones count as free)
+    assert _metric(server, "vllm:request_success_total", finished_reason="abort") >= 16
+
+
+def test_queue_full_gets_429_with_retry_after():
+    s = Server("--max-num-seqs", "1", "--max-queued-requests", "2")
+    try:
+        async def one(c, i):
+            return await c.post(s.url + "/v1/completions", json={
+                "model": MODEL, "prompt": f"q{i}", "max_tokens": 40, "ignore_eos": True}, timeout=300)
+
+        async def run():
+            async with httpx.AsyncClient() as c:
+                return await asyncio.gather(*(one(c, i) for i in range(12)))
+
+        statuses = [r.status_code for r in asyncio.run(run())]
+        rejected = [r for r in asyncio.run(run()) if r.status_code == 429]
+        assert set(statuses) <= {200, 429} and 200 in statuses and 429 in statuses
+        assert rejected and all(r.headers["retry-after"] == "1" for r in rejected)
+        assert rejected[0].json()["error"]["type"] == "rate_limit_error"
+    finally:
+        s.stop()
+
+
+def test_sigterm_finishes_in_flight_and_exits_0():
+    s = Server("--shutdown-timeout", "20")
+
+    async def run():
+        async with httpx.AsyncClient(timeout=60) as c:
+            pending = asyncio.create_task(c.post(s.url + "/v1/completions", json={
+                "model": MODEL, "prompt": "last words", "max_tokens": 30, "ignore_eos": True}))
+            await asyncio.sleep(0.3)
+            s.proc.terminate()
+            return await pending
+
+    resp = asyncio.run(run())
+    assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 30
+    assert s.proc.wait(timeout=40) == 0
+
+
+def test_non_streaming_disconnect_aborts(server):
+    before = _metric(server, "vllm:request_success_total", finished_reason="abort")
+
+    async def run():
+        async with httpx.AsyncClient(timeout=60) as c:
+            task = asyncio.create_task(c.post(server.url + "/v1/completions", json={
+                "model": MODEL, "prompt": "abandoned", "max_tokens": 480, "ignore_eos": True}))
+            await asyncio.sleep(1.0)
+            task.cancel()  # the client goes away mid-request
+            await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(run())
+    for _ in range(50):
+        if _metric(server, "vllm:request_success_total", finished_reason="abort") > before:
+            break
+        asyncio.run(asyncio.sleep(0.1))
+    assert _metric(server, "vllm:request_success_total", finished_reason="abort") == before + 1
+    assert _metric(server, "vllm:num_requests_running") == 0
+
+
+# ---- property-based fuzzing: no 5xx, no hang ------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+FIELDS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stop",
+          "seed", "stream", "stream_options", "logprobs", "top_logprobs", "echo", "presence_penalty",
+          "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens", "ignore_eos", "user", "suffix",
+          "best_of", "tokens", "add_special_tokens", "max_completion_tokens", "unknown_field"]
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-3, 24), st.floats(-3, 3, allow_nan=False),
+                    st.text(max_size=6), st.sampled_from([MODEL, "", "user", 2**70, -2**70]))
+VALUES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                       st.dictionaries(st.text(max_size=5), inner, max_size=3)),
+                      max_leaves=8)
+BODIES = st.dictionaries(st.sampled_from(FIELDS), VALUES, max_size=8).map(
+    lambda d: {"model": MODEL, **d} if "model" not in d else d)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"]),
+       body=BODIES)
+def test_fuzzed_bodies_never_5xx(server, path, body):
+    resp = httpx.post(server.url + path, content=json.dumps(body), timeout=60,
+                      headers={"content-type": "application/json"})
+    assert resp.status_code < 500, (path, body, resp.text)
+    if resp.status_code != 200:
+        err = resp.json()["error"]
+        assert err["code"] == resp.status_code and err["message"]
