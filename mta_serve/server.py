@@ -71,27 +71,26 @@ def build_app(served: ServedModel) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        async with _admission(served):
-            req = await _parse_generation(request, served, CompletionRequest)
-            jobs = _jobs(lambda: completion_jobs(req, served.tokenizer, served.max_model_len), served)
-            streams = _submit(served, jobs)
-        if req.stream:
-            return _sse(_completion_stream(served, req, jobs, streams))
-        finals = await _collect(streams, request)
-        return JSONResponse(_completion_body(served, req, jobs, finals))
+        return await _generate(request, served, CompletionRequest, completion_jobs, _completion_stream,
+                               _completion_body)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        async with _admission(served):
-            req = await _parse_generation(request, served, ChatCompletionRequest)
-            jobs = _jobs(lambda: chat_jobs(req, served.tokenizer, served.max_model_len), served)
-            streams = _submit(served, jobs)
-        if req.stream:
-            return _sse(_chat_stream(served, req, jobs, streams))
-        finals = await _collect(streams, request)
-        return JSONResponse(_chat_body(served, req, jobs, finals))
+        return await _generate(request, served, ChatCompletionRequest, chat_jobs, _chat_stream, _chat_body)
 
     return app
+
+
+async def _generate(request: Request, served: ServedModel, schema, make_jobs, stream, body) -> Response:
+    """admit -> parse -> engine requests -> an SSE stream or one JSON body."""
+    async with _admission(served):
+        req = await _parse_generation(request, served, schema)
+        jobs = _jobs(lambda: make_jobs(req, served.tokenizer, served.max_model_len), served)
+        streams = _submit(served, jobs)
+    if req.stream:
+        return _sse(stream(served, req, jobs, streams))
+    finals = await _collect(streams, request)
+    return JSONResponse(body(served, req, jobs, finals))
 
 
 # ---- plumbing -------------------------------------------------------------------------------------------
