@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mta_serve.config import ModelConfig, MTAConfig
-from mta_serve.dense_attention import dense_mta_attention
+from mta_serve.dense_attention import batched_dense_attention, dense_mta_attention
 from mta_serve.model import apply_rope, build_model, rope_angles
 from naive_mta import naive_causal_attention, naive_mta_attention, naive_rope
 
@@ -155,3 +155,14 @@ def test_packed_sequences_do_not_interact():
     alone = model.score([a])[0], model.score([b])[0]
     for x, y in zip(together, alone):
         assert torch.allclose(x, y, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_batched_dense_attention_equals_per_sequence():
+    attn = _layer(dict(pre_conv=[3, 5], post_conv=[2, 3], wpsm=True, head_kernel_size=2), 4, 2, 0)
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(3, 7, 4, 8, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(3, 7, 2, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    batched = batched_dense_attention(q, k, v, attn.mta_weights())
+    packed = dense_mta_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), attn.mta_weights(), [0, 7, 14, 21])
+    assert (batched.flatten(0, 1) - packed).abs().max().item() < 1e-12
