@@ -11,7 +11,6 @@ import asyncio
 import queue
 import threading
 import uuid
-from collections.abc import AsyncIterator
 
 from .engine import LLMEngine, RequestOutput
 from .metrics import Metrics
@@ -20,6 +19,43 @@ from .sampling_params import SamplingParams
 
 class EngineDeadError(RuntimeError):
     pass
+
+
+class ShuttingDownError(EngineDeadError):
+    pass
+
+
+class RequestStream:
+    """One request's outputs, as an async iterator. Closing it before the request finished aborts it; the
+    owner must close it (also when it never iterated), which is what frees the request's blocks."""
+
+    def __init__(self, engine: "AsyncEngine", request_id: str):
+        self.engine, self.request_id = engine, request_id
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.done = False
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.done:
+            raise StopAsyncIteration
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            self._finish()
+            raise item
+        if item.finished:
+            self._finish()
+        return item
+
+    def close(self) -> None:
+        if not self.done:
+            self._finish()
+            self.engine._commands.put(("abort", self.request_id))
+
+    def _finish(self) -> None:
+        self.done = True
+        self.engine._streams.pop(self.request_id, None)
 
 
 class AsyncEngine:
@@ -55,37 +91,22 @@ class AsyncEngine:
         # thread, and waiting in the scheduler.
         return self.num_reserved + self._commands.qsize() + len(self.engine.scheduler.waiting)
 
-    def generate(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Submit a request now; iterate the result for its outputs, step by step, until it finishes. Closing
-        the iterator early (a disconnect, a cancellation) aborts the request."""
+    def generate(self, prompt: str | list[int], params: SamplingParams) -> "RequestStream":
+        """Submit a request now; iterate the result for its outputs, step by step, until it finishes.
+        `close()` the stream when done listening: it aborts the request if it has not finished."""
         if not self.healthy:
             raise EngineDeadError(f"the engine loop has stopped: {self._error!r}")
         request_id = uuid.uuid4().hex
-        stream: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        stream = RequestStream(self, request_id)
+        self._streams[request_id] = (asyncio.get_running_loop(), stream.queue)
         self._commands.put(("add", request_id, prompt, params))
-        return self._outputs(request_id, stream)
-
-    async def _outputs(self, request_id: str, stream: asyncio.Queue) -> AsyncIterator[RequestOutput]:
-        finished = False
-        try:
-            while not finished:
-                item = await stream.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            self._streams.pop(request_id, None)
-            if not finished:
-                self._commands.put(("abort", request_id))
+        return stream
 
     def abort_all(self) -> None:
-        """Abort every in-flight request (shutdown after the grace period)."""
+        """Abort every in-flight request (at the end of a shutdown's grace period). Safe from any thread."""
         for request_id in list(self._streams):
             self._commands.put(("abort", request_id))
-            self._deliver(request_id, EngineDeadError("the server is shutting down"))
+            self._deliver(request_id, ShuttingDownError("the server is shutting down"))
 
     def stop(self) -> None:
         self._stopping = True

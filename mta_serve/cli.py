@@ -169,16 +169,36 @@ def serve(args: argparse.Namespace) -> int:
     engine = AsyncEngine(build_engine(args, model, tokenizer), Metrics(name), max_queued=args.max_queued_requests)
     app = build_app(ServedModel(name, engine, api_key=args.api_key))
     print(f"mta-serve: serving '{name}' on http://{args.host}:{args.port}", file=sys.stderr)
-    # On SIGTERM/SIGINT uvicorn stops accepting, lets in-flight requests finish for --shutdown-timeout seconds,
-    # then cancels them (which aborts their engine requests) and returns. It then re-raises the signal to the
-    # handler that was installed before it: a no-op here, so a requested shutdown exits 0.
+    # uvicorn re-raises the signal that stopped it to the handler installed before it: a no-op here, so a
+    # requested shutdown exits 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=args.shutdown_timeout)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.shutdown_timeout + 5)
+    _graceful_server(config, engine, args.shutdown_timeout).run()
     engine.abort_all()
     engine.stop()
     return 0
+
+
+def _graceful_server(config, engine, grace: float):
+    """uvicorn's server; on SIGTERM/SIGINT it stops accepting, and in-flight requests get `grace` seconds to
+    finish. Then they are aborted through the engine, so each still gets a proper answer (a 503 error JSON,
+    or an error event and [DONE] in a stream) before uvicorn's own deadline, set a little later, closes
+    whatever is left."""
+    import threading
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if not self.should_exit:
+                timer = threading.Timer(grace, engine.abort_all)
+                timer.daemon = True
+                timer.start()
+            super().handle_exit(sig, frame)
+
+    return Server(config)
 
 
 def _mta_from_yaml(path: str) -> MTAConfig:

@@ -81,19 +81,27 @@ def completion_prompts(req: CompletionRequest, tokenizer) -> list[tuple[list[int
     return out
 
 
+def _check_common(req) -> None:
+    if req.stream_options is not None and not req.stream:
+        raise ParamError("stream_options", "stream_options is only allowed with stream=true")
+    if req.seed is not None and not 0 <= req.seed < 2**63:
+        raise ParamError("seed", f"invalid seed={req.seed}: allowed an integer in [0, 2^63)")
+
+
 def completion_jobs(req: CompletionRequest, tokenizer, max_model_len: int) -> list[Job]:
+    _check_common(req)
     if req.logprobs is not None and not 0 <= req.logprobs <= 20:
         raise ParamError("logprobs", f"logprobs={req.logprobs} is out of range: allowed 0..20")
     jobs = []
     for p, (ids, text) in enumerate(completion_prompts(req, tokenizer)):
         if text is None:
             text = _safe_decode(tokenizer, ids)
-        max_tokens = max_model_len - len(ids) if req.max_tokens is None else req.max_tokens
+        max_tokens = _room(len(ids), max_model_len, "prompt") if req.max_tokens is None else req.max_tokens
         if max_tokens == 0 and req.echo:
             max_tokens = 1  # echo with max_tokens 0 returns the prompt only; one token is computed and dropped
         prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
         for i in range(req.n):
-            seed = None if req.seed is None else req.seed + i
+            seed = _choice_seed(req.seed, i)
             params = sampling_params(req, max_tokens, req.logprobs, prompt_logprobs, seed)
             jobs.append(Job(p * req.n + i, ids, text, params))
     return jobs
@@ -115,14 +123,27 @@ def render_chat(req: ChatCompletionRequest, tokenizer) -> tuple[list[int], bool]
 
 
 def chat_jobs(req: ChatCompletionRequest, tokenizer, max_model_len: int) -> list[Job]:
+    _check_common(req)
     if req.top_logprobs is not None and not (req.logprobs and 0 <= req.top_logprobs <= 20):
         raise ParamError("top_logprobs", "top_logprobs needs logprobs=true and a value in 0..20")
     ids, _ = render_chat(req, tokenizer)
     limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    max_tokens = max_model_len - len(ids) if limit is None else limit
+    max_tokens = _room(len(ids), max_model_len, "messages") if limit is None else limit
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    return [Job(i, ids, "", sampling_params(req, max_tokens, logprobs, None,
-                                            None if req.seed is None else req.seed + i)) for i in range(req.n)]
+    return [Job(i, ids, "", sampling_params(req, max_tokens, logprobs, None, _choice_seed(req.seed, i)))
+            for i in range(req.n)]
+
+
+def _room(num_prompt_tokens: int, max_model_len: int, param: str) -> int:
+    """max_tokens when the client leaves it open: the rest of the context."""
+    if num_prompt_tokens >= max_model_len:
+        raise ParamError(param, f"the prompt ({num_prompt_tokens} tokens) leaves no room to generate within the "
+                                f"context length {max_model_len}")
+    return max_model_len - num_prompt_tokens
+
+
+def _choice_seed(seed: int | None, choice: int) -> int | None:
+    return None if seed is None else (seed + choice) % 2**63
 
 
 def _special_text(tokenizer, attr: str) -> str:
@@ -139,9 +160,9 @@ def _safe_decode(tokenizer, ids: list[int], skip_special: bool = True) -> str:
 
 # ---- running several engine requests as one ----------------------------------------------------------------
 
-async def merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Interleave the outputs of several engine requests as they come: (stream index, output). Closing the
-    merged iterator (a disconnect) cancels every stream, which aborts its engine request."""
+async def merge(streams: list) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave the outputs of several engine requests (RequestStreams) as they come: (stream index,
+    output). Closing the merged iterator (a disconnect) closes every stream, which aborts its request."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
@@ -167,6 +188,8 @@ async def merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tu
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for stream in streams:
+            stream.close()
 
 
 # ---- engine outputs -> OpenAI JSON ------------------------------------------------------------------------
@@ -179,14 +202,21 @@ def _lp(value: float) -> float:
     return max(value, LOGPROB_FLOOR)
 
 
+def text_length(tokenizer, ids: list[int]) -> int:
+    """How many characters these tokens add to a returned text (special tokens add none), token by token,
+    so streamed and whole responses agree on text_offset."""
+    return sum(len(_safe_decode(tokenizer, [t])) for t in ids)
+
+
 def completion_logprobs(tokenizer, records: list[TokenLogprob | None], ids: list[int], offset: int) -> dict:
-    """OpenAI's completion logprobs for `ids` (records[i] None = no logprob, e.g. the first prompt token)."""
+    """OpenAI's completion logprobs for `ids` (records[i] None = no logprob, e.g. the first prompt token);
+    `offset` is where the first token's text starts."""
     tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
     for token_id, record in zip(ids, records):
         text = _token_text(tokenizer, token_id)
         tokens.append(text)
         text_offset.append(offset)
-        offset += len(text)
+        offset += text_length(tokenizer, [token_id])
         if record is None:
             token_logprobs.append(None)
             top_logprobs.append(None)

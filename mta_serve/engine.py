@@ -15,7 +15,7 @@ from .model import MTATransformer
 from .model_runner import ModelRunner, StepLogits, num_cache_blocks
 from .request import Request, RequestStatus, TokenLogprob
 from .sampler import Sampler, logprob_record
-from .sampling_params import SamplingParams
+from .sampling_params import SamplingParams, SamplingParamsError
 from .scheduler import Scheduler, ScheduledRequest
 from .tokenizer import IncrementalDetokenizer
 
@@ -102,6 +102,9 @@ class LLMEngine:
         bad = [t for t in prompt_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
             raise RequestError(f"token id {bad[0]!r} is out of range [0, {vocab})")
+        bad_bias = [t for t in params.logit_bias if not 0 <= t < vocab]
+        if bad_bias:
+            raise SamplingParamsError("logit_bias", f"logit_bias token id {bad_bias[0]} is out of range [0, {vocab})")
         if params.stop and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer to decode the output")
         max_len, total = self.model.cfg.max_seq_len, len(prompt_ids) + params.max_tokens
@@ -133,7 +136,7 @@ class LLMEngine:
         return self._postprocess(batch.scheduled, logits)
 
     def _postprocess(self, scheduled: list[ScheduledRequest], logits: StepLogits) -> list[RequestOutput]:
-        self._record_prompt_logprobs(logits)
+        self._record_prompt_logprobs(scheduled, logits)
         sampling = [s for s in scheduled if s.samples]
         samples = self.sampler.sample(logits.sample_logits, [s.request for s in sampling])
         self.scheduler.update(scheduled)
@@ -150,12 +153,13 @@ class LLMEngine:
                 outputs.append(self._output(tracked))
         return outputs
 
-    def _record_prompt_logprobs(self, logits: StepLogits) -> None:
+    def _record_prompt_logprobs(self, scheduled: list[ScheduledRequest], logits: StepLogits) -> None:
+        for s in scheduled:
+            if s.request.params.prompt_logprobs is not None and not s.request.prompt_logprobs:
+                s.request.prompt_logprobs.append(None)  # the first prompt token has no logprob
         for request_id, (first, rows) in logits.prompt_logits.items():
             request = self.requests[request_id].request
             logprobs = torch.log_softmax(rows, dim=-1)
-            if not request.prompt_logprobs:
-                request.prompt_logprobs.append(None)  # the first prompt token has no logprob
             for i in range(rows.shape[0]):
                 target = request.prompt_token_ids[first + i + 1]
                 request.prompt_logprobs.append(logprob_record(logprobs[i], target, request.params.prompt_logprobs))
@@ -187,6 +191,9 @@ class LLMEngine:
         tracked.text += "".join(tracked.detokenizer.push(t) for t in new_ids)
         if tracked.request.status.finished:
             tracked.text += tracked.detokenizer.flush()
+        # Like EOS, stop strings count only once min_tokens tokens exist.
+        if tracked.request.num_output_tokens < tracked.request.params.min_tokens:
+            return
         stop_at = self._find_stop(tracked, before)
         if stop_at is not None:
             tracked.text = tracked.text[:stop_at]

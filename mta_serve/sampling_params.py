@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 class SamplingParamsError(ValueError):
@@ -21,7 +22,7 @@ def _is_int(value) -> bool:
 
 @dataclass(slots=True)
 class SamplingParams:
-    """Temperature 0 is greedy. Penalties follow vLLM: presence/frequency subtract from the logits of tokens
+    """Temperature 0 (or below 1e-5) is greedy. Penalties follow vLLM: presence/frequency subtract from the logits of tokens
     already generated; repetition divides positive (multiplies negative) logits of tokens seen in the prompt
     or output. `logprobs` / `prompt_logprobs` = how many top alternatives to report (0 = only the chosen
     token's); logprobs are those of the model's raw distribution, before penalties and temperature."""
@@ -78,7 +79,10 @@ class SamplingParams:
         if any(not isinstance(x, str) or not x for x in self.stop):
             raise SamplingParamsError("stop", f"invalid stop={self.stop!r}: allowed non-empty strings")
         self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+        if any(not -100 <= v <= 100 for v in self.logit_bias.values()):
+            raise SamplingParamsError("logit_bias", "invalid logit_bias: values must be in [-100, 100]")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # Below this, dividing by the temperature overflows to inf/nan; the limit is greedy anyway.
+        return self.temperature < GREEDY_BELOW_TEMPERATURE

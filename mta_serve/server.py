@@ -16,11 +16,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .async_engine import AsyncEngine, EngineDeadError
+from .async_engine import AsyncEngine, EngineDeadError, RequestStream, ShuttingDownError
 from .completions import (Job, ParamError, chat_jobs, chat_logprobs, completion_jobs, completion_logprobs, merge,
-                          new_id, now)
+                          new_id, now, text_length)
 from .engine import RequestOutput
 from .protocol import (UNSUPPORTED, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                        TokenizeRequest)
@@ -88,7 +89,7 @@ async def _generate(request: Request, served: ServedModel, schema, make_jobs, st
         jobs = _jobs(lambda: make_jobs(req, served.tokenizer, served.max_model_len), served)
         streams = _submit(served, jobs)
     if req.stream:
-        return _sse(stream(served, req, jobs, streams))
+        return _sse(stream(served, req, jobs, streams), streams)
     finals = await _collect(streams, request)
     return JSONResponse(body(served, req, jobs, finals))
 
@@ -111,15 +112,24 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def _install_auth(app: FastAPI, api_key: str | None) -> None:
-    if api_key is None:
-        return
+    if api_key is not None:
+        app.add_middleware(_APIKeyMiddleware, api_key=api_key)
 
-    @app.middleware("http")
-    async def _check_key(request: Request, call_next):
-        if request.url.path.startswith(_PROTECTED) and request.headers.get("authorization") != f"Bearer {api_key}":
-            return error_response(401, "missing or invalid API key (send 'Authorization: Bearer KEY')",
-                                  type_="authentication_error")
-        return await call_next(request)
+
+class _APIKeyMiddleware:
+    """Plain ASGI (not BaseHTTPMiddleware, which hides client disconnects from the handlers)."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(_PROTECTED):
+            if dict(scope["headers"]).get(b"authorization") != self.expected:
+                response = error_response(401, "missing or invalid API key (send 'Authorization: Bearer KEY')",
+                                          type_="authentication_error")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 @contextlib.asynccontextmanager
@@ -163,10 +173,22 @@ def _jobs(make, served: ServedModel) -> list[Job]:
     return jobs
 
 
+async def _read_body(request: Request) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed the limit (never buffered past it)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise APIError(413, f"request body is {declared} bytes; the limit is {MAX_BODY_BYTES}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise APIError(413, f"request body exceeds the limit of {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _parse(request: Request, schema: type[BaseModel]) -> Any:
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise APIError(413, f"request body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}")
+    body = await _read_body(request)
     try:
         data = json.loads(body, parse_constant=_reject_constant)
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
@@ -185,14 +207,14 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _submit(served: ServedModel, jobs: list[Job]) -> list[AsyncIterator[RequestOutput]]:
+def _submit(served: ServedModel, jobs: list[Job]) -> list[RequestStream]:
     try:
         return [served.engine.generate(job.prompt_ids, job.params) for job in jobs]
     except EngineDeadError as exc:
         raise APIError(503, str(exc), type_="server_error") from None
 
 
-async def _collect(streams: list[AsyncIterator[RequestOutput]], request: Request) -> dict[int, RequestOutput]:
+async def _collect(streams: list[RequestStream], request: Request) -> dict[int, RequestOutput]:
     """Run the engine requests to completion; a client that disconnects meanwhile aborts them all."""
     finals: dict[int, RequestOutput] = {}
     merged = merge(streams)
@@ -210,24 +232,35 @@ async def _collect(streams: list[AsyncIterator[RequestOutput]], request: Request
                 raise APIError(499, "client disconnected")
         task.result()
     except EngineDeadError as exc:
-        raise APIError(500, str(exc), type_="server_error") from None
+        raise APIError(503 if isinstance(exc, ShuttingDownError) else 500, str(exc), type_="server_error") from None
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await merged.aclose()
+        _close(streams)
     return finals
 
 
-def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
+def _close(streams: list[RequestStream]) -> None:
+    """Abort whatever has not finished; harmless for finished streams."""
+    for stream in streams:
+        stream.close()
+
+
+def _sse(events: AsyncIterator[dict], streams: list[RequestStream]) -> StreamingResponse:
     async def body():
         try:
             async for event in events:
                 yield f"data: {json.dumps(event)}\n\n"
         except (EngineDeadError, ValueError) as exc:  # after the 200: an error event, then [DONE]
-            yield f"data: {json.dumps(error_body(500, str(exc), type_='server_error'))}\n\n"
+            status = 503 if isinstance(exc, ShuttingDownError) else 500
+            yield f"data: {json.dumps(error_body(status, str(exc), type_='server_error'))}\n\n"
+        finally:
+            _close(streams)
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(body(), media_type="text/event-stream")
+    # The background task also runs when the body never started (the client left at once).
+    return StreamingResponse(body(), media_type="text/event-stream", background=BackgroundTask(_close, streams))
 
 
 def _usage(jobs: list[Job], n: int, finals: dict[int, RequestOutput], echo_only: bool = False) -> dict:
@@ -265,7 +298,7 @@ def _completion_body(served, req: CompletionRequest, jobs: list[Job], finals: di
 
 
 async def _completion_stream(served, req: CompletionRequest, jobs: list[Job],
-                             streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[dict]:
+                             streams: list[RequestStream]) -> AsyncIterator[dict]:
     head = {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": served.name}
     finals: dict[int, RequestOutput] = {}
     offsets = [0] * len(jobs)  # characters of each choice's text sent so far (for text_offset)
@@ -275,14 +308,14 @@ async def _completion_stream(served, req: CompletionRequest, jobs: list[Job],
         job = jobs[i]
         if req.echo and i not in echoed:  # the prompt first, with its logprobs (computed by now)
             echoed.add(i)
-            offsets[i] = len(job.prompt_text)
+            offsets[i] = text_length(served.tokenizer, job.prompt_ids)
             yield {**head, "choices": [_echo_choice(served, req, job, out)]}
         text = "" if echo_only else out.new_text
         logprobs = None
         if req.logprobs is not None and not echo_only:
             records = out.logprobs[len(out.logprobs) - len(out.new_token_ids):]
             logprobs = completion_logprobs(served.tokenizer, records, out.new_token_ids, offsets[i])
-        offsets[i] += len(text)
+        offsets[i] += text_length(served.tokenizer, [] if echo_only else out.new_token_ids)
         finish = ("length" if echo_only else out.finish_reason) if out.finished else None
         if out.finished:
             finals[i] = out
@@ -314,7 +347,7 @@ def _chat_body(served, req: ChatCompletionRequest, jobs: list[Job], finals: dict
 
 
 async def _chat_stream(served, req: ChatCompletionRequest, jobs: list[Job],
-                       streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[dict]:
+                       streams: list[RequestStream]) -> AsyncIterator[dict]:
     head = {"id": new_id("chatcmpl"), "object": "chat.completion.chunk", "created": now(), "model": served.name}
 
     def chunk(index: int, delta: dict, logprobs=None, finish=None) -> dict:

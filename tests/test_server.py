@@ -207,6 +207,11 @@ ERRORS = [
     ({"prompt": "a", "logit_bias": {"x": 1}}, 400, "logit_bias"),
     ({"prompt": "a", "stop": [""]}, 400, "stop"),
     ({"prompt": "a", "min_tokens": 99}, 400, "min_tokens"),
+    ({"prompt": "a", "logit_bias": {"5": 1e300}}, 400, "logit_bias"),
+    ({"prompt": "a", "logit_bias": {"999": 5}}, 400, "logit_bias"),
+    ({"prompt": "a", "logit_bias": {"-1": 5}}, 400, "logit_bias"),
+    ({"prompt": "a", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ({"prompt": "a" * 600, "max_tokens": None}, 400, "prompt"),
     ({"model": "nope", "prompt": "a"}, 404, "model"),
 ]
 
@@ -380,3 +385,101 @@ def test_fuzzed_bodies_never_5xx(server, path, body):
     if resp.status_code != 200:
         err = resp.json()["error"]
         assert err["code"] == resp.status_code and err["message"]
+
+
+# ---- edge cases found in review ---------------------------------------------------------------------------
+
+def test_tiny_temperature_is_greedy_and_harmless(server):
+    tiny = completion(server, prompt="t", max_tokens=4, temperature=1e-40, ignore_eos=True)["choices"][0]["text"]
+    greedy = completion(server, prompt="t", max_tokens=4, temperature=0, ignore_eos=True)["choices"][0]["text"]
+    assert tiny == greedy and httpx.get(server.url + "/health").status_code == 200
+
+
+def test_echo_logprobs_of_a_one_token_prompt(server):
+    lp = completion(server, prompt=[99], max_tokens=2, logprobs=0, echo=True, temperature=0,
+                    ignore_eos=True)["choices"][0]["logprobs"]
+    assert lp["tokens"][0] == "c" and len(lp["tokens"]) == 3
+    assert lp["token_logprobs"][0] is None and all(isinstance(x, float) for x in lp["token_logprobs"][1:])
+
+
+def test_streamed_and_whole_logprobs_agree(server):
+    body = dict(prompt="offsets", max_tokens=6, temperature=0, logprobs=2, echo=True, ignore_eos=True)
+    whole = completion(server, **body)["choices"][0]["logprobs"]
+    chunks = [c["choices"][0]["logprobs"] for c in stream(server, "/v1/completions", body)
+              if c["choices"] and c["choices"][0]["logprobs"]]
+    joined = {k: [x for c in chunks for x in c[k]] for k in ("tokens", "token_logprobs", "text_offset")}
+    assert joined["tokens"] == whole["tokens"] and joined["text_offset"] == whole["text_offset"]
+    assert joined["token_logprobs"] == whole["token_logprobs"]
+
+
+def test_stop_strings_wait_for_min_tokens(server):
+    letters = {str(i): 30 for i in range(97, 123)}
+    base = dict(prompt="min", max_tokens=12, temperature=0, ignore_eos=True, logit_bias=letters)
+    full = completion(server, **base)["choices"][0]["text"]
+    got = completion(server, **base, stop=full[0], min_tokens=5)["choices"][0]
+    # as in vLLM: stop strings are looked for once 5 tokens exist, so the earliest cut is inside token 5
+    assert got["finish_reason"] == "stop" and len(got["text"]) >= 4 and got["text"] == full[:len(got["text"])]
+    assert full[0] not in got["text"][4:]
+    assert completion(server, **base, stop=full[0])["choices"][0]["text"] == ""  # without min_tokens: at once
+
+
+def test_largest_seed_with_n(server):
+    body = completion(server, prompt="s", max_tokens=2, n=2, seed=2**63 - 1, ignore_eos=True)
+    assert len(body["choices"]) == 2
+
+
+def _raw_request_then_close(port: int, path: str, body: dict, headers: dict | None = None) -> None:
+    """Send a request on a raw socket and close it at once: the client is gone before any answer."""
+    import socket
+
+    payload = json.dumps(body).encode()
+    head = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json",
+            f"Content-Length: {len(payload)}"] + [f"{k}: {v}" for k, v in (headers or {}).items()]
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + payload)
+        asyncio.run(asyncio.sleep(0.3))
+
+
+def _wait_aborts(server, before: float, expected: int) -> float:
+    for _ in range(100):
+        now = _metric(server, "vllm:request_success_total", finished_reason="abort")
+        if now >= before + expected:
+            break
+        asyncio.run(asyncio.sleep(0.1))
+    return now - before
+
+
+def test_instant_disconnects_abort_every_choice():
+    s = Server("--api-key", "k")  # the key check must not hide disconnects from the handlers
+    try:
+        auth = {"Authorization": "Bearer k"}
+        for path, extra in [("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                       "stream": True}),
+                            ("/v1/completions", {"prompt": "x"}), ("/v1/completions", {"prompt": "x", "stream": True})]:
+            before = _metric(s, "vllm:request_success_total", finished_reason="abort")
+            _raw_request_then_close(s.port, path, {"model": MODEL, "n": 8, "max_tokens": 200, "ignore_eos": True,
+                                                   **extra}, auth)
+            assert _wait_aborts(s, before, 8) == 8, path
+        assert _metric(s, "vllm:num_requests_running") == 0
+        assert _metric(s, "vllm:kv_cache_usage_perc") == 0.0
+    finally:
+        s.stop()
+
+
+def test_sigterm_past_the_grace_period_still_answers_properly():
+    s = Server("--shutdown-timeout", "1")
+
+    async def run():
+        async with httpx.AsyncClient(timeout=60) as c:
+            body = {"model": MODEL, "prompt": "long", "max_tokens": 480, "ignore_eos": True}
+            plain = asyncio.create_task(c.post(s.url + "/v1/completions", json=body))
+            streamed = asyncio.create_task(c.post(s.url + "/v1/completions", json={**body, "stream": True}))
+            await asyncio.sleep(0.5)
+            s.proc.terminate()
+            return await plain, await streamed
+
+    plain, streamed = asyncio.run(run())
+    assert plain.status_code == 503 and plain.json()["error"]["type"] == "server_error"
+    events = streamed.text.split("\n\n")
+    assert events[-2] == "data: [DONE]" and json.loads(events[-3][6:])["error"]["code"] == 503
+    assert s.proc.wait(timeout=40) == 0
