@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -27,8 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def commit() -> str:
+    """The checkout's commit; MTA_SERVE_COMMIT names it where the tree has no .git (e.g. a copied tree)."""
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return out.stdout.strip() or "unknown"
+    return out.stdout.strip() or os.environ.get("MTA_SERVE_COMMIT", "unknown")
 
 
 def measure(llm: LLM, num_requests: int, prompt_len: int, output_len: int, vocab: int) -> dict:
