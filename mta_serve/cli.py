@@ -16,7 +16,8 @@ from pathlib import Path
 
 from .config import DTYPES, CacheConfig, ModelConfig, MTAConfig, SchedulerConfig
 
-DEFAULT_MODEL_NAME = "mta-tiny-random"
+DEFAULT_MODEL = "mta-toy"  # the embedded checkpoint served when no model is named
+EMBEDDED_MODELS = ("mta-toy", "toy-baseline")
 DEFAULT_SEED = 0
 
 
@@ -24,9 +25,18 @@ class CLIError(ValueError):
     pass
 
 
-def default_config_path() -> Path:
-    """The embedded default model's config (configs/tiny.yaml, installed as mta_serve.configs)."""
-    return Path(str(resources.files("mta_serve.configs") / "tiny.yaml"))
+def embedded_model_dir(name: str) -> Path:
+    """A checkpoint shipped inside the package (mta_serve/checkpoints/NAME)."""
+    return Path(str(resources.files("mta_serve") / "checkpoints" / name))
+
+
+def _model_dir(model: str | None) -> Path:
+    """--model: a checkpoint directory, or the name of an embedded one (default: mta-toy)."""
+    if model is None:
+        return embedded_model_dir(DEFAULT_MODEL)
+    if model in EMBEDDED_MODELS and not Path(model).exists():
+        return embedded_model_dir(model)
+    return Path(model)
 
 
 def _port(text: str) -> int:
@@ -43,18 +53,19 @@ def serve_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mta-serve",
         description="Serve a Multi-Token Attention model over an OpenAI-compatible HTTP API. With no "
-                    "arguments it serves the embedded default model (a tiny seeded random MTA model). "
+                    "arguments it serves the embedded default model, mta-toy (the paper's toy task). "
                     "Other commands: `mta-serve convert reference|hf --help`.")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", metavar="DIR", help="native checkpoint directory (config.json, "
-                     "model.safetensors, tokenizer files)")
+                     "model.safetensors, tokenizer files), or an embedded model: "
+                     f"{', '.join(EMBEDDED_MODELS)} (default: {DEFAULT_MODEL})")
     src.add_argument("--config", metavar="YAML", help="serve a seeded random model of this config "
-                     "(byte tokenizer; the config's vocab_size must be >= 258)")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="weight seed for --config / the default model")
+                     "(byte tokenizer; the config's vocab_size must be >= 258), e.g. configs/tiny.yaml")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="weight seed for --config; sampling seed")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_port, default=8000)
-    p.add_argument("--served-model-name", metavar="NAME", help="model id in the API (default: the directory "
-                   f"name, or '{DEFAULT_MODEL_NAME}')")
+    p.add_argument("--served-model-name", metavar="NAME", help="model id in the API (default: the checkpoint "
+                   "directory's name, or the --config file's stem)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--dtype", choices=DTYPES, help="compute dtype (default: the checkpoint's)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -130,17 +141,16 @@ def load_model(args: argparse.Namespace):
 
     args.device = _device(args.device)
     dtype = TORCH_DTYPES[args.dtype] if args.dtype else None
-    if args.model:
-        model, tokenizer = load_checkpoint(args.model, device=args.device, dtype=dtype)
-        name = args.served_model_name or Path(args.model).resolve().name
-    else:
-        cfg = ModelConfig.from_yaml(args.config or default_config_path())
+    if args.config:
+        cfg = ModelConfig.from_yaml(args.config)
         tokenizer = BytesTokenizer()
         if cfg.vocab_size < tokenizer.vocab_size:
             raise CLIError(f"--config vocab_size={cfg.vocab_size} is below the byte tokenizer's 258 ids")
         model = build_model(cfg, seed=args.seed, mta_init="random", device=args.device, dtype=dtype)
-        name = args.served_model_name or (Path(args.config).stem if args.config else DEFAULT_MODEL_NAME)
-    return model, tokenizer, name
+        return model, tokenizer, args.served_model_name or Path(args.config).stem
+    model_dir = _model_dir(args.model)
+    model, tokenizer = load_checkpoint(model_dir, device=args.device, dtype=dtype)
+    return model, tokenizer, args.served_model_name or model_dir.resolve().name
 
 
 def build_engine(args: argparse.Namespace, model, tokenizer):

@@ -27,6 +27,9 @@ import time  # noqa: E402
 import httpx  # noqa: E402
 
 CLI = [sys.executable, "-m", "mta_serve.cli"]
+TINY_CONFIG = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+# The seeded random tiny model with the byte tokenizer: what most server tests run against.
+TINY_RANDOM = ("--config", TINY_CONFIG, "--served-model-name", "mta-tiny-random")
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

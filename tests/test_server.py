@@ -9,14 +9,14 @@ import httpx
 import openai
 import pytest
 
-from helpers import Server
+from helpers import TINY_RANDOM, Server
 
 MODEL = "mta-tiny-random"
 
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server()  # no model arguments: the embedded default
+    s = Server(*TINY_RANDOM)
     yield s
     s.stop()
 
@@ -244,7 +244,7 @@ def test_error_messages_and_routes(server):
 
 
 def test_api_key():
-    s = Server("--api-key", "sekret")
+    s = Server(*TINY_RANDOM, "--api-key", "sekret")
     try:
         body = {"model": MODEL, "prompt": "a", "max_tokens": 1}
         missing = post(s, "/v1/completions", body)
@@ -302,7 +302,7 @@ def test_64_streams_with_a_quarter_disconnecting(server):
 
 
 def test_queue_full_gets_429_with_retry_after():
-    s = Server("--max-num-seqs", "1", "--max-queued-requests", "2")
+    s = Server(*TINY_RANDOM, "--max-num-seqs", "1", "--max-queued-requests", "2")
     try:
         async def one(c, i):
             return await c.post(s.url + "/v1/completions", json={
@@ -322,7 +322,7 @@ def test_queue_full_gets_429_with_retry_after():
 
 
 def test_sigterm_finishes_in_flight_and_exits_0():
-    s = Server("--shutdown-timeout", "20")
+    s = Server(*TINY_RANDOM, "--shutdown-timeout", "20")
 
     async def run():
         async with httpx.AsyncClient(timeout=60) as c:
@@ -450,7 +450,7 @@ def _wait_aborts(server, before: float, expected: int) -> float:
 
 
 def test_instant_disconnects_abort_every_choice():
-    s = Server("--api-key", "k")  # the key check must not hide disconnects from the handlers
+    s = Server(*TINY_RANDOM, "--api-key", "k")  # the key check must not hide disconnects from the handlers
     try:
         auth = {"Authorization": "Bearer k"}
         for path, extra in [("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
@@ -467,7 +467,7 @@ def test_instant_disconnects_abort_every_choice():
 
 
 def test_sigterm_past_the_grace_period_still_answers_properly():
-    s = Server("--shutdown-timeout", "1")
+    s = Server(*TINY_RANDOM, "--shutdown-timeout", "1")
 
     async def run():
         async with httpx.AsyncClient(timeout=60) as c:
