@@ -308,7 +308,7 @@ def identity_mta_state(cfg: ModelConfig, meta: bool = False) -> dict[str, torch.
             prefix = f"layers.{i}.attention."
             for name, size in (("mta_kernel", mta.pre_conv), ("mta_kernel_after_sm", mta.post_conv)):
                 if size is not None and mta.has_conv(i):
-                    out[prefix + name] = _identity_conv(n_heads, size, mta.pad_key)
+                    out[prefix + name] = identity_conv_kernel(n_heads, *size, mta.pad_key)
             for name, on in (("wpsm.weight", mta.wpsm), ("wposm.weight", mta.wposm)):
                 if on:
                     out[prefix + name] = torch.eye(n_heads)
@@ -316,14 +316,6 @@ def identity_mta_state(cfg: ModelConfig, meta: bool = False) -> dict[str, torch.
                 c_h = mta.head_kernel_size
                 out[prefix + "head_kernel"] = torch.eye(c_h).repeat(n_heads // c_h, 1, 1)
     return out
-
-
-def _identity_conv(n_heads: int, size: tuple[int, int], pad_key: str) -> torch.Tensor:
-    # identity_conv_kernel puts the 1 at key column c_k // 2, the same key under pad_key 'both'. Under
-    # 'left'/'right' the same key is column p_L = c_k - 1 / 0, so shift the 1 there.
-    c_q, c_k = size
-    p_left = {"both": c_k // 2, "left": c_k - 1, "right": 0}[pad_key]
-    return torch.roll(identity_conv_kernel(n_heads, c_q, c_k), shifts=p_left - c_k // 2, dims=3)
 
 
 def _check_shapes(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:

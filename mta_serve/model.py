@@ -218,7 +218,7 @@ def _init_mta(attn: MTAAttention, gen: torch.Generator, noise: float) -> None:
 
     for kernel in (attn.mta_kernel, attn.mta_kernel_after_sm):
         if kernel is not None:
-            set_(kernel, identity_conv_kernel(*kernel.shape[::2], kernel.shape[3]))
+            set_(kernel, identity_conv_kernel(kernel.shape[0], kernel.shape[2], kernel.shape[3], attn.pad_key))
     for mix in (attn.wpsm, attn.wposm):
         if mix is not None:
             set_(mix.weight, torch.eye(attn.n_heads))
@@ -233,10 +233,11 @@ def _init_mta(attn: MTAAttention, gen: torch.Generator, noise: float) -> None:
         attn.gate.bias.copy_(_trunc_normal(attn.gate.bias.shape, std, gen))
 
 
-def identity_conv_kernel(n_heads: int, c_q: int, c_k: int) -> torch.Tensor:
-    """[H, 1, c_q, c_k] with theta[c_q - 1, c_k // 2] = 1: the identity under pad_key 'both'."""
+def identity_conv_kernel(n_heads: int, c_q: int, c_k: int, pad_key: str = "both") -> torch.Tensor:
+    """[H, 1, c_q, c_k] that passes every score through unchanged: 1 at the current query (row c_q - 1) and
+    the same key (column p_L: c_k // 2 under 'both', c_k - 1 under 'left', 0 under 'right')."""
     kernel = torch.zeros(n_heads, 1, c_q, c_k)
-    kernel[:, 0, c_q - 1, c_k // 2] = 1.0
+    kernel[:, 0, c_q - 1, {"both": (c_k - 1) // 2, "left": c_k - 1, "right": 0}[pad_key]] = 1.0
     return kernel
 
 

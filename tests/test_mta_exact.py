@@ -94,11 +94,12 @@ def test_float32_paper_layer_matches_naive(dtype, tol):
     assert (ours.double() - ref).abs().max().item() < tol
 
 
-@pytest.mark.parametrize("pre,post", [((6, 11), (6, 11)), ((2, 9), None), (None, (3, 5))])
+@pytest.mark.parametrize("pre,post,pad_key", [((6, 11), (6, 11), "both"), ((2, 9), None, "both"),
+                                             (None, (3, 5), "both"), ((3, 4), (2, 2), "left"), ((2, 4), None, "right")])
 @torch.no_grad()
-def test_identity_mta_is_causal_attention(pre, post):
+def test_identity_mta_is_causal_attention(pre, post, pad_key):
     cfg = ModelConfig(dim=32, n_layers=1, n_heads=4, vocab_size=11,
-                      mta=MTAConfig(pre_conv=pre, post_conv=post, wpsm=True, head_kernel_size=4))
+                      mta=MTAConfig(pre_conv=pre, post_conv=post, pad_key=pad_key, wpsm=True, head_kernel_size=4))
     attn = build_model(cfg, seed=5, mta_init="identity").layers[0].attention
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(14, 4, 8, generator=gen) for _ in range(3))
