@@ -25,7 +25,7 @@ from safetensors import safe_open
 
 from .config import DTYPES, ConfigError, ModelConfig, MTAConfig
 from .model import DTYPES as TORCH_DTYPES
-from .checkpoint import CheckpointError, expected_shapes
+from .checkpoint import CheckpointError, check_state_dict, expected_shapes
 from .model import identity_conv_kernel
 
 
@@ -77,7 +77,7 @@ def convert_hf_llama(src_dir: str | Path, mta: MTAConfig | None = None,
     state.update(identity_mta_state(cfg))
     target = TORCH_DTYPES[cfg.dtype]
     state = {name: tensor.to(target).contiguous() for name, tensor in state.items()}
-    _verify(state, expected, target)
+    check_state_dict(cfg, state, f"converted {src_dir}")
     return cfg, state
 
 
@@ -323,14 +323,3 @@ def _check_shapes(state: dict[str, torch.Tensor], expected: dict[str, tuple[int,
         if tensor.shape != expected[name]:
             raise CheckpointError(f"tensor {_source_names([name])[0]} has shape {list(tensor.shape)}, the config "
                                   f"implies {list(expected[name])}")
-
-
-def _verify(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], dtype: torch.dtype) -> None:
-    """The converted dict must load into build_model(cfg) exactly: same keys, shapes and dtype."""
-    if set(state) != set(expected):
-        extra, missing = sorted(set(state) - set(expected)), sorted(set(expected) - set(state))
-        raise CheckpointError(f"converted state dict does not match the model: extra {extra}, missing {missing}")
-    _check_shapes(state, expected)
-    wrong = [name for name, tensor in state.items() if tensor.dtype != dtype]
-    if wrong:
-        raise CheckpointError(f"converted tensors not in {dtype}: {_few(wrong)}")
