@@ -144,9 +144,7 @@ def test_prefix_cache_hits_on_and_off_block_boundaries(model_and_reference):
     max_tokens = [6, 8, 5, 7, 6, 9, 4, 7]
     engine = make_engine(model)
     run_all(engine, [prompts[0], prompts[4]], [3, 3])  # warm the cache with one of each prefix
-    engine_hits = []
-    done = run_all(engine, prompts, max_tokens,
-                   on_step=lambda e, s: engine_hits.extend(e.pool.num_cached for _ in [0]))
+    done = run_all(engine, prompts, max_tokens)
     outs = list(done.values())
     assert_exact(done, reference, prompts, max_tokens)
     cached = {o.request_id: o.num_cached_tokens for o in outs}
