@@ -1,7 +1,7 @@
 """Offline generation throughput of `LLM.generate` for a few request counts.
 
   python benchmarks/llm_throughput.py [--config configs/tiny.yaml] [--num-requests 1 16] \
-      [--prompt-len 64] [--output-len 64] [--device cpu]
+      [--prompt-len 64] [--output-len 64] [--device cpu] [--backend auto|torch|triton]
 
 Every request has a random prompt of --prompt-len tokens and generates exactly --output-len tokens
 (ignore_eos). Prints a table and saves JSON (hardware, commit and command included).
@@ -54,18 +54,20 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"], help="attention backend")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "llm_throughput_cpu.json"))
     args = p.parse_args()
 
     cfg = ModelConfig.from_yaml(args.config)
     model = build_model(cfg, seed=0, mta_init="random", device=args.device)
-    llm = LLM(model, max_num_seqs=max(args.num_requests))
+    llm = LLM(model, max_num_seqs=max(args.num_requests), attention_backend=args.backend)
     rows = [measure(llm, n, args.prompt_len, args.output_len, cfg.vocab_size) for n in args.num_requests]
     print(f"{'requests':>9} {'seconds':>9} {'output tok/s':>13} {'total tok/s':>12}")
     for r in rows:
         print(f"{r['num_requests']:>9} {r['seconds']:>9.2f} {r['output_tokens_per_s']:>13.1f} "
               f"{r['total_tokens_per_s']:>12.1f}")
     result = {"command": " ".join(["python"] + sys.argv), "config": args.config, "device": args.device,
+              "backend": llm.engine.runner.backend_name,
               "prompt_len": args.prompt_len, "output_len": args.output_len, "torch": torch.__version__,
               "cpu_threads": torch.get_num_threads(), "machine": platform.machine(), "commit": commit(),
               "date": time.strftime("%Y-%m-%d"), "rows": rows}

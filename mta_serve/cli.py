@@ -74,7 +74,9 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="requests that may wait for the engine before new ones get 429 (default: 256)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM before they are aborted")
-    p.add_argument("--backend", choices=["torch"], default="torch", help="attention backend (default: torch)")
+    p.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto",
+                   help="attention backend: triton kernels (CUDA) or exact PyTorch (any device); "
+                   "auto = triton on CUDA, else torch (default: auto)")
     e = p.add_argument_group("engine")
     cache, sched = CacheConfig(), SchedulerConfig()
     e.add_argument("--max-num-seqs", type=int, default=sched.max_num_seqs,
@@ -158,7 +160,8 @@ def build_engine(args: argparse.Namespace, model, tokenizer):
 
     cache = CacheConfig(block_size=args.block_size, num_blocks=args.num_kv_blocks,
                         gpu_memory_utilization=args.gpu_memory_utilization,
-                        cpu_kv_cache_bytes=args.cpu_kv_cache_bytes, enable_prefix_caching=not args.no_prefix_caching)
+                        cpu_kv_cache_bytes=args.cpu_kv_cache_bytes, enable_prefix_caching=not args.no_prefix_caching,
+                        attention_backend=args.backend)
     scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                 max_chunk_tokens=args.max_chunk_tokens)
     return LLMEngine(model, tokenizer, cache, scheduler, seed=args.seed)

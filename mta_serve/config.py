@@ -208,8 +208,11 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_bytes: int = 256 << 20
     enable_prefix_caching: bool = True
+    attention_backend: str = "auto"  # auto = triton on CUDA, torch elsewhere
 
     def __post_init__(self) -> None:
+        _require(self.attention_backend in ("auto", "torch", "triton"), "attention_backend",
+                 self.attention_backend, "'auto', 'torch' or 'triton'")
         _require(_is_int(self.block_size) and self.block_size >= 1, "block_size", self.block_size,
                  "a positive integer")
         _require(self.num_blocks is None or (_is_int(self.num_blocks) and self.num_blocks >= 1), "num_blocks",

@@ -8,7 +8,8 @@ import torch
 from .config import CacheConfig
 from .kv_cache_manager import KVCacheManager
 from .model import MTATransformer
-from .paged_attention import PagedBatch, SequenceSlice, TorchPagedAttention, cache_bytes_per_token
+from .paged_attention import TorchPagedAttention, cache_bytes_per_token
+from .triton_attention import SequenceSpec, TritonPagedAttention, triton_available
 from .scheduler import ScheduledRequest
 
 
@@ -51,35 +52,43 @@ def _cuda_peak_use(model: MTATransformer, num_tokens: int, device: torch.device)
     return in_use_now + activations
 
 
+def resolve_backend(name: str, device: torch.device) -> str:
+    """`auto` -> `triton` on CUDA (when Triton is installed), else `torch`; `triton` elsewhere is an error."""
+    if name == "auto":
+        return "triton" if device.type == "cuda" and triton_available(device) else "torch"
+    if name == "triton" and not triton_available(device):
+        raise ValueError(f"attention_backend 'triton' needs Triton and a CUDA device (device is {device}); "
+                         "use 'torch' (TRITON_INTERPRET=1 runs the kernels on the CPU, for tests only)")
+    return name
+
+
 class ModelRunner:
-    def __init__(self, model: MTATransformer, kv: KVCacheManager, num_blocks: int):
+    def __init__(self, model: MTATransformer, kv: KVCacheManager, num_blocks: int, backend: str = "auto"):
         self.model = model
         self.kv = kv
         self.device = model.tok_embeddings.weight.device
-        self.backend = TorchPagedAttention(model.cfg, num_blocks, kv.block_size,
-                                           model.tok_embeddings.weight.dtype, self.device)
+        self.backend_name = resolve_backend(backend, self.device)
+        kind = TritonPagedAttention if self.backend_name == "triton" else TorchPagedAttention
+        self.backend = kind(model.cfg, num_blocks, kv.block_size, model.tok_embeddings.weight.dtype, self.device)
 
     @torch.no_grad()
     def execute(self, scheduled: list[ScheduledRequest]) -> StepLogits:
-        tokens, positions, slots, sequences = [], [], [], []
+        tokens, positions, slots, specs = [], [], [], []
         for s in scheduled:
             rid = s.request.request_id
-            sequences.append(SequenceSlice(s.start, s.end, len(tokens), self._block_ids(rid, s.end)))
+            specs.append(SequenceSpec(s.start, s.end, len(tokens),
+                                      self.kv.block_ids(rid)[:self.kv.blocks_for(s.end)]))
             tokens.extend(s.request.token_ids[s.start:s.end])
             positions.extend(range(s.start, s.end))
             slots.extend(self.kv.slot(rid, p) for p in range(s.start, s.end))
-        batch = PagedBatch(torch.tensor(slots, dtype=torch.long, device=self.device), sequences)
+        batch = self.backend.make_batch(torch.tensor(slots, dtype=torch.long, device=self.device), specs)
 
         def attend(layer_id, attn, q, k, v):
             return self.backend.attend(batch, layer_id, attn, q, k, v)
 
         hidden = self.model(torch.tensor(tokens, device=self.device),
                             torch.tensor(positions, device=self.device), attend)
-        return self._logits(scheduled, sequences, hidden)
-
-    def _block_ids(self, request_id: str, end: int) -> torch.Tensor:
-        ids = self.kv.block_ids(request_id)[:self.kv.blocks_for(end)]
-        return torch.tensor(ids, dtype=torch.long, device=self.device)
+        return self._logits(scheduled, specs, hidden)
 
     def _logits(self, scheduled, sequences, hidden: torch.Tensor) -> StepLogits:
         sample_rows = [seq.row + seq.end - seq.start - 1 for s, seq in zip(scheduled, sequences) if s.samples]

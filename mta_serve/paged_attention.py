@@ -64,6 +64,12 @@ class TorchPagedAttention:
                         for i in range(cfg.n_layers)]
         self.windows = [query_window(cfg, i) for i in range(cfg.n_layers)]
 
+    def make_batch(self, slot_mapping: torch.Tensor, specs) -> PagedBatch:
+        """A step's batch from its sequences (triton_attention.SequenceSpec: start, end, row, block_ids)."""
+        return PagedBatch(slot_mapping, [
+            SequenceSlice(s.start, s.end, s.row, torch.tensor(s.block_ids, dtype=torch.long,
+                                                               device=slot_mapping.device)) for s in specs])
+
     def attend(self, batch: PagedBatch, layer_id: int, attn, q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> torch.Tensor:
         """q [N, H, d], k, v [N, G, d] of the step's new tokens -> heads [N, H, d]. Writes them to the cache

@@ -1,0 +1,203 @@
+"""Attention kernel benchmark (CUDA): paged Triton kernels vs SDPA, the dense reference and HBM copy bandwidth.
+
+Shapes are the 830M model's attention (16 heads x 96, G = H), bf16, paged with 16-token blocks:
+- decode: batch x context for (a) a paper MTA-conv layer (6x11 pre and post conv, wpsm, all-head
+  head_kernel), (b) a mixing-only layer (wpsm + head_kernel), (c) plain attention (paged flash kernel), and
+  (d) torch SDPA on contiguous K/V;
+- prefill of one whole prompt for (a), (b), (c) vs SDPA (flash, causal) and the dense reference
+  (dense_attention.attention_probs, which materializes the T x T maps);
+Achieved bandwidth = bytes that must move (K and V once, the queries, the output) / time; the copy
+bandwidth of a 2 GiB device-to-device copy is measured in the same run. Prints a table, writes JSON.
+
+    python benchmarks/kernels.py [--out benchmarks/results/kernels_h200.json] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton.testing
+
+from mta_serve.dense_attention import MTAWeights, attention_probs
+from mta_serve.kernels.mta_attention import build_work_items, layer_params, mta_paged_attention
+from mta_serve.kernels.paged_flash import paged_flash_attention
+
+HEADS, HEAD_DIM, BLOCK = 16, 96, 16
+DTYPE = torch.bfloat16
+
+
+def layer_weights(kind: str) -> MTAWeights | None:
+    g = torch.Generator().manual_seed(0)
+    eye = torch.eye(HEADS)
+    if kind == "plain":
+        return None
+    w = MTAWeights(wpsm=eye + 0.1 * torch.randn(HEADS, HEADS, generator=g),
+                   head_kernel=(eye + 0.1 * torch.randn(HEADS, HEADS, generator=g))[None])
+    if kind == "conv":
+        w.pre_kernel = torch.randn(HEADS, 1, 6, 11, generator=g) * 0.3
+        w.post_kernel = torch.randn(HEADS, 1, 6, 11, generator=g) * 0.3
+    return w
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a 2 GiB device-to-device copy."""
+    src = torch.empty(1 << 30, dtype=torch.int16, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    return 2 * src.numel() * 2 / (ms * 1e-3)
+
+
+def paged_batch(batch: int, context: int, new_rows: int):
+    """Caches for `batch` sequences of `context` tokens, each computing its last `new_rows` positions."""
+    per_seq = -(-context // BLOCK)
+    num_blocks = batch * per_seq
+    shape = (num_blocks, BLOCK, HEADS, HEAD_DIM)
+    kc, vc, qc = (torch.randn(shape, dtype=DTYPE, device="cuda") for _ in range(3))
+    tables = torch.randperm(num_blocks, device="cuda").view(batch, per_seq).to(torch.int32)
+    q = torch.randn(batch * new_rows, HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+    starts = [context - new_rows] * batch
+    rows = [i * new_rows for i in range(batch)]
+    return q, qc, kc, vc, tables, starts, [context] * batch, rows
+
+
+def run_paged(kind: str, inputs, block_m: int, splits: int, block_s: int = 64, num_warps: int = 4):
+    q, qc, kc, vc, tables, starts, ends, rows = inputs
+    work = build_work_items(tables, starts, ends, rows, block_m, splits, "cuda")
+    out = torch.empty(q.shape, dtype=torch.float32, device="cuda")
+    weights = layer_weights(kind)
+    if weights is None:
+        return lambda: paged_flash_attention(q, kc, vc, work, out)
+    params = layer_params(weights, "cuda")
+    q_cache = qc if kind == "conv" else None
+    return lambda: mta_paged_attention(q, q_cache, kc, vc, params, work, out, block_s=block_s,
+                                       num_warps=num_warps)
+
+
+def decode_splits(batch: int, context: int, programs_per_seq: int, num_sms: int) -> int:
+    """The engine's rule (triton_attention._num_splits)."""
+    wanted = -(-2 * num_sms // (batch * programs_per_seq))
+    return max(1, min(wanted, -(-context // 256), 16))
+
+
+def bench_ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+
+def decode_rows(batches, contexts, copy_bw: float, num_sms: int) -> list[dict]:
+    rows = []
+    for batch in batches:
+        for context in contexts:
+            inputs = paged_batch(batch, context, 1)
+            kv_bytes = 2 * batch * context * HEADS * HEAD_DIM * 2
+            result = dict(batch=batch, context=context, kv_bytes=kv_bytes)
+            for kind in ("conv", "mixing", "plain"):
+                per_seq = 1 if kind != "plain" else HEADS
+                splits = decode_splits(batch, context, per_seq, num_sms)
+                ms = bench_ms(run_paged(kind, inputs, 1, splits))
+                result[kind] = dict(ms=ms, splits=splits, gbps=kv_bytes / ms / 1e6,
+                                    copy_fraction=kv_bytes / (ms * 1e-3) / copy_bw)
+            k = torch.randn(batch, HEADS, context, HEAD_DIM, dtype=DTYPE, device="cuda")
+            v = torch.randn_like(k)
+            q = torch.randn(batch, HEADS, 1, HEAD_DIM, dtype=DTYPE, device="cuda")
+            ms = bench_ms(lambda: F.scaled_dot_product_attention(q, k, v))
+            result["sdpa"] = dict(ms=ms, gbps=kv_bytes / ms / 1e6, copy_fraction=kv_bytes / (ms * 1e-3) / copy_bw)
+            del inputs, k, v
+            torch.cuda.empty_cache()
+            rows.append(result)
+            print(f"decode b={batch:4d} ctx={context:5d}  " + "  ".join(
+                f"{kind} {result[kind]['ms']:.3f} ms ({100 * result[kind]['copy_fraction']:.0f}% bw)"
+                for kind in ("conv", "mixing", "plain", "sdpa")), flush=True)
+    return rows
+
+
+def peak_bytes(fn) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def prefill_rows(lengths, block_m: int, dense: bool) -> list[dict]:
+    rows = []
+    for length in lengths:
+        inputs = paged_batch(1, length, length)
+        result = dict(tokens=length)
+        for kind in ("conv", "mixing", "plain"):
+            fn = run_paged(kind, inputs, block_m if kind != "plain" else 64, 1)
+            result[kind] = dict(ms=bench_ms(fn), peak_extra_bytes=peak_bytes(fn))
+        q, k, v = (torch.randn(1, HEADS, length, HEAD_DIM, dtype=DTYPE, device="cuda") for _ in range(3))
+        result["sdpa_flash"] = dict(ms=bench_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)))
+        if dense:
+            weights = layer_weights("conv")
+            weights = MTAWeights(**{s: (getattr(weights, s).cuda() if isinstance(getattr(weights, s), torch.Tensor)
+                                        else getattr(weights, s)) for s in weights.__slots__})
+            qd, kd = (t[0].transpose(0, 1).float() for t in (q, k))
+
+            def dense_ref():
+                return attention_probs(qd, kd, weights)
+
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            dense_ref()
+            torch.cuda.synchronize()
+            result["dense_reference_conv"] = dict(ms=(time.perf_counter() - t0) * 1e3,
+                                                  peak_extra_bytes=peak_bytes(dense_ref))
+        del inputs, q, k, v
+        torch.cuda.empty_cache()
+        rows.append(result)
+        print(f"prefill T={length:5d}  " + "  ".join(f"{k} {v['ms']:.2f} ms" for k, v in result.items()
+                                                     if isinstance(v, dict)), flush=True)
+    return rows
+
+
+def commit() -> str:
+    if os.environ.get("MTA_SERVE_COMMIT"):
+        return os.environ["MTA_SERVE_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="benchmarks/results/kernels_h200.json")
+    p.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
+    p.add_argument("--no-dense", action="store_true", help="skip the dense reference (slow, tens of GB)")
+    p.add_argument("--prefill-block-m", type=int, default=16)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("benchmarks/kernels.py: error: needs a CUDA device", file=sys.stderr)
+        return 1
+    torch.manual_seed(0)
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    copy_bw = copy_bandwidth()
+    print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s on {torch.cuda.get_device_name()}", flush=True)
+    batches, contexts = ([1, 64], [2048]) if args.quick else ([1, 16, 64, 256], [512, 2048, 8192])
+    result = dict(
+        device=torch.cuda.get_device_name(), commit=commit(), date=time.strftime("%Y-%m-%d"),
+        torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
+        command=" ".join(sys.argv), heads=HEADS, head_dim=HEAD_DIM, block_size=BLOCK, dtype="bfloat16",
+        copy_bandwidth_gbps=copy_bw / 1e9,
+        decode=decode_rows(batches, contexts, copy_bw, num_sms),
+        prefill=prefill_rows([2048] if args.quick else [2048, 8192], args.prefill_block_m, not args.no_dense),
+    )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

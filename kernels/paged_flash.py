@@ -1,0 +1,126 @@
+"""Paged causal attention without MTA operations, in Triton: the fast path for baseline layers.
+
+Same work items as `mta_attention` (tiles of BM query rows of one sequence, key range split for
+flash-decoding), but every head is independent and the softmax is a single online pass: a program owns one
+(tile, split, head), keeps its output rows in registers and writes them with their running max and sum of
+exp; `_combine_kernel` merges the splits. The step's queries come from `q`, keys and values from the cache.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .mta_attention import WorkItems, _dot_width, _slots, _work
+
+
+def paged_flash_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, work: WorkItems,
+                          out: torch.Tensor, block_n: int = 64, num_warps: int = 4) -> torch.Tensor:
+    """q [N, H, d]; k_cache, v_cache [num_blocks, bs, G, d] already holding the step's tokens; writes the
+    work items' rows of out [N, H, d]."""
+    n_heads, head_dim = q.shape[1], q.shape[2]
+    num_work, splits = work.work_seq.numel(), work.num_splits
+    if num_work == 0:
+        return out
+    bm = max(work.block_m, 16) if work.block_m > 1 else 1
+    partial = torch.empty(num_work, splits, n_heads, bm, head_dim, dtype=torch.float32, device=q.device)
+    stats = torch.empty(2, num_work, splits, n_heads, bm, dtype=torch.float32, device=q.device)
+    meta = dict(H=n_heads, GROUP=n_heads // k_cache.shape[2], D=head_dim, DP=_dot_width(head_dim),
+                BM=bm, SPLITS=splits)
+    _flash_kernel[(num_work, splits, n_heads)](
+        q, k_cache, v_cache, work.block_tables, work.block_tables.stride(0), work.seq_start, work.seq_end,
+        work.seq_row, work.work_seq, work.work_first, partial, stats, num_work, 1.0 / math.sqrt(head_dim),
+        BLOCK_SIZE=k_cache.shape[1], BN=block_n, TILE=work.block_m, FP32=q.dtype == torch.float32, **meta,
+        num_warps=num_warps)
+    _flash_combine_kernel[(num_work, n_heads)](
+        partial, stats, out, work.seq_start, work.seq_end, work.seq_row, work.work_seq, work.work_first,
+        num_work, TILE=work.block_m, **meta, num_warps=num_warps)
+    return out
+
+
+@triton.jit
+def _flash_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr,
+                  work_seq_ptr, work_first_ptr, part_ptr, stats_ptr, num_work, sm_scale,
+                  BLOCK_SIZE: tl.constexpr, BN: tl.constexpr, TILE: tl.constexpr, FP32: tl.constexpr,
+                  H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr,
+                  SPLITS: tl.constexpr):
+    """One (tile, split, head): online softmax over the split's keys; rows [BM] (>= TILE, padded for dot)."""
+    w, split, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    first, start, end, row0, last_row, bt = _work(work_seq_ptr, work_first_ptr, seq_start_ptr, seq_end_ptr,
+                                                  seq_row_ptr, bt_ptr, bt_stride, w, TILE)
+    rows = first + tl.arange(0, BM)
+    offs_d = tl.arange(0, DP)
+    dmask = offs_d[None, :] < D
+    row_ok = rows <= last_row
+    q = tl.load(q_ptr + ((row0 + rows - start) * H + h).to(tl.int64)[:, None] * D + offs_d[None, :],
+                mask=row_ok[:, None] & dmask, other=0.0)
+    m = tl.full((BM,), float("-inf"), tl.float32)
+    l = tl.zeros((BM,), tl.float32)
+    acc = tl.zeros((BM, DP), tl.float32)
+    num_tiles = tl.cdiv(last_row + 1, BN)
+    per_split = tl.cdiv(num_tiles, SPLITS)
+    kv_head = h // GROUP
+    for t in range(split * per_split, tl.minimum(split * per_split + per_split, num_tiles)):
+        keys = t * BN + tl.arange(0, BN)
+        key_ok = keys <= last_row
+        slots = _slots(bt, keys, key_ok, BLOCK_SIZE)
+        kv_offs = (slots * (H // GROUP) + kv_head)[:, None] * D + offs_d[None, :]
+        k = tl.load(k_ptr + kv_offs, mask=key_ok[:, None] & dmask, other=0.0)
+        v = tl.load(v_ptr + kv_offs, mask=key_ok[:, None] & dmask, other=0.0)
+        if BM == 1:
+            s = tl.sum(q.to(tl.float32) * k.to(tl.float32), axis=1)[None, :]
+        elif FP32:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where((keys[None, :] <= rows[:, None]) & key_ok[None, :], s * sm_scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m - m_safe)
+        l = l * alpha + tl.sum(p, axis=1)
+        if BM == 1:
+            acc = acc * alpha[:, None] + tl.sum(tl.trans(p) * v.to(tl.float32), axis=0)[None, :]
+        elif FP32:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    base = (w * SPLITS + split) * H + h
+    r = tl.arange(0, BM)
+    tl.store(part_ptr + (base * BM + r).to(tl.int64)[:, None] * D + offs_d[None, :], acc, mask=dmask)
+    tl.store(stats_ptr + base * BM + r, m)
+    tl.store(stats_ptr + num_work * SPLITS * H * BM + base * BM + r, l)
+
+
+@triton.jit
+def _flash_combine_kernel(part_ptr, stats_ptr, out_ptr, seq_start_ptr, seq_end_ptr, seq_row_ptr, work_seq_ptr,
+                          work_first_ptr, num_work, TILE: tl.constexpr, H: tl.constexpr, GROUP: tl.constexpr,
+                          D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, SPLITS: tl.constexpr):
+    """Merge the splits' (acc, max, sum) of one tile and head into normalized output rows."""
+    w, h = tl.program_id(0), tl.program_id(1)
+    seq = tl.load(work_seq_ptr + w)
+    first = tl.load(work_first_ptr + w)
+    end = tl.load(seq_end_ptr + seq)
+    out_row = tl.load(seq_row_ptr + seq) + first - tl.load(seq_start_ptr + seq)
+    r = tl.arange(0, BM)
+    offs_d = tl.arange(0, DP)[None, :]
+    m = tl.full((BM,), float("-inf"), tl.float32)
+    for s in range(SPLITS):
+        m = tl.maximum(m, tl.load(stats_ptr + ((w * SPLITS + s) * H + h) * BM + r))
+    m = tl.where(m == float("-inf"), 0.0, m)
+    l = tl.zeros((BM,), tl.float32)
+    acc = tl.zeros((BM, DP), tl.float32)
+    for s in range(SPLITS):
+        base = (w * SPLITS + s) * H + h
+        m_s = tl.load(stats_ptr + base * BM + r)
+        scale = tl.where(m_s == float("-inf"), 0.0, tl.exp(m_s - m))
+        l += scale * tl.load(stats_ptr + num_work * SPLITS * H * BM + base * BM + r)
+        acc += scale[:, None] * tl.load(part_ptr + (base * BM + r).to(tl.int64)[:, None] * D + offs_d,
+                                        mask=offs_d < D, other=0.0)
+    acc = acc / tl.where(l == 0.0, 1.0, l)[:, None]
+    ok = (r[:, None] < TILE) & (first + r[:, None] < end) & (offs_d < D)
+    tl.store(out_ptr + ((out_row + r[:, None]) * H + h).to(tl.int64) * D + offs_d,
+             acc.to(out_ptr.dtype.element_ty), mask=ok)

@@ -1,0 +1,110 @@
+"""The `triton` attention backend: the same paged K/V/Q cache as the `torch` backend, read by Triton kernels.
+
+Layers with any MTA operation run `kernels.mta_attention` (two passes, all heads of a sequence in one
+program when heads are mixed); plain layers run `kernels.paged_flash` (one online-softmax pass per head).
+A step's sequences form two launches per layer: decode rows (tiles of one row, keys split for parallelism)
+and prompt chunks (tiles of `prefill_block_m` rows). Step metadata is built once and shared by all layers.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .config import ModelConfig
+from .paged_attention import TorchPagedAttention
+
+
+@dataclass(slots=True)
+class SequenceSpec:
+    """One sequence's part of a step: positions [start, end) at batch rows [row, row + end - start)."""
+
+    start: int
+    end: int
+    row: int
+    block_ids: list[int]  # its block table, at least ceil(end / block_size) entries
+
+
+@dataclass(slots=True)
+class TritonBatch:
+    slot_mapping: torch.Tensor  # [N] int64: cache slot of each new token
+    launches: list  # kernels.mta_attention.WorkItems, one per tile height (decode rows, prompt chunks)
+    num_tokens: int
+
+
+def triton_available(device: torch.device) -> bool:
+    """Triton kernels run on CUDA, or on the CPU under the interpreter (TRITON_INTERPRET=1, tests only)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class TritonPagedAttention(TorchPagedAttention):
+    """Owns the caches like the torch backend (same layout, same writes); only the attention math differs."""
+
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device | str, prefill_block_m: int = 16, key_block: int = 64):
+        super().__init__(cfg, num_blocks, block_size, dtype, device)
+        self.device = torch.device(device)
+        self.prefill_block_m, self.key_block = prefill_block_m, key_block
+        self.num_sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
+                        if self.device.type == "cuda" else 2)
+        self._params: dict[int, object] = {}
+
+    def make_batch(self, slot_mapping: torch.Tensor, specs: list[SequenceSpec]) -> TritonBatch:
+        from .kernels.mta_attention import build_work_items
+
+        width = max((len(s.block_ids) for s in specs), default=1)
+        tables = torch.tensor([s.block_ids + [0] * (width - len(s.block_ids)) for s in specs],
+                              dtype=torch.int32, device=self.device).reshape(len(specs), width)
+        launches = []
+        for decode in (True, False):
+            chosen = [i for i, s in enumerate(specs) if (s.end - s.start == 1) == decode]
+            if not chosen:
+                continue
+            block_m = 1 if decode else self.prefill_block_m
+            splits = self._num_splits(len(chosen), max(specs[i].end for i in chosen)) if decode else 1
+            launches.append(build_work_items(
+                tables, [s.start for s in specs], [s.end for s in specs], [s.row for s in specs], block_m,
+                splits, self.device, only=chosen))
+        return TritonBatch(slot_mapping, launches, sum(s.end - s.start for s in specs))
+
+    def _num_splits(self, num_sequences: int, max_len: int) -> int:
+        """Enough (sequence, split) programs to fill the GPU twice over, each split >= 256 keys."""
+        wanted = -(-2 * self.num_sms // num_sequences)
+        return max(1, min(wanted, -(-max_len // 256), 16))
+
+    def attend(self, batch: TritonBatch, layer_id: int, attn, q: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> torch.Tensor:
+        from .kernels.mta_attention import mta_paged_attention
+        from .kernels.paged_flash import paged_flash_attention
+
+        self._write(self.k_cache[layer_id], batch.slot_mapping, k)
+        self._write(self.v_cache[layer_id], batch.slot_mapping, v)
+        q_cache = self.q_cache[layer_id]
+        if q_cache is not None:
+            self._write(q_cache, batch.slot_mapping, q)
+        params = self._layer_params(layer_id, attn)
+        q = q.to(self.k_cache[layer_id].dtype).contiguous()
+        out = torch.empty(q.shape, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
+        for work in batch.launches:
+            if params is None:
+                paged_flash_attention(q, self.k_cache[layer_id], self.v_cache[layer_id], work, out)
+            else:
+                mta_paged_attention(q, q_cache, self.k_cache[layer_id], self.v_cache[layer_id], params, work,
+                                    out, block_s=self.key_block)
+        return out
+
+    def _layer_params(self, layer_id: int, attn):
+        """The layer's MTA weights in kernel form (None for a plain layer), converted once."""
+        from .kernels.mta_attention import layer_params
+
+        if layer_id not in self._params:
+            weights = attn.mta_weights()
+            plain = all(t is None for t in (weights.pre_kernel, weights.post_kernel, weights.wpsm,
+                                            weights.head_kernel, weights.wposm))
+            self._params[layer_id] = None if plain else layer_params(weights, self.device)
+        return self._params[layer_id]

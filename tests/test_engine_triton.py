@@ -1,0 +1,71 @@
+"""The engine with the `triton` attention backend against the `torch` backend: on the CPU through Triton's
+interpreter, compiled on a GPU machine.
+
+The interpreter is slow, so one model per variant and few, short requests; each scenario still crosses
+chunk and block boundaries inside conv windows and forces preemption.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mta_serve.config import CacheConfig, ModelConfig, MTAConfig, SchedulerConfig
+from mta_serve.engine import LLMEngine
+from mta_serve.model import build_model
+from mta_serve.model_runner import resolve_backend
+from mta_serve.sampling_params import SamplingParams
+
+VOCAB = 61
+MODELS = {
+    "paper_variants": MTAConfig(pre_conv=[4, 5], post_conv=[3, 3], mta_layers=[0], wpsm=True,
+                                head_kernel_size=4, group_norm=True, gate="1d"),
+    "baseline": MTAConfig(),
+}
+PROMPTS = [[5, 9, 1, 3, 7, 2, 8, 4, 6, 11, 13], [1], [7, 7, 2, 9, 4, 1], [3, 8, 12, 40, 2, 1, 9, 9, 30]]
+
+
+def _generate(model, backend: str, num_blocks: int, **scheduler) -> list:
+    engine = LLMEngine(model, None, CacheConfig(block_size=4, num_blocks=num_blocks, attention_backend=backend),
+                       SchedulerConfig(**scheduler))
+    assert engine.runner.backend_name == backend
+    params = SamplingParams(max_tokens=6, temperature=0, logprobs=0, ignore_eos=True)
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(f"r{i}", prompt, params)
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    assert engine.pool.num_free == engine.num_blocks
+    assert engine.scheduler.num_preemptions >= 1
+    return [done[f"r{i}"] for i in range(len(PROMPTS))]
+
+
+@pytest.mark.parametrize("variant", sorted(MODELS))
+def test_triton_backend_equals_torch_backend(variant):
+    cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, max_seq_len=64,
+                      mta=MODELS[variant])
+    model = build_model(cfg, seed=3, mta_init="random", device="cuda" if torch.cuda.is_available() else "cpu")
+    # chunks of 3 tokens (windows of 3 + 2 rows straddle them) and a cache of 7 blocks for 4 requests of up
+    # to 17 tokens: requests are preempted and recomputed.
+    scheduler = dict(max_chunk_tokens=3, max_num_batched_tokens=8)
+    expected = _generate(model, "torch", 7, **scheduler)
+    got = _generate(model, "triton", 7, **scheduler)
+    for a, b in zip(expected, got):
+        assert b.token_ids == a.token_ids
+        assert max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
+
+
+def test_backend_resolution(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_backend("torch", torch.device("cpu")) == "torch"
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"  # the interpreter is never chosen
+    assert resolve_backend("triton", torch.device("cpu")) == "triton"  # TRITON_INTERPRET=1 here
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="needs Triton and a CUDA device"):
+        resolve_backend("triton", torch.device("cpu"))
+
+
+def test_attention_backend_is_validated():
+    with pytest.raises(ValueError, match="attention_backend"):
+        CacheConfig(attention_backend="flash")

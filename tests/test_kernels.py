@@ -1,0 +1,153 @@
+"""The Triton kernels against their PyTorch reference (kernels/reference.py) on random paged inputs.
+
+On the CPU they run in Triton's interpreter (TRITON_INTERPRET=1, set by conftest), so shapes are tiny:
+4 heads over 2 KV heads (GQA), head size 16, a few sequences whose new rows start at positions off the
+block edges (conv windows straddling blocks and chunk starts), sequences shorter than the kernels, several
+block sizes, decode tiles (one row, keys split) and prefill tiles. fp32 and fp16 (the interpreter computes
+bf16 wrongly; bf16 is checked on the GPU in test_kernels_gpu.py).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mta_serve.dense_attention import MTAWeights, grouped_head_conv
+from mta_serve.kernels.mta_attention import build_work_items, head_kernel_matrix, layer_params, mta_paged_attention
+from mta_serve.kernels.paged_flash import paged_flash_attention
+from mta_serve.kernels.reference import paged_attention_reference
+
+H, G, D = 4, 2, 16
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels on a GPU machine
+# (start, end): positions computed in the step. Decode rows, whole prompts (including 1- and 2-token ones,
+# shorter than every kernel), and chunks whose window reaches back over a block edge.
+DECODE = [(0, 1), (1, 2), (6, 7), (12, 13), (20, 21)]
+PREFILL = [(0, 2), (0, 11), (5, 9), (10, 21), (3, 4)]
+
+
+def paged_inputs(seqs, block_size, dtype, device=DEVICE, seed=0, heads=(H, G, D)):
+    """Random caches holding every position of every sequence, a shuffled block table, and the step's q."""
+    n_heads, n_kv_heads, head_dim = heads
+    g = torch.Generator().manual_seed(seed)
+    per_seq = max(-(-end // block_size) for _, end in seqs)
+    num_blocks = per_seq * len(seqs) + 3
+    kc, vc = (torch.randn(num_blocks, block_size, n_kv_heads, head_dim, generator=g) for _ in range(2))
+    qc = torch.randn(num_blocks, block_size, n_heads, head_dim, generator=g)
+    tables = torch.randperm(num_blocks, generator=g)[:per_seq * len(seqs)].view(len(seqs), per_seq)
+    rows, q = [0], []
+    for table, (start, end) in zip(tables, seqs):
+        positions = torch.arange(start, end)
+        q.append(qc[table[positions // block_size], positions % block_size])
+        rows.append(rows[-1] + end - start)
+    cast = [t.to(device=device, dtype=dtype) for t in (torch.cat(q), qc, kc, vc)]
+    return (*cast, tables.to(device=device, dtype=torch.int32).contiguous(), [s for s, _ in seqs],
+            [e for _, e in seqs], rows[:-1])
+
+
+def mta_weights(pre=None, post=None, wpsm=False, head_kernel=None, wposm=False, pad="both", seed=1, n_heads=H):
+    g = torch.Generator().manual_seed(seed)
+
+    def near(identity):
+        return identity + 0.3 * torch.randn(identity.shape, generator=g)
+
+    w = MTAWeights(pad_key=pad)
+    if pre:
+        w.pre_kernel = torch.randn(n_heads, 1, *pre, generator=g) * 0.5
+    if post:
+        w.post_kernel = torch.randn(n_heads, 1, *post, generator=g) * 0.5
+    if wpsm:
+        w.wpsm = near(torch.eye(n_heads))
+    if head_kernel:
+        w.head_kernel = near(torch.eye(head_kernel).repeat(n_heads // head_kernel, 1, 1))
+    if wposm:
+        w.wposm = near(torch.eye(n_heads))
+    return w
+
+
+VARIANTS = {
+    "paper": dict(pre=(3, 5), post=(2, 3), wpsm=True, head_kernel=H),
+    "pre_left_no_mix": dict(pre=(2, 5), pad="left"),
+    "post_right": dict(post=(3, 3), pad="right", wposm=True),
+    "talking_heads": dict(wpsm=True, head_kernel=2),
+    "wposm_only": dict(wposm=True),
+    "plain": dict(),
+}
+
+
+def _on_device(w: MTAWeights, device=DEVICE) -> MTAWeights:
+    return MTAWeights(**{name: value.to(device) if isinstance(value, torch.Tensor) else value
+                         for name, value in ((n, getattr(w, n)) for n in MTAWeights.__slots__)})
+
+
+def window(w: MTAWeights) -> int:
+    return sum(k.shape[2] - 1 for k in (w.pre_kernel, w.post_kernel) if k is not None)
+
+
+def run_mta(seqs, weights, block_size, dtype, block_m, splits, block_s=16):
+    q, qc, kc, vc, tables, starts, ends, rows = paged_inputs(seqs, block_size, dtype)
+    reference = paged_attention_reference(q, qc, kc, vc, _on_device(weights), tables, starts, ends, rows,
+                                          window(weights))
+    work = build_work_items(tables, starts, ends, rows, block_m, splits, DEVICE)
+    out = torch.full(q.shape, float("nan"), device=DEVICE)
+    mta_paged_attention(q, qc if window(weights) else None, kc, vc, layer_params(weights, DEVICE), work, out,
+                        block_s=block_s)
+    return out, reference
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("tile", ["decode", "prefill"])
+def test_mta_kernel_matches_reference(variant, tile):
+    seqs, block_m, splits = (DECODE, 1, 3) if tile == "decode" else (PREFILL, 4, 2)
+    out, reference = run_mta(seqs, mta_weights(**VARIANTS[variant]), 4, torch.float32, block_m, splits)
+    torch.testing.assert_close(out, reference, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("block_size", [2, 8])
+def test_mta_kernel_block_sizes_and_16_row_tiles(block_size):
+    out, reference = run_mta(PREFILL + DECODE, mta_weights(**VARIANTS["paper"]), block_size, torch.float32, 16, 1)
+    torch.testing.assert_close(out, reference, atol=2e-5, rtol=1e-5)
+
+
+def test_mta_kernel_fp16():
+    out, reference = run_mta(PREFILL, mta_weights(**VARIANTS["paper"]), 4, torch.float16, 4, 1)
+    torch.testing.assert_close(out, reference.float(), atol=3e-3, rtol=1e-3)
+
+
+def test_mta_kernel_one_split_equals_many():
+    weights = mta_weights(**VARIANTS["paper"])
+    one, _ = run_mta(DECODE, weights, 4, torch.float32, 1, 1)
+    many, _ = run_mta(DECODE, weights, 4, torch.float32, 1, 4)
+    torch.testing.assert_close(one, many, atol=1e-6, rtol=1e-6)
+
+
+def test_mta_kernel_writes_only_its_rows():
+    """Work items for a subset of sequences leave the other rows of `out` untouched."""
+    q, qc, kc, vc, tables, starts, ends, rows = paged_inputs(DECODE, 4, torch.float32)
+    weights = mta_weights(**VARIANTS["paper"])
+    work = build_work_items(tables, starts, ends, rows, 1, 2, DEVICE, only=[1, 3])
+    out = torch.full(q.shape, 7.0, device=DEVICE)
+    mta_paged_attention(q, qc, kc, vc, layer_params(weights, DEVICE), work, out)
+    reference = paged_attention_reference(q, qc, kc, vc, _on_device(weights), tables, starts, ends, rows,
+                                          window(weights))
+    for i in range(len(DECODE)):
+        expected = reference[rows[i]] if i in (1, 3) else torch.full((H, D), 7.0, device=DEVICE)
+        torch.testing.assert_close(out[rows[i]], expected, atol=2e-5, rtol=1e-5)
+
+
+def test_head_kernel_matrix_is_the_grouped_head_conv():
+    head_kernel = torch.randn(2, 2, 2)
+    maps = torch.randn(4, 3, 5)
+    mixed = torch.einsum("oh,hij->oij", head_kernel_matrix(head_kernel), maps)
+    torch.testing.assert_close(mixed, grouped_head_conv(maps, head_kernel))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("tile", ["decode", "prefill"])
+def test_flash_kernel_matches_reference(dtype, tile):
+    seqs, block_m, splits = (DECODE, 1, 3) if tile == "decode" else (PREFILL, 16, 1)
+    q, qc, kc, vc, tables, starts, ends, rows = paged_inputs(seqs, 4, dtype)
+    reference = paged_attention_reference(q, None, kc, vc, MTAWeights(), tables, starts, ends, rows, 0)
+    out = torch.full(q.shape, float("nan"), device=DEVICE)
+    paged_flash_attention(q, kc, vc, build_work_items(tables, starts, ends, rows, block_m, splits, DEVICE), out,
+                          block_n=16)
+    tol = dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-3, rtol=1e-3)
+    torch.testing.assert_close(out, reference.float(), **tol)

@@ -1,0 +1,69 @@
+"""The Triton kernels compiled on CUDA (skipped without a GPU), at the paper's head shapes, bf16 and fp16,
+contexts up to 16k, against the PyTorch reference computed in fp32 from the same cache contents."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mta_serve.kernels.mta_attention import build_work_items, layer_params, mta_paged_attention
+from mta_serve.kernels.paged_flash import paged_flash_attention
+from mta_serve.kernels.reference import paged_attention_reference
+from test_kernels import _on_device, mta_weights
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+SHAPES = {"830M": (16, 96), "550M": (10, 128)}
+# decode rows at contexts 1 .. 16k; prompt chunks: a whole 1500-token prompt and 512 rows after 3000 cached
+DECODE = [(0, 1), (700, 701), (4095, 4096), (16383, 16384)]
+PREFILL = [(0, 1500), (3000, 3512), (0, 5)]
+BLOCK = 16
+
+
+def _inputs(seqs, heads, dtype):
+    from test_kernels import paged_inputs
+
+    n_heads, head_dim = heads
+    return paged_inputs(seqs, BLOCK, dtype, device="cuda", heads=(n_heads, n_heads, head_dim))
+
+
+def _weights(layer: str, n_heads: int):
+    if layer == "conv":
+        return mta_weights(pre=(6, 11), post=(6, 11), wpsm=True, head_kernel=n_heads, n_heads=n_heads)
+    return mta_weights(wpsm=True, head_kernel=n_heads, n_heads=n_heads)
+
+
+def _reference(q, qc, kc, vc, weights, tables, starts, ends, rows, window):
+    f32 = [t.float() for t in (q, qc, kc, vc)]
+    return paged_attention_reference(*f32, _on_device(weights, "cuda"), tables, starts, ends, rows, window)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("layer", ["conv", "mixing"])
+@pytest.mark.parametrize("tile", ["decode", "prefill"])
+def test_mta_kernel_paper_shapes(dtype, shape, layer, tile):
+    seqs, block_m, splits = (DECODE, 1, 8) if tile == "decode" else (PREFILL, 16, 1)
+    n_heads, head_dim = SHAPES[shape]
+    q, qc, kc, vc, tables, starts, ends, rows = _inputs(seqs, SHAPES[shape], dtype)
+    weights = _weights(layer, n_heads)
+    window = 10 if layer == "conv" else 0
+    out = torch.full(q.shape, float("nan"), device="cuda")
+    mta_paged_attention(q, qc if window else None, kc, vc, layer_params(weights, "cuda"),
+                        build_work_items(tables, starts, ends, rows, block_m, splits, "cuda"), out)
+    reference = _reference(q, qc, kc, vc, weights, tables, starts, ends, rows, window)
+    torch.testing.assert_close(out, reference, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("tile", ["decode", "prefill"])
+def test_flash_kernel_paper_shapes(dtype, shape, tile):
+    from mta_serve.dense_attention import MTAWeights
+
+    seqs, block_m, splits = (DECODE, 1, 8) if tile == "decode" else (PREFILL, 64, 1)
+    q, qc, kc, vc, tables, starts, ends, rows = _inputs(seqs, SHAPES[shape], dtype)
+    out = torch.full(q.shape, float("nan"), device="cuda")
+    paged_flash_attention(q, kc, vc, build_work_items(tables, starts, ends, rows, block_m, splits, "cuda"), out)
+    reference = _reference(q, qc, kc, vc, MTAWeights(), tables, starts, ends, rows, 0)
+    # the prefill tiles multiply probabilities rounded to the cache dtype by V, as flash attention does
+    torch.testing.assert_close(out, reference, atol=1e-2 if tile == "prefill" else 2e-3, rtol=1e-2)
