@@ -9,7 +9,7 @@ Shapes are the 830M model's attention (16 heads x 96, G = H), bf16, paged with 1
 Achieved bandwidth = bytes that must move (K and V once, the queries, the output) / time; the copy
 bandwidth of a 2 GiB device-to-device copy is measured in the same run. Prints a table, writes JSON.
 
-    python benchmarks/kernels.py [--out benchmarks/results/kernels_h200.json] [--quick]
+    python benchmarks/kernels.py [--out benchmarks/results/kernels_h200.json] [--quick] [--sweep] [--no-dense]
 """
 from __future__ import annotations
 
@@ -27,8 +27,9 @@ import torch.nn.functional as F
 import triton.testing
 
 from mta_serve.dense_attention import MTAWeights, attention_probs
-from mta_serve.kernels.mta_attention import build_work_items, layer_params, mta_paged_attention
+from mta_serve.kernels.mta_attention import layer_params, mta_paged_attention
 from mta_serve.kernels.paged_flash import paged_flash_attention
+from mta_serve.kernels.work_items import build_work_items
 
 HEADS, HEAD_DIM, BLOCK = 16, 96, 16
 DTYPE = torch.bfloat16
@@ -68,22 +69,37 @@ def paged_batch(batch: int, context: int, new_rows: int):
     return q, qc, kc, vc, tables, starts, [context] * batch, rows
 
 
-def run_paged(kind: str, inputs, block_m: int, splits: int, block_s: int = 64, num_warps: int = 4):
+def run_paged(kind: str, inputs, block_m: int, splits: int, block: int | None = None, num_warps: int = 4):
+    """The engine's kernel for this layer kind: paged flash for plain layers, the MTA row pipeline else."""
     q, qc, kc, vc, tables, starts, ends, rows = inputs
     work = build_work_items(tables, starts, ends, rows, block_m, splits, "cuda")
     out = torch.empty(q.shape, dtype=torch.float32, device="cuda")
     weights = layer_weights(kind)
     if weights is None:
-        return lambda: paged_flash_attention(q, kc, vc, work, out)
+        return lambda: paged_flash_attention(q, kc, vc, work, out, block_n=block or 64, num_warps=num_warps)
     params = layer_params(weights, "cuda")
     q_cache = qc if kind == "conv" else None
-    return lambda: mta_paged_attention(q, q_cache, kc, vc, params, work, out, block_s=block_s,
-                                       num_warps=num_warps)
+    return lambda: mta_paged_attention(q, q_cache, kc, vc, params, work, out, key_tile=block, num_warps=num_warps)
+
+
+def sweep(batch: int, context: int) -> list[dict]:
+    """Splits x key tile x warps for each decode kernel at one shape (what the engine's defaults rest on)."""
+    inputs = paged_batch(batch, context, 1)
+    rows = []
+    for kind in ("conv", "mixing", "plain"):
+        for splits in (4, 8, 16):
+            for block in (32, 64, 128):
+                for warps in (4, 8):
+                    ms = bench_ms(run_paged(kind, inputs, 1, splits, block, warps))
+                    rows.append(dict(kind=kind, splits=splits, block=block, warps=warps, ms=ms))
+        best = min((r for r in rows if r["kind"] == kind), key=lambda r: r["ms"])
+        print(f"sweep b={batch} ctx={context} {kind}: best {best}", flush=True)
+    return rows
 
 
 def decode_splits(batch: int, context: int, programs_per_seq: int, num_sms: int) -> int:
     """The engine's rule (triton_attention._num_splits)."""
-    wanted = -(-2 * num_sms // (batch * programs_per_seq))
+    wanted = -(-4 * num_sms // (batch * programs_per_seq))
     return max(1, min(wanted, -(-context // 256), 16))
 
 
@@ -175,7 +191,8 @@ def main() -> int:
     p.add_argument("--out", default="benchmarks/results/kernels_h200.json")
     p.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
     p.add_argument("--no-dense", action="store_true", help="skip the dense reference (slow, tens of GB)")
-    p.add_argument("--prefill-block-m", type=int, default=16)
+    p.add_argument("--prefill-block-m", type=int, default=64)
+    p.add_argument("--sweep", action="store_true", help="also sweep splits / tile / warps at batch 64 x 2048")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py: error: needs a CUDA device", file=sys.stderr)
@@ -190,6 +207,7 @@ def main() -> int:
         torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
         command=" ".join(sys.argv), heads=HEADS, head_dim=HEAD_DIM, block_size=BLOCK, dtype="bfloat16",
         copy_bandwidth_gbps=copy_bw / 1e9,
+        sweep=sweep(64, 2048) if args.sweep else None,
         decode=decode_rows(batches, contexts, copy_bw, num_sms),
         prefill=prefill_rows([2048] if args.quick else [2048, 8192], args.prefill_block_m, not args.no_dense),
     )

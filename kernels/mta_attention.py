@@ -1,22 +1,22 @@
-"""Paged MTA attention in Triton: every variant of the spec, for decode rows and prefill chunks alike.
+"""Paged MTA attention in Triton, every variant of the spec, as a pipeline over fp32 score, logit and
+probability rows: decode rows and prompt chunks alike.
 
-A program owns one *work item* (a tile of BM consecutive query rows of one sequence), one split of its key
-range and, when heads are mixed, all heads. Two passes over the keys, because a row's probabilities are
-mixed across heads and convolved across rows after the softmax, which one online pass cannot do:
+The spec's two-pass algorithm, each stage a simple kernel with full parallelism. A work item is a group of
+consecutive query rows of one sequence (one row when decoding); for a group with rows [p0, p1) the stages
+keep, per head, the rows the convolutions need over the keys 0..p1-1:
 
-- pass 1 (`_stats_kernel`): scores -> pre-conv -> pre-mix -> logit tile; running max and sum of exp per
-  (head, row) for the rows the post-conv reads, written per split;
-- pass 2 (`_output_kernel`): the same logit tile with a key halo, normalized with the combined statistics,
-  post-conv -> post-mix -> P' @ V accumulated per split;
-- `_combine_kernel` sums the splits (each already normalized) into the output rows.
+1. `_scores_kernel` (item, head, key tile x row tile): raw masked scores of rows p0-W .. p1-1, with
+   W = (c_q-1) + (c_q'-1) -> S [items, H, rows + W, T];
+2. `_logits_kernel` (item, split, row tile): pre-conv over S (its key halo is a shifted read), pre-mix,
+   masking -> L [items, H, rows + c_q'-1, T] and each split's max and sum of exp;
+   `_normalizers_kernel` combines the splits;
+3. `_probs_kernel` (item, split, row tile): softmax rows -> post-conv -> post-mix -> P' [items, H, rows, T];
+4. `_pv_kernel` (item, head, split x row tile): P' @ V per split; `_sum_splits_kernel` writes the output.
 
-Convolutions need shifted views of a tile, which registers cannot give: each program writes its score and
-probability tiles to a private scratch slice (L1/L2 resident) and reads them back shifted. Scratch is
-O(programs x heads x tile), never O(T^2). Tiles overlap by the conv halo, so a tile of BS keys yields
-BS - (c_k - 1) logit columns and BS - (c_k - 1) - (c_k' - 1) output columns.
-
-Queries of rows before the step's first new position (the conv window) come from the paged query cache;
-the step's own queries, keys and values must already be written to the cache (K, V and Q) beforehand.
+K is read once (stage 1), V once (stage 4). The rows in between are fp32, so the result is the reference's
+up to summation order. Extra memory is O(items x heads x rows x context): for decode O(batch x heads x
+context); prompt groups are run in waves whose buffers fit `budget_bytes`, so a long prompt never holds a
+T x T map.
 """
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from .work_items import WorkItems, cache_slots, dot_width
 
 
 @dataclass(slots=True)
@@ -62,401 +64,319 @@ def head_kernel_matrix(head_kernel: torch.Tensor) -> torch.Tensor:
     return torch.block_diag(*[group.t() for group in head_kernel])
 
 
-def _dot_width(head_dim: int) -> int:
-    """Head size padded to a power of two of at least 16, the smallest inner size tl.dot accepts."""
-    return max(16, triton.next_power_of_2(head_dim))
-
-
 def left_pad(pad_key: str, c_k: int) -> int:
     return {"both": (c_k - 1) // 2, "left": c_k - 1, "right": 0}[pad_key]
 
 
-@dataclass(slots=True)
-class WorkItems:
-    """Query-row tiles of a step, for one launch. Built once per step and shared by every layer."""
-
-    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32
-    seq_start: torch.Tensor  # [num_seqs] int32: first position computed in this step
-    seq_end: torch.Tensor  # [num_seqs] int32: sequence length after this step
-    seq_row: torch.Tensor  # [num_seqs] int32: row of position seq_start in the step's q / output
-    work_seq: torch.Tensor  # [num_work] int32: the sequence of each tile
-    work_first: torch.Tensor  # [num_work] int32: first query position of each tile
-    block_m: int  # rows per tile (a power of two)
-    num_splits: int  # key-range splits per tile (flash-decoding)
-
-
-def build_work_items(block_tables: torch.Tensor, starts: list[int], ends: list[int], rows: list[int],
-                     block_m: int, num_splits: int, device, only: list[int] | None = None) -> WorkItems:
-    """Tiles of block_m rows covering positions [start, end) of every sequence (or of those in `only`)."""
-    work_seq, work_first = [], []
-    for i in range(len(starts)) if only is None else only:
-        for first in range(starts[i], ends[i], block_m):
-            work_seq.append(i)
-            work_first.append(first)
-
-    def i32(values):
-        return torch.tensor(values, dtype=torch.int32, device=device)
-
-    return WorkItems(block_tables, i32(starts), i32(ends), i32(rows), i32(work_seq), i32(work_first),
-                     block_m, num_splits)
-
-
-@dataclass(slots=True, frozen=True)
-class _Shape:
-    """Compile-time tile geometry of one layer variant."""
-
-    heads_per_program: int  # HB: all heads (padded) when mixing, else 1
-    rows_s: int  # RS: score rows, BM + both conv windows, padded
-    rows_l: int  # RL: logit rows, BM + post-conv window, padded
-    rows_p: int  # BMP
-    block_s: int  # BS: keys per tile including halos
-    out1: int  # logit columns per tile
-    out2: int  # output columns per tile
-
-
-def _shape(n_heads: int, p: MTALayerParams, block_m: int, block_s: int) -> _Shape:
-    cq, ck = (1, 1) if p.pre_kernel is None else p.pre_kernel.shape[1:]
-    cq2, ck2 = (1, 1) if p.post_kernel is None else p.post_kernel.shape[1:]
-    heads = triton.next_power_of_2(n_heads) if p.mixes_heads else 1
-    out1 = block_s - (ck - 1)
-    out2 = out1 - (ck2 - 1)
-    if out2 < 1:
-        raise ValueError(f"key tile of {block_s} is smaller than the conv halos ({ck - 1} + {ck2 - 1})")
-    return _Shape(heads, triton.next_power_of_2(block_m + cq - 1 + cq2 - 1),
-                  triton.next_power_of_2(block_m + cq2 - 1), block_m, block_s, out1, out2)
 
 
 def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: torch.Tensor,
-                        v_cache: torch.Tensor, params: MTALayerParams, work: WorkItems, out: torch.Tensor,
-                        block_s: int = 64, num_warps: int = 4) -> torch.Tensor:
-    """Writes rows of `out` [N, H, d] for the work items' query rows (steps 0-7 of the spec).
+                       v_cache: torch.Tensor, params: MTALayerParams, work: WorkItems, out: torch.Tensor,
+                       key_tile: int | None = None, num_warps: int = 4, budget_bytes: int = 512 << 20
+                       ) -> torch.Tensor:
+    """Rows of the work items (groups of work.block_m rows) into `out` [N, H, d] (spec steps 0-7).
 
-    q [N, H, d]: the step's new queries; q_cache [num_blocks, bs, H, d] (None when the layer has no key-query
-    conv); k_cache, v_cache [num_blocks, bs, G, d]. The step's tokens must already be in the caches.
+    q [N, H, d]: the step's new queries; q_cache [num_blocks, bs, H, d] or None (no key-query conv);
+    k_cache, v_cache [num_blocks, bs, G, d], already holding the step's tokens.
     """
-    n_heads, head_dim = q.shape[1], q.shape[2]
-    n_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
-    halo = sum(w.shape[2] - 1 for w in (params.pre_kernel, params.post_kernel) if w is not None)
-    block_s = max(block_s, triton.next_power_of_2(2 * halo + 1))  # at least as many output columns as halo
-    shape = _shape(n_heads, params, work.block_m, block_s)
-    num_work, splits = work.work_seq.numel(), work.num_splits
-    head_programs = 1 if params.mixes_heads else n_heads
-    programs = num_work * splits * head_programs
-    if programs == 0:
+    num_items = work.work_seq.numel()
+    if num_items == 0:
         return out
-    f32 = dict(dtype=torch.float32, device=q.device)
-    s_scratch = torch.empty(programs * shape.heads_per_program * shape.rows_s * block_s, **f32)
-    a_scratch = torch.empty(programs * shape.heads_per_program * shape.rows_l * block_s, **f32)
-    stats = torch.empty(2, num_work, splits, n_heads, shape.rows_l, **f32)  # max, sum of exp
-    partial = torch.empty(num_work, splits, n_heads, shape.rows_p, head_dim, **f32)
+    n_heads, head_dim = q.shape[1], q.shape[2]
     cq, ck = (1, 1) if params.pre_kernel is None else params.pre_kernel.shape[1:]
     cq2, ck2 = (1, 1) if params.post_kernel is None else params.post_kernel.shape[1:]
-    dummy = stats
-    args = dict(
-        q_ptr=q, qc_ptr=q if q_cache is None else q_cache, k_ptr=k_cache, v_ptr=v_cache,
-        bt_ptr=work.block_tables, bt_stride=work.block_tables.stride(0),
-        seq_start_ptr=work.seq_start, seq_end_ptr=work.seq_end, seq_row_ptr=work.seq_row,
-        work_seq_ptr=work.work_seq, work_first_ptr=work.work_first,
-        pre_w_ptr=dummy if params.pre_kernel is None else params.pre_kernel,
-        post_w_ptr=dummy if params.post_kernel is None else params.post_kernel,
-        pre_mix_ptr=dummy if params.pre_mix is None else params.pre_mix,
-        post_mix_ptr=dummy if params.post_mix is None else params.post_mix,
-        s_scr_ptr=s_scratch, a_scr_ptr=a_scratch, stats_ptr=stats, part_ptr=partial,
-        num_work=num_work, sm_scale=1.0 / math.sqrt(head_dim), BLOCK_SIZE=block_size,
-        H=n_heads, GROUP=n_heads // n_kv_heads, D=head_dim, DP=_dot_width(head_dim),
-        HB=shape.heads_per_program, BM=work.block_m, RS=shape.rows_s, RL=shape.rows_l, BS=block_s,
-        OUT1=shape.out1, OUT2=shape.out2, SPLITS=splits,
+    rows_o = work.block_m
+    rows_s, rows_l = rows_o + cq - 1 + cq2 - 1, rows_o + cq2 - 1
+    decode = rows_o == 1
+    bn = key_tile or (64 if (cq > 1 or cq2 > 1) else 128)
+    length = triton.cdiv(work.max_len, bn) * bn
+    per_item = 4 * n_heads * length * (rows_s + rows_l + rows_o)
+    wave = num_items if decode else max(1, min(num_items, budget_bytes // per_item))
+    dummy = torch.empty(1, dtype=torch.float32, device=q.device)
+    c = dict(
+        H=n_heads, GROUP=n_heads // k_cache.shape[2], D=head_dim, DP=dot_width(head_dim), BN=bn, LENGTH=length,
+        BLOCK_SIZE=k_cache.shape[1], HB=triton.next_power_of_2(n_heads), RO=rows_o, R=rows_s, RL=rows_l,
+        RT=1 if rows_s == 1 else max(16, min(32, triton.next_power_of_2(rows_s))),
+        RLT=min(8, triton.next_power_of_2(rows_l)), RLP=triton.next_power_of_2(rows_l), OT=1 if decode else 16,
+        SPLITS=work.num_splits,
         CQ=cq, CK=ck, PL=left_pad(params.pad_key, ck), CQ2=cq2, CK2=ck2, PL2=left_pad(params.pad_key, ck2),
         PRE_CONV=params.pre_kernel is not None, POST_CONV=params.post_kernel is not None,
         PRE_MIX=params.pre_mix is not None, POST_MIX=params.post_mix is not None,
-        QCACHE=q_cache is not None, FP32=q.dtype == torch.float32,
-    )
-    grid = (num_work, splits, head_programs)
-    _stats_kernel[grid](**args, num_warps=num_warps)
-    _output_kernel[grid](**args, num_warps=num_warps)
-    _combine_kernel[(num_work, n_heads)](
-        partial, out, work.seq_start, work.seq_row, work.work_seq, work.work_first, work.seq_end,
-        H=n_heads, D=head_dim, DP=_dot_width(head_dim), BM=work.block_m, SPLITS=splits,
-        num_warps=num_warps)
+        QCACHE=q_cache is not None, FP32=q.dtype == torch.float32)
+    weights = dict(pre_w_ptr=_or(params.pre_kernel, dummy), post_w_ptr=_or(params.post_kernel, dummy),
+                   pre_mix_ptr=_or(params.pre_mix, dummy), post_mix_ptr=_or(params.post_mix, dummy))
+    f32 = dict(dtype=torch.float32, device=q.device)
+    scores = torch.empty(wave, n_heads, rows_s, length, **f32)
+    logits = torch.empty(wave, n_heads, rows_l, length, **f32)
+    probs = torch.empty(wave, n_heads, rows_o, length, **f32)
+    stats = torch.empty(2, wave, work.num_splits, n_heads, rows_l, **f32)
+    norms = torch.empty(2, wave, n_heads, rows_l, **f32)
+    partial = torch.empty(wave, work.num_splits, n_heads, rows_o, head_dim, **f32)
+    for item0 in range(0, num_items, wave):
+        items = min(wave, num_items - item0)
+        seq = dict(item0=item0, bt_ptr=work.block_tables, bt_stride=work.block_tables.stride(0),
+                   seq_start_ptr=work.seq_start, seq_end_ptr=work.seq_end, seq_row_ptr=work.seq_row,
+                   work_seq_ptr=work.work_seq, work_first_ptr=work.work_first)
+        _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, norms, partial, items, seq,
+                weights, c, 1.0 / math.sqrt(head_dim), num_warps)
     return out
 
 
-# ---- device helpers -----------------------------------------------------------------------------------
+def _or(t, dummy):
+    return dummy if t is None else t
+
+
+def _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, norms, partial, items, seq,
+            weights, c, sm_scale, num_warps):
+    key_tiles, out_tiles = c["LENGTH"] // c["BN"], triton.cdiv(c["RO"], c["OT"])
+    every = dict(**seq, **weights, **c, sm_scale=sm_scale, num_warps=num_warps)
+
+    def run(kernel, grid, *tensors):
+        kernel[grid](*tensors, **{k: v for k, v in every.items() if k in kernel.arg_names or k == "num_warps"})
+
+    run(_scores_kernel, (items, c["H"], key_tiles * triton.cdiv(c["R"], c["RT"])), q,
+        q if q_cache is None else q_cache, k_cache, scores)
+    run(_logits_kernel, (items, c["SPLITS"], triton.cdiv(c["RL"], c["RLT"])), scores, logits, stats)
+    run(_normalizers_kernel, (items, c["H"]), stats, norms)
+    run(_probs_kernel, (items, c["SPLITS"], out_tiles), logits, norms, probs)
+    run(_pv_kernel, (items, c["H"], c["SPLITS"] * out_tiles), probs, v_cache, partial)
+    run(_sum_splits_kernel, (items, c["H"]), partial, out)
+
+
+# ---- device code --------------------------------------------------------------------------------------
 
 @triton.jit
-def _slots(bt_ptr, pos, valid, BLOCK_SIZE: tl.constexpr):
-    """Cache slots (int64) of positions `pos` of the sequence whose block-table row is bt_ptr."""
-    safe = tl.where(valid, pos, 0)
-    block = tl.load(bt_ptr + safe // BLOCK_SIZE, mask=valid, other=0)
-    return block.to(tl.int64) * BLOCK_SIZE + safe % BLOCK_SIZE
-
-
-@triton.jit
-def _scores(q_ptr, qc_ptr, k_ptr, bt_ptr, h, rows, keys, start, end, row0, sm_scale,
-            H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-            QCACHE: tl.constexpr, FP32: tl.constexpr, R: tl.constexpr):
-    """Masked raw scores of head h: rows [R] x keys [BS] positions -> [R, BS] fp32, 0 unless 0 <= key <= row."""
-    offs_d = tl.arange(0, DP)
-    dmask = offs_d[None, :] < D
-    # (x * 0 + h) < H rather than a scalar condition: the interpreter cannot mask with scalar booleans
-    row_ok = (rows >= 0) & (rows < end) & ((rows * 0 + h) < H)
-    new = row_ok & (rows >= start)
-    q = tl.load(q_ptr + ((row0 + tl.where(new, rows - start, 0)) * H + h).to(tl.int64)[:, None] * D
-                + offs_d[None, :], mask=new[:, None] & dmask, other=0.0)
-    if QCACHE:
-        old = row_ok & (rows < start)
-        q_slots = _slots(bt_ptr, rows, old, BLOCK_SIZE)
-        q += tl.load(qc_ptr + (q_slots * H + h)[:, None] * D + offs_d[None, :], mask=old[:, None] & dmask,
-                     other=0.0)
-    key_ok = (keys >= 0) & (keys < end) & ((keys * 0 + h) < H)
-    k_slots = _slots(bt_ptr, keys, key_ok, BLOCK_SIZE)
-    k = tl.load(k_ptr + (k_slots * (H // GROUP) + h // GROUP)[:, None] * D + offs_d[None, :],
-                mask=key_ok[:, None] & dmask, other=0.0)
-    if R < 16:  # too few rows for tl.dot: a decode row without a conv window
-        s = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
-    elif FP32:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k))
-    allowed = (keys[None, :] <= rows[:, None]) & key_ok[None, :] & row_ok[:, None]
-    return tl.where(allowed, s * sm_scale, 0.0)
-
-
-@triton.jit
-def _conv(scr, w_ptr, head0, hb3, r3, j3, R: tl.constexpr, BS: tl.constexpr, HB: tl.constexpr,
-          RO: tl.constexpr, H: tl.constexpr, CQ: tl.constexpr, CK: tl.constexpr):
-    """y[h, r, j] = sum_{a,b} w[h, a, b] x[h, r + a, j + b] over a [HB, R, BS] scratch tile x (0 outside it)
-    -> [HB, RO, BS]: the key-query convolution as shifted reads of the tile."""
-    heads = head0 + tl.arange(0, HB)
-    base = scr + (hb3 * R + r3) * BS + j3
-    y = tl.zeros((HB, RO, BS), dtype=tl.float32)
-    for a in range(CQ):
-        row_ok = (r3 + a) < R
-        for b in range(CK):
-            w = tl.load(w_ptr + heads * (CQ * CK) + (a * CK + b), mask=heads < H, other=0.0)
-            y += w[:, None, None] * tl.load(base + (a * BS + b), mask=row_ok & ((j3 + b) < BS), other=0.0)
-    return y
-
-
-@triton.jit
-def _mix(w_ptr, x, H: tl.constexpr, HB: tl.constexpr, R: tl.constexpr, BS: tl.constexpr):
-    """Head mixing: y[o] = sum_i W[o, i] x[i]; x [HB, R, BS] fp32, W [H, H] (out, in)."""
-    o = tl.arange(0, HB)
-    w = tl.load(w_ptr + o[:, None] * H + o[None, :], mask=(o[:, None] < H) & (o[None, :] < H), other=0.0)
-    if HB >= 16:
-        y = tl.reshape(tl.dot(w, tl.reshape(x, (HB, R * BS)), input_precision="ieee"), (HB, R, BS))
-    else:  # too few heads for tl.dot
-        y = tl.sum(w[:, :, None, None] * x[None, :, :, :], axis=1)
-    return y
-
-
-@triton.jit
-def _logits(q_ptr, qc_ptr, k_ptr, bt_ptr, pre_w_ptr, pre_mix_ptr, s_scr, head0, pl0, jl0, start, end,
-            row0, last_row, sm_scale,
-            H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-            HB: tl.constexpr, RS: tl.constexpr, RL: tl.constexpr, BS: tl.constexpr, OUT1: tl.constexpr,
-            CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr, PRE_CONV: tl.constexpr,
-            PRE_MIX: tl.constexpr, QCACHE: tl.constexpr, FP32: tl.constexpr):
-    """Logits L [HB, RL, BS] of rows pl0 + r and keys jl0 + j (steps 0-4 before the softmax), -inf where
-    masked; columns j >= OUT1 lack their conv halo and are masked too."""
-    r_s = tl.arange(0, RS)
-    j = tl.arange(0, BS)
-    for hb in range(HB):
-        h = head0 + hb
-        s = _scores(q_ptr, qc_ptr, k_ptr, bt_ptr, h, pl0 - (CQ - 1) + r_s, jl0 - PL + j, start, end, row0,
-                    sm_scale, H, GROUP, D, DP, BLOCK_SIZE, QCACHE, FP32, RS)
-        tl.store(s_scr + (hb * RS + r_s[:, None]) * BS + j[None, :], s)
-    tl.debug_barrier()
-    hb3 = tl.arange(0, HB)[:, None, None]
-    r3 = tl.arange(0, RL)[None, :, None]
-    j3 = j[None, None, :]
-    if PRE_CONV:
-        x = _conv(s_scr, pre_w_ptr, head0, hb3, r3, j3, RS, BS, HB, RL, H, CQ, CK)
-    else:
-        x = tl.load(s_scr + (hb3 * RS + r3) * BS + j3)
-    tl.debug_barrier()  # the scratch is rewritten by the next tile
-    if PRE_MIX:
-        x = _mix(pre_mix_ptr, x, H, HB, RL, BS)
-    rows = pl0 + r3
-    keys = jl0 + j3
-    allowed = (keys <= rows) & (keys >= 0) & (rows >= 0) & (rows <= last_row) & (j3 < OUT1)
-    return tl.where(allowed, x, float("-inf"))
-
-
-@triton.jit
-def _work(work_seq_ptr, work_first_ptr, seq_start_ptr, seq_end_ptr, seq_row_ptr, bt_ptr, bt_stride, w,
-          BM: tl.constexpr):
+def _item(item0, work_seq_ptr, work_first_ptr, seq_start_ptr, seq_end_ptr, seq_row_ptr, bt_ptr, bt_stride,
+          RO: tl.constexpr):
+    """The program's work item: (first row, sequence start, end, row of the start in q/out, last row, block
+    table row)."""
+    w = item0 + tl.program_id(0)
     seq = tl.load(work_seq_ptr + w)
     first = tl.load(work_first_ptr + w)
-    start = tl.load(seq_start_ptr + seq)
     end = tl.load(seq_end_ptr + seq)
-    row0 = tl.load(seq_row_ptr + seq)
-    last_row = tl.minimum(first + BM, end) - 1
-    return first, start, end, row0, last_row, bt_ptr + seq.to(tl.int64) * bt_stride
+    last = tl.minimum(first + RO, end) - 1
+    return (first, tl.load(seq_start_ptr + seq), end, tl.load(seq_row_ptr + seq), last,
+            bt_ptr + seq.to(tl.int64) * bt_stride)
 
 
 @triton.jit
-def _split_tiles(last_row, split, OUT: tl.constexpr, SPLITS: tl.constexpr):
-    """Key tiles [t0, t1) of this split, tiles of OUT columns covering keys 0..last_row."""
-    num_tiles = tl.cdiv(last_row + 1, OUT)
+def _key_tiles(last_key, split, BN: tl.constexpr, SPLITS: tl.constexpr):
+    """This split's share [t0, t1) of the key tiles covering keys 0..last_key."""
+    num_tiles = tl.cdiv(last_key + 1, BN)
     per_split = tl.cdiv(num_tiles, SPLITS)
     t0 = split * per_split
     return t0, tl.minimum(t0 + per_split, num_tiles)
 
 
 @triton.jit
-def _stats_kernel(q_ptr, qc_ptr, k_ptr, v_ptr, bt_ptr, bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr,
-                  work_seq_ptr, work_first_ptr, pre_w_ptr, post_w_ptr, pre_mix_ptr, post_mix_ptr,
-                  s_scr_ptr, a_scr_ptr, stats_ptr, part_ptr, num_work, sm_scale,
-                  BLOCK_SIZE: tl.constexpr, H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
-                  DP: tl.constexpr, HB: tl.constexpr, BM: tl.constexpr, RS: tl.constexpr, RL: tl.constexpr,
-                  BS: tl.constexpr, OUT1: tl.constexpr, OUT2: tl.constexpr, SPLITS: tl.constexpr,
-                  CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr, CQ2: tl.constexpr, CK2: tl.constexpr,
-                  PL2: tl.constexpr, PRE_CONV: tl.constexpr, POST_CONV: tl.constexpr, PRE_MIX: tl.constexpr,
-                  POST_MIX: tl.constexpr, QCACHE: tl.constexpr, FP32: tl.constexpr):
-    """Pass 1: per (head, logit row) max and sum of exp over this split's keys."""
-    w, split, hp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    first, start, end, row0, last_row, bt = _work(work_seq_ptr, work_first_ptr, seq_start_ptr, seq_end_ptr,
-                                                  seq_row_ptr, bt_ptr, bt_stride, w, BM)
-    head0 = hp * HB
-    program = (w * SPLITS + split) * tl.num_programs(2) + hp
-    s_scr = s_scr_ptr + program.to(tl.int64) * (HB * RS * BS)
-    pl0 = first - (CQ2 - 1)
-    m = tl.full((HB, RL), float("-inf"), tl.float32)
-    l = tl.zeros((HB, RL), tl.float32)
-    t0, t1 = _split_tiles(last_row, split, OUT1, SPLITS)
+def _scores_kernel(q_ptr, qc_ptr, k_ptr, s_ptr, sm_scale, item0, bt_ptr, bt_stride, seq_start_ptr, seq_end_ptr,
+                   seq_row_ptr, work_seq_ptr, work_first_ptr, H: tl.constexpr, GROUP: tl.constexpr,
+                   D: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr, LENGTH: tl.constexpr,
+                   BLOCK_SIZE: tl.constexpr, RO: tl.constexpr, R: tl.constexpr, RT: tl.constexpr,
+                   QCACHE: tl.constexpr, FP32: tl.constexpr):
+    """S[i, h, r, j] = q . k / sqrt(d) of row first - W + r and key j, 0 unless 0 <= j <= row."""
+    b, h = tl.program_id(0), tl.program_id(1)
+    key_tile, row_tile = tl.program_id(2) % (LENGTH // BN), tl.program_id(2) // (LENGTH // BN)
+    first, start, end, row0, last, bt = _item(item0, work_seq_ptr, work_first_ptr, seq_start_ptr, seq_end_ptr,
+                                              seq_row_ptr, bt_ptr, bt_stride, RO)
+    r = row_tile * RT + tl.arange(0, RT)
+    rows = first - (R - RO) + r  # positions
+    if key_tile * BN > tl.minimum(first - (R - RO) + row_tile * RT + RT - 1, last):
+        return  # above the diagonal: never read
+    offs_d = tl.arange(0, DP)
+    dmask = offs_d[None, :] < D
+    row_ok = (rows >= 0) & (rows <= last) & (r < R)
+    new = row_ok & (rows >= start)
+    q = tl.load(q_ptr + ((row0 + tl.where(new, rows - start, 0)) * H + h).to(tl.int64)[:, None] * D
+                + offs_d[None, :], mask=new[:, None] & dmask, other=0.0)
+    if QCACHE:
+        old = row_ok & (rows < start)
+        q_slots = cache_slots(bt, rows, old, BLOCK_SIZE)
+        q += tl.load(qc_ptr + (q_slots * H + h)[:, None] * D + offs_d[None, :], mask=old[:, None] & dmask,
+                     other=0.0)
+    keys = key_tile * BN + tl.arange(0, BN)
+    key_ok = keys <= last
+    k_slots = cache_slots(bt, keys, key_ok, BLOCK_SIZE)
+    k = tl.load(k_ptr + (k_slots * (H // GROUP) + h // GROUP)[:, None] * D + offs_d[None, :],
+                mask=key_ok[:, None] & dmask, other=0.0)
+    if RT == 1:
+        s = tl.sum(q.to(tl.float32) * k.to(tl.float32), axis=1)[None, :]
+    elif FP32:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = tl.where((keys[None, :] <= rows[:, None]) & row_ok[:, None], s * sm_scale, 0.0)
+    tl.store(s_ptr + ((b * H + h) * R + r).to(tl.int64)[:, None] * LENGTH + keys[None, :], s,
+             mask=(r[:, None] < R) & key_ok[None, :])
+
+
+@triton.jit
+def _mix(w_ptr, x, H: tl.constexpr, HB: tl.constexpr, RT: tl.constexpr, BN: tl.constexpr):
+    """y[o] = sum_i W[o, i] x[i] over heads; x [HB, RT, BN], W [H, H] (out, in)."""
+    o = tl.arange(0, HB)
+    w = tl.load(w_ptr + o[:, None] * H + o[None, :], mask=(o[:, None] < H) & (o[None, :] < H), other=0.0)
+    if HB >= 16:
+        return tl.reshape(tl.dot(w, tl.reshape(x, (HB, RT * BN)), input_precision="ieee"), (HB, RT, BN))
+    return tl.sum(w[:, :, None, None] * x[None, :, :, :], axis=1)
+
+
+@triton.jit
+def _logits_kernel(s_ptr, l_ptr, stats_ptr, pre_w_ptr, post_w_ptr, pre_mix_ptr, post_mix_ptr, item0, bt_ptr,
+                   bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr, work_seq_ptr, work_first_ptr,
+                   H: tl.constexpr, BN: tl.constexpr, LENGTH: tl.constexpr, HB: tl.constexpr, RO: tl.constexpr,
+                   R: tl.constexpr, RL: tl.constexpr, RLT: tl.constexpr, SPLITS: tl.constexpr,
+                   CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr, PRE_CONV: tl.constexpr,
+                   PRE_MIX: tl.constexpr):
+    """L rows first - (c_q'-1) + r over this split's keys (steps 2-4 before the softmax), with max and sum."""
+    b, split, row_tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    first, start, end, row0, last, bt = _item(item0, work_seq_ptr, work_first_ptr, seq_start_ptr, seq_end_ptr,
+                                              seq_row_ptr, bt_ptr, bt_stride, RO)
+    heads = tl.arange(0, HB)
+    h3 = heads[:, None, None]
+    r3 = row_tile * RLT + tl.arange(0, RLT)[None, :, None]
+    j3 = tl.arange(0, BN)[None, None, :]
+    rows = first - (RL - RO) + r3
+    s_rows = rows - (CQ - 1)  # position of S row r3 (S row index r3 + a is position s_rows + a)
+    s_base = s_ptr + ((b * H + h3) * R + r3).to(tl.int64) * LENGTH
+    m = tl.full((HB, RLT), float("-inf"), tl.float32)
+    l = tl.zeros((HB, RLT), tl.float32)
+    t0, t1 = _key_tiles(tl.minimum(first - (RL - RO) + row_tile * RLT + RLT - 1, last), split, BN, SPLITS)
     for t in range(t0, t1):
-        x = _logits(q_ptr, qc_ptr, k_ptr, bt, pre_w_ptr, pre_mix_ptr, s_scr, head0, pl0, t * OUT1, start, end,
-                    row0, last_row, sm_scale, H, GROUP, D, DP, BLOCK_SIZE, HB, RS, RL, BS, OUT1, CQ, CK, PL,
-                    PRE_CONV, PRE_MIX, QCACHE, FP32)
+        keys = t * BN + j3
+        if PRE_CONV:
+            x = tl.zeros((HB, RLT, BN), tl.float32)
+            for a in range(CQ):
+                for c in range(CK):
+                    shifted = keys - PL + c
+                    ok = (h3 < H) & (r3 + a < R) & (shifted >= 0) & (shifted <= tl.minimum(s_rows + a, last))
+                    w = tl.load(pre_w_ptr + heads * (CQ * CK) + (a * CK + c), mask=heads < H, other=0.0)
+                    x += w[:, None, None] * tl.load(s_base + a * LENGTH + shifted, mask=ok, other=0.0)
+        else:
+            x = tl.load(s_base + keys, mask=(h3 < H) & (r3 < R) & (keys <= tl.minimum(rows, last)), other=0.0)
+        if PRE_MIX:
+            x = _mix(pre_mix_ptr, x, H, HB, RLT, BN)
+        x = tl.where((keys <= rows) & (rows >= 0) & (rows <= last) & (r3 < RL), x, float("-inf"))
+        tl.store(l_ptr + ((b * H + h3) * RL + r3).to(tl.int64) * LENGTH + keys, x, mask=(h3 < H) & (r3 < RL))
         m_new = tl.maximum(m, tl.max(x, axis=2))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, :, None]), axis=2)
         m = m_new
-    h = head0 + tl.arange(0, HB)[:, None]
-    r = tl.arange(0, RL)[None, :]
-    offs = ((w * SPLITS + split) * H + h) * RL + r
-    tl.store(stats_ptr + offs, m, mask=h < H)
-    tl.store(stats_ptr + num_work * SPLITS * H * RL + offs, l, mask=h < H)
+    r2 = row_tile * RLT + tl.arange(0, RLT)[None, :]
+    offs = ((b * SPLITS + split) * H + heads[:, None]) * RL + r2
+    ok = (heads[:, None] < H) & (r2 < RL)
+    tl.store(stats_ptr + offs, m, mask=ok)
+    tl.store(stats_ptr + tl.num_programs(0) * SPLITS * H * RL + offs, l, mask=ok)
 
 
 @triton.jit
-def _combined_stats(stats_ptr, w, head0, num_work, H: tl.constexpr, HB: tl.constexpr, RL: tl.constexpr,
-                    SPLITS: tl.constexpr):
-    """Max and sum of exp over all splits, [HB, RL]; rows with no allowed key get (0, 1)."""
-    h = head0 + tl.arange(0, HB)[:, None]
-    r = tl.arange(0, RL)[None, :]
-    m = tl.full((HB, RL), float("-inf"), tl.float32)
+def _normalizers_kernel(stats_ptr, norm_ptr, item0, H: tl.constexpr, RL: tl.constexpr, SPLITS: tl.constexpr,
+                        RLP: tl.constexpr):
+    """Per logit row: the max over splits and 1 / (sum of exp); rows without keys get (0, 0)."""
+    b, h = tl.program_id(0), tl.program_id(1)
+    r = tl.arange(0, RLP)
+    ok = r < RL
+    sums = tl.num_programs(0) * SPLITS * H * RL
+    m = tl.full((RLP,), float("-inf"), tl.float32)
     for s in range(SPLITS):
-        m = tl.maximum(m, tl.load(stats_ptr + ((w * SPLITS + s) * H + h) * RL + r, mask=h < H,
-                                  other=float("-inf")))
+        m = tl.maximum(m, tl.load(stats_ptr + ((b * SPLITS + s) * H + h) * RL + r, mask=ok, other=float("-inf")))
     m = tl.where(m == float("-inf"), 0.0, m)
-    l = tl.zeros((HB, RL), tl.float32)
+    l = tl.zeros((RLP,), tl.float32)
     for s in range(SPLITS):
-        offs = ((w * SPLITS + s) * H + h) * RL + r
-        m_s = tl.load(stats_ptr + offs, mask=h < H, other=float("-inf"))
-        l_s = tl.load(stats_ptr + num_work * SPLITS * H * RL + offs, mask=h < H, other=0.0)
-        l += tl.where(m_s == float("-inf"), 0.0, l_s * tl.exp(m_s - m))
-    return m, tl.where(l == 0.0, 1.0, l)
+        offs = ((b * SPLITS + s) * H + h) * RL + r
+        m_s = tl.load(stats_ptr + offs, mask=ok, other=float("-inf"))
+        l += tl.where(m_s == float("-inf"), 0.0, tl.load(stats_ptr + sums + offs, mask=ok, other=0.0)
+                      * tl.exp(m_s - m))
+    tl.store(norm_ptr + (b * H + h) * RL + r, m, mask=ok)
+    tl.store(norm_ptr + tl.num_programs(0) * H * RL + (b * H + h) * RL + r, tl.where(l == 0.0, 0.0, 1.0 / tl.where(l == 0.0, 1.0, l)),
+             mask=ok)
 
 
 @triton.jit
-def _output_kernel(q_ptr, qc_ptr, k_ptr, v_ptr, bt_ptr, bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr,
-                   work_seq_ptr, work_first_ptr, pre_w_ptr, post_w_ptr, pre_mix_ptr, post_mix_ptr,
-                   s_scr_ptr, a_scr_ptr, stats_ptr, part_ptr, num_work, sm_scale,
-                   BLOCK_SIZE: tl.constexpr, H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
-                   DP: tl.constexpr, HB: tl.constexpr, BM: tl.constexpr, RS: tl.constexpr, RL: tl.constexpr,
-                   BS: tl.constexpr, OUT1: tl.constexpr, OUT2: tl.constexpr, SPLITS: tl.constexpr,
-                   CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr, CQ2: tl.constexpr, CK2: tl.constexpr,
-                   PL2: tl.constexpr, PRE_CONV: tl.constexpr, POST_CONV: tl.constexpr, PRE_MIX: tl.constexpr,
-                   POST_MIX: tl.constexpr, QCACHE: tl.constexpr, FP32: tl.constexpr):
-    """Pass 2: normalized probabilities -> post-conv -> post-mix -> P' @ V over this split's keys."""
-    w, split, hp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    first, start, end, row0, last_row, bt = _work(work_seq_ptr, work_first_ptr, seq_start_ptr, seq_end_ptr,
-                                                  seq_row_ptr, bt_ptr, bt_stride, w, BM)
-    head0 = hp * HB
-    program = (w * SPLITS + split) * tl.num_programs(2) + hp
-    s_scr = s_scr_ptr + program.to(tl.int64) * (HB * RS * BS)
-    a_scr = a_scr_ptr + program.to(tl.int64) * (HB * RL * BS)
-    m, l = _combined_stats(stats_ptr, w, head0, num_work, H, HB, RL, SPLITS)
-    inv_l = 1.0 / l
-    hb3 = tl.arange(0, HB)[:, None, None]
-    r3 = tl.arange(0, BM)[None, :, None]
-    j3 = tl.arange(0, BS)[None, None, :]
-    offs_d = tl.arange(0, DP)
-    part = part_ptr + ((w * SPLITS + split) * H + head0).to(tl.int64) * (BM * D)
-    for hb in range(HB):  # the accumulator lives in the partial-output slice, zeroed first
-        tl.store(part + (hb * BM + tl.arange(0, BM)[:, None]) * D + offs_d[None, :],
-                 tl.zeros((BM, DP), tl.float32),
-                 mask=(offs_d[None, :] < D) & ((tl.arange(0, BM)[:, None] * 0 + head0 + hb) < H))
-    t0, t1 = _split_tiles(last_row, split, OUT2, SPLITS)
+def _probs_kernel(l_ptr, norm_ptr, p_ptr, pre_w_ptr, post_w_ptr, pre_mix_ptr, post_mix_ptr, item0, bt_ptr,
+                  bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr, work_seq_ptr, work_first_ptr,
+                  H: tl.constexpr, BN: tl.constexpr, LENGTH: tl.constexpr, HB: tl.constexpr, RO: tl.constexpr,
+                  RL: tl.constexpr, OT: tl.constexpr, SPLITS: tl.constexpr, CQ2: tl.constexpr,
+                  CK2: tl.constexpr, PL2: tl.constexpr, POST_CONV: tl.constexpr, POST_MIX: tl.constexpr):
+    """P' rows first + r over this split's keys: normalized probabilities -> post-conv -> post-mix."""
+    b, split, row_tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    first, start, end, row0, last, bt = _item(item0, work_seq_ptr, work_first_ptr, seq_start_ptr, seq_end_ptr,
+                                              seq_row_ptr, bt_ptr, bt_stride, RO)
+    heads = tl.arange(0, HB)
+    h3 = heads[:, None, None]
+    r3 = row_tile * OT + tl.arange(0, OT)[None, :, None]  # output row; logit row r3 + a
+    j3 = tl.arange(0, BN)[None, None, :]
+    rows = first + r3
+    inv_base = tl.num_programs(0) * H * RL
+    t0, t1 = _key_tiles(tl.minimum(first + row_tile * OT + OT - 1, last), split, BN, SPLITS)
     for t in range(t0, t1):
-        j0 = t * OUT2
-        x = _logits(q_ptr, qc_ptr, k_ptr, bt, pre_w_ptr, pre_mix_ptr, s_scr, head0, first - (CQ2 - 1),
-                    j0 - PL2, start, end, row0, last_row, sm_scale, H, GROUP, D, DP, BLOCK_SIZE, HB, RS, RL, BS,
-                    OUT1, CQ, CK, PL, PRE_CONV, PRE_MIX, QCACHE, FP32)
-        probs = tl.exp(x - m[:, :, None]) * inv_l[:, :, None]  # exp(-inf) = 0 where masked
-        if POST_CONV:
-            tl.store(a_scr + (hb3 * RL + tl.arange(0, RL)[None, :, None]) * BS + j3, probs)
-            tl.debug_barrier()
-            p = _conv(a_scr, post_w_ptr, head0, hb3, r3, j3, RL, BS, HB, BM, H, CQ2, CK2)
-            tl.debug_barrier()
-        else:
-            p = probs
-        rows = first + r3
-        keys = j0 + j3
-        p = tl.where((keys <= rows) & (rows <= last_row) & (j3 < OUT2), p, 0.0)
+        keys = t * BN + j3
+        p = tl.zeros((HB, OT, BN), tl.float32)
+        for a in range(CQ2):
+            norm_offs = (b * H + h3) * RL + r3 + a
+            norm_ok = (h3 < H) & (r3 + a < RL)
+            m_a = tl.load(norm_ptr + norm_offs, mask=norm_ok, other=0.0)
+            inv_a = tl.load(norm_ptr + inv_base + norm_offs, mask=norm_ok, other=0.0)
+            l_base = l_ptr + ((b * H + h3) * RL + r3 + a).to(tl.int64) * LENGTH
+            for c in range(CK2):
+                shifted = keys - PL2 + c
+                ok = norm_ok & (shifted >= 0) & (shifted <= tl.minimum(rows - (CQ2 - 1) + a, last))
+                x = tl.load(l_base + shifted, mask=ok, other=float("-inf"))
+                if POST_CONV:
+                    w = tl.load(post_w_ptr + heads * (CQ2 * CK2) + (a * CK2 + c), mask=heads < H, other=0.0)
+                    p += w[:, None, None] * (tl.exp(x - m_a) * inv_a)
+                else:
+                    p += tl.exp(x - m_a) * inv_a
+        p = tl.where((keys <= rows) & (rows <= last), p, 0.0)
         if POST_MIX:
-            p = _mix(post_mix_ptr, p, H, HB, BM, BS)
-        _accumulate_pv(p, v_ptr, bt, a_scr, part, head0, j0, end, H, GROUP, D, DP, BLOCK_SIZE, HB, BM, BS)
+            p = _mix(post_mix_ptr, p, H, HB, OT, BN)
+        tl.store(p_ptr + ((b * H + h3) * RO + r3).to(tl.int64) * LENGTH + keys, p, mask=(h3 < H) & (r3 < RO))
 
 
 @triton.jit
-def _accumulate_pv(p, v_ptr, bt, a_scr, part, head0, j0, end, H: tl.constexpr, GROUP: tl.constexpr,
-                   D: tl.constexpr, DP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HB: tl.constexpr,
-                   BM: tl.constexpr, BS: tl.constexpr):
-    """part[h] += P'[h] @ V[h] for every head of the program, one head at a time through the scratch."""
-    hb3 = tl.arange(0, HB)[:, None, None]
-    r2 = tl.arange(0, BM)[:, None]
-    j = tl.arange(0, BS)
+def _pv_kernel(p_ptr, v_ptr, part_ptr, item0, bt_ptr, bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr,
+               work_seq_ptr, work_first_ptr, H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+               DP: tl.constexpr, BN: tl.constexpr, LENGTH: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+               RO: tl.constexpr, OT: tl.constexpr, SPLITS: tl.constexpr):
+    """This split's sum over keys of P'[h, row, j] v_j for one head and row tile."""
+    b, h = tl.program_id(0), tl.program_id(1)
+    split, row_tile = tl.program_id(2) % SPLITS, tl.program_id(2) // SPLITS
+    first, start, end, row0, last, bt = _item(item0, work_seq_ptr, work_first_ptr, seq_start_ptr, seq_end_ptr,
+                                              seq_row_ptr, bt_ptr, bt_stride, RO)
+    r = row_tile * OT + tl.arange(0, OT)
     offs_d = tl.arange(0, DP)
     dmask = offs_d[None, :] < D
-    tl.store(a_scr + (hb3 * BM + r2[None, :, :]) * BS + j[None, None, :], p)
-    tl.debug_barrier()
-    keys = j0 + j
-    key_ok = (keys >= 0) & (keys < end)
-    v_slots = _slots(bt, keys, key_ok, BLOCK_SIZE)
-    for hb in range(HB):
-        h = head0 + hb
-        p_h = tl.load(a_scr + (hb * BM + r2) * BS + j[None, :])  # [BM, BS]
-        v = tl.load(v_ptr + (v_slots * (H // GROUP) + h // GROUP)[:, None] * D + offs_d[None, :],
-                    mask=(key_ok & ((keys * 0 + h) < H))[:, None] & dmask, other=0.0)  # [BS, DP]
-        acc_ptr = part + (hb * BM + r2) * D + offs_d[None, :]
-        acc_ok = ((r2 * 0 + h) < H) & dmask
-        acc = tl.load(acc_ptr, mask=acc_ok, other=0.0)
-        if BM >= 16:  # fp32 products like the reference: the conv work dwarfs this dot
-            acc += tl.dot(p_h, v.to(tl.float32), input_precision="ieee")
+    acc = tl.zeros((OT, DP), tl.float32)
+    t0, t1 = _key_tiles(tl.minimum(first + row_tile * OT + OT - 1, last), split, BN, SPLITS)
+    for t in range(t0, t1):
+        keys = t * BN + tl.arange(0, BN)
+        key_ok = keys <= last
+        p = tl.load(p_ptr + ((b * H + h) * RO + r).to(tl.int64)[:, None] * LENGTH + keys[None, :],
+                    mask=(r[:, None] < RO) & key_ok[None, :], other=0.0)
+        slots = cache_slots(bt, keys, key_ok, BLOCK_SIZE)
+        v = tl.load(v_ptr + (slots * (H // GROUP) + h // GROUP)[:, None] * D + offs_d[None, :],
+                    mask=key_ok[:, None] & dmask, other=0.0)
+        if OT == 1:
+            acc += tl.sum(tl.trans(p) * v.to(tl.float32), axis=0)[None, :]
         else:
-            acc += tl.sum(p_h[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
-        tl.store(acc_ptr, acc, mask=acc_ok)
-    tl.debug_barrier()
+            acc += tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    tl.store(part_ptr + (((b * SPLITS + split) * H + h) * RO + r).to(tl.int64)[:, None] * D + offs_d[None, :],
+             acc, mask=(r[:, None] < RO) & dmask)
 
 
 @triton.jit
-def _combine_kernel(part_ptr, out_ptr, seq_start_ptr, seq_row_ptr, work_seq_ptr, work_first_ptr, seq_end_ptr,
-                    H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, SPLITS: tl.constexpr):
-    """out rows of one work item and head = sum of its splits' partial outputs."""
-    w, h = tl.program_id(0), tl.program_id(1)
-    seq = tl.load(work_seq_ptr + w)
-    first = tl.load(work_first_ptr + w)
-    end = tl.load(seq_end_ptr + seq)
-    out_row = tl.load(seq_row_ptr + seq) + first - tl.load(seq_start_ptr + seq)
-    r = tl.arange(0, BM)[:, None]
+def _sum_splits_kernel(part_ptr, out_ptr, item0, bt_ptr, bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr,
+                       work_seq_ptr, work_first_ptr, H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                       RO: tl.constexpr, SPLITS: tl.constexpr):
+    """Output rows of one item and head: the sum of its splits (each already normalized)."""
+    b, h = tl.program_id(0), tl.program_id(1)
+    first, start, end, row0, last, bt = _item(item0, work_seq_ptr, work_first_ptr, seq_start_ptr, seq_end_ptr,
+                                              seq_row_ptr, bt_ptr, bt_stride, RO)
+    r = tl.arange(0, RO)[:, None]
     offs_d = tl.arange(0, DP)[None, :]
-    acc = tl.zeros((BM, DP), tl.float32)
+    acc = tl.zeros((RO, DP), tl.float32)
     for s in range(SPLITS):
-        acc += tl.load(part_ptr + (((w * SPLITS + s) * H + h) * BM + r).to(tl.int64) * D + offs_d,
+        acc += tl.load(part_ptr + (((b * SPLITS + s) * H + h) * RO + r).to(tl.int64) * D + offs_d,
                        mask=offs_d < D, other=0.0)
-    ok = (first + r < end) & (offs_d < D)
-    tl.store(out_ptr + ((out_row + r) * H + h).to(tl.int64) * D + offs_d, acc.to(out_ptr.dtype.element_ty),
-             mask=ok)
+    out_row = row0 + first - start + r
+    tl.store(out_ptr + (out_row * H + h).to(tl.int64) * D + offs_d, acc.to(out_ptr.dtype.element_ty),
+             mask=(first + r <= last) & (offs_d < D))

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .mta_attention import WorkItems, _dot_width, _slots, _work
+from .work_items import WorkItems, cache_slots, dot_width
 
 
 def paged_flash_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, work: WorkItems,
@@ -27,7 +27,7 @@ def paged_flash_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     bm = max(work.block_m, 16) if work.block_m > 1 else 1
     partial = torch.empty(num_work, splits, n_heads, bm, head_dim, dtype=torch.float32, device=q.device)
     stats = torch.empty(2, num_work, splits, n_heads, bm, dtype=torch.float32, device=q.device)
-    meta = dict(H=n_heads, GROUP=n_heads // k_cache.shape[2], D=head_dim, DP=_dot_width(head_dim),
+    meta = dict(H=n_heads, GROUP=n_heads // k_cache.shape[2], D=head_dim, DP=dot_width(head_dim),
                 BM=bm, SPLITS=splits)
     _flash_kernel[(num_work, splits, n_heads)](
         q, k_cache, v_cache, work.block_tables, work.block_tables.stride(0), work.seq_start, work.seq_end,
@@ -38,6 +38,18 @@ def paged_flash_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         partial, stats, out, work.seq_start, work.seq_end, work.seq_row, work.work_seq, work.work_first,
         num_work, TILE=work.block_m, **meta, num_warps=num_warps)
     return out
+
+
+@triton.jit
+def _work(work_seq_ptr, work_first_ptr, seq_start_ptr, seq_end_ptr, seq_row_ptr, bt_ptr, bt_stride, w,
+          BM: tl.constexpr):
+    seq = tl.load(work_seq_ptr + w)
+    first = tl.load(work_first_ptr + w)
+    start = tl.load(seq_start_ptr + seq)
+    end = tl.load(seq_end_ptr + seq)
+    row0 = tl.load(seq_row_ptr + seq)
+    last_row = tl.minimum(first + BM, end) - 1
+    return first, start, end, row0, last_row, bt_ptr + seq.to(tl.int64) * bt_stride
 
 
 @triton.jit
@@ -65,7 +77,7 @@ def _flash_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, bt_stride, seq_start_ptr, seq_end
     for t in range(split * per_split, tl.minimum(split * per_split + per_split, num_tiles)):
         keys = t * BN + tl.arange(0, BN)
         key_ok = keys <= last_row
-        slots = _slots(bt, keys, key_ok, BLOCK_SIZE)
+        slots = cache_slots(bt, keys, key_ok, BLOCK_SIZE)
         kv_offs = (slots * (H // GROUP) + kv_head)[:, None] * D + offs_d[None, :]
         k = tl.load(k_ptr + kv_offs, mask=key_ok[:, None] & dmask, other=0.0)
         v = tl.load(v_ptr + kv_offs, mask=key_ok[:, None] & dmask, other=0.0)

@@ -1,9 +1,9 @@
 """The `triton` attention backend: the same paged K/V/Q cache as the `torch` backend, read by Triton kernels.
 
-Layers with any MTA operation run `kernels.mta_attention` (two passes, all heads of a sequence in one
-program when heads are mixed); plain layers run `kernels.paged_flash` (one online-softmax pass per head).
-A step's sequences form two launches per layer: decode rows (tiles of one row, keys split for parallelism)
-and prompt chunks (tiles of `prefill_block_m` rows). Step metadata is built once and shared by all layers.
+Layers with any MTA operation run `kernels.mta_attention` (a pipeline over fp32 score, logit and
+probability rows); plain layers run `kernels.paged_flash` (one online-softmax pass per head). A step's
+sequences form two launches per layer: decode rows (one row per work item, keys split for parallelism) and
+prompt chunks (groups of `prefill_block_m` rows). Step metadata is built once and shared by all layers.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ class SequenceSpec:
 @dataclass(slots=True)
 class TritonBatch:
     slot_mapping: torch.Tensor  # [N] int64: cache slot of each new token
-    launches: list  # kernels.mta_attention.WorkItems, one per tile height (decode rows, prompt chunks)
+    launches: list  # kernels.work_items.WorkItems, one per tile height (decode rows, prompt chunks)
     num_tokens: int
 
 
@@ -46,16 +46,16 @@ class TritonPagedAttention(TorchPagedAttention):
     """Owns the caches like the torch backend (same layout, same writes); only the attention math differs."""
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device | str, prefill_block_m: int = 16, key_block: int = 64):
+                 device: torch.device | str, prefill_block_m: int = 64):
         super().__init__(cfg, num_blocks, block_size, dtype, device)
         self.device = torch.device(device)
-        self.prefill_block_m, self.key_block = prefill_block_m, key_block
+        self.prefill_block_m = prefill_block_m
         self.num_sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
                         if self.device.type == "cuda" else 2)
         self._params: dict[int, object] = {}
 
     def make_batch(self, slot_mapping: torch.Tensor, specs: list[SequenceSpec]) -> TritonBatch:
-        from .kernels.mta_attention import build_work_items
+        from .kernels.work_items import build_work_items
 
         width = max((len(s.block_ids) for s in specs), default=1)
         tables = torch.tensor([s.block_ids + [0] * (width - len(s.block_ids)) for s in specs],
@@ -73,8 +73,8 @@ class TritonPagedAttention(TorchPagedAttention):
         return TritonBatch(slot_mapping, launches, sum(s.end - s.start for s in specs))
 
     def _num_splits(self, num_sequences: int, max_len: int) -> int:
-        """Enough (sequence, split) programs to fill the GPU twice over, each split >= 256 keys."""
-        wanted = -(-2 * self.num_sms // num_sequences)
+        """Enough (sequence, split) programs for four per SM, each split >= 256 keys."""
+        wanted = -(-4 * self.num_sms // num_sequences)
         return max(1, min(wanted, -(-max_len // 256), 16))
 
     def attend(self, batch: TritonBatch, layer_id: int, attn, q: torch.Tensor, k: torch.Tensor,
@@ -95,7 +95,7 @@ class TritonPagedAttention(TorchPagedAttention):
                 paged_flash_attention(q, self.k_cache[layer_id], self.v_cache[layer_id], work, out)
             else:
                 mta_paged_attention(q, q_cache, self.k_cache[layer_id], self.v_cache[layer_id], params, work,
-                                    out, block_s=self.key_block)
+                                    out)
         return out
 
     def _layer_params(self, layer_id: int, attn):

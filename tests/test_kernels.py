@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from mta_serve.dense_attention import MTAWeights, grouped_head_conv
-from mta_serve.kernels.mta_attention import build_work_items, head_kernel_matrix, layer_params, mta_paged_attention
+from mta_serve.kernels.mta_attention import head_kernel_matrix, layer_params, mta_paged_attention
 from mta_serve.kernels.paged_flash import paged_flash_attention
+from mta_serve.kernels.work_items import build_work_items
 from mta_serve.kernels.reference import paged_attention_reference
 
 H, G, D = 4, 2, 16
@@ -22,6 +23,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels on a
 # shorter than every kernel), and chunks whose window reaches back over a block edge.
 DECODE = [(0, 1), (1, 2), (6, 7), (12, 13), (20, 21)]
 PREFILL = [(0, 2), (0, 11), (5, 9), (10, 21), (3, 4)]
+LONG_DECODE = [(0, 1), (1, 2), (6, 7), (69, 70), (149, 150)]
 
 
 def paged_inputs(seqs, block_size, dtype, device=DEVICE, seed=0, heads=(H, G, D)):
@@ -82,27 +84,30 @@ def window(w: MTAWeights) -> int:
     return sum(k.shape[2] - 1 for k in (w.pre_kernel, w.post_kernel) if k is not None)
 
 
-def run_mta(seqs, weights, block_size, dtype, block_m, splits, block_s=16):
+def run_mta(seqs, weights, block_size, dtype, block_m, splits, key_tile=16, budget_bytes=512 << 20):
     q, qc, kc, vc, tables, starts, ends, rows = paged_inputs(seqs, block_size, dtype)
     reference = paged_attention_reference(q, qc, kc, vc, _on_device(weights), tables, starts, ends, rows,
                                           window(weights))
     work = build_work_items(tables, starts, ends, rows, block_m, splits, DEVICE)
     out = torch.full(q.shape, float("nan"), device=DEVICE)
     mta_paged_attention(q, qc if window(weights) else None, kc, vc, layer_params(weights, DEVICE), work, out,
-                        block_s=block_s)
+                        key_tile=key_tile, budget_bytes=budget_bytes)
     return out, reference
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("tile", ["decode", "prefill"])
 def test_mta_kernel_matches_reference(variant, tile):
-    seqs, block_m, splits = (DECODE, 1, 3) if tile == "decode" else (PREFILL, 4, 2)
-    out, reference = run_mta(seqs, mta_weights(**VARIANTS[variant]), 4, torch.float32, block_m, splits)
+    """Decode: one row per item, contexts up to 150 (several key tiles), keys in 3 splits. Prefill: groups
+    of 4 rows in 2 splits, one item per wave (a 1-byte budget)."""
+    seqs, block_m, splits = (LONG_DECODE, 1, 3) if tile == "decode" else (PREFILL, 4, 2)
+    out, reference = run_mta(seqs, mta_weights(**VARIANTS[variant]), 8, torch.float32, block_m, splits,
+                             budget_bytes=1)
     torch.testing.assert_close(out, reference, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("block_size", [2, 8])
-def test_mta_kernel_block_sizes_and_16_row_tiles(block_size):
+@pytest.mark.parametrize("block_size", [2, 4, 16])
+def test_mta_kernel_block_sizes_and_16_row_groups(block_size):
     out, reference = run_mta(PREFILL + DECODE, mta_weights(**VARIANTS["paper"]), block_size, torch.float32, 16, 1)
     torch.testing.assert_close(out, reference, atol=2e-5, rtol=1e-5)
 
@@ -114,8 +119,8 @@ def test_mta_kernel_fp16():
 
 def test_mta_kernel_one_split_equals_many():
     weights = mta_weights(**VARIANTS["paper"])
-    one, _ = run_mta(DECODE, weights, 4, torch.float32, 1, 1)
-    many, _ = run_mta(DECODE, weights, 4, torch.float32, 1, 4)
+    one, _ = run_mta(LONG_DECODE, weights, 4, torch.float32, 1, 1)
+    many, _ = run_mta(LONG_DECODE, weights, 4, torch.float32, 1, 4)
     torch.testing.assert_close(one, many, atol=1e-6, rtol=1e-6)
 
 
@@ -125,7 +130,7 @@ def test_mta_kernel_writes_only_its_rows():
     weights = mta_weights(**VARIANTS["paper"])
     work = build_work_items(tables, starts, ends, rows, 1, 2, DEVICE, only=[1, 3])
     out = torch.full(q.shape, 7.0, device=DEVICE)
-    mta_paged_attention(q, qc, kc, vc, layer_params(weights, DEVICE), work, out)
+    mta_paged_attention(q, qc, kc, vc, layer_params(weights, DEVICE), work, out, key_tile=16)
     reference = paged_attention_reference(q, qc, kc, vc, _on_device(weights), tables, starts, ends, rows,
                                           window(weights))
     for i in range(len(DECODE)):
@@ -151,3 +156,4 @@ def test_flash_kernel_matches_reference(dtype, tile):
                           block_n=16)
     tol = dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-3, rtol=1e-3)
     torch.testing.assert_close(out, reference.float(), **tol)
+

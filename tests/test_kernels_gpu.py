@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mta_serve.kernels.mta_attention import build_work_items, layer_params, mta_paged_attention
+from mta_serve.kernels.mta_attention import layer_params, mta_paged_attention
+from mta_serve.kernels.work_items import build_work_items
 from mta_serve.kernels.paged_flash import paged_flash_attention
 from mta_serve.kernels.reference import paged_attention_reference
 from test_kernels import _on_device, mta_weights
@@ -42,7 +43,7 @@ def _reference(q, qc, kc, vc, weights, tables, starts, ends, rows, window):
 @pytest.mark.parametrize("layer", ["conv", "mixing"])
 @pytest.mark.parametrize("tile", ["decode", "prefill"])
 def test_mta_kernel_paper_shapes(dtype, shape, layer, tile):
-    seqs, block_m, splits = (DECODE, 1, 8) if tile == "decode" else (PREFILL, 16, 1)
+    seqs, block_m, splits = (DECODE, 1, 8) if tile == "decode" else (PREFILL, 64, 1)
     n_heads, head_dim = SHAPES[shape]
     q, qc, kc, vc, tables, starts, ends, rows = _inputs(seqs, SHAPES[shape], dtype)
     weights = _weights(layer, n_heads)
