@@ -88,7 +88,9 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     rows_o = work.block_m
     rows_s, rows_l = rows_o + cq - 1 + cq2 - 1, rows_o + cq2 - 1
     decode = rows_o == 1
-    bn = key_tile or (64 if (cq > 1 or cq2 > 1) else 128)
+    # Measured on the H200 (benchmarks/kernels.py --sweep); prompt groups use narrow key tiles so that the
+    # [heads, 16 rows, keys] head-mixing product fits in shared memory.
+    bn = key_tile or (32 if not decode else 64 if (cq > 1 or cq2 > 1) else 128)
     length = triton.cdiv(work.max_len, bn) * bn
     per_item = 4 * n_heads * length * (rows_s + rows_l + rows_o)
     wave = num_items if decode else max(1, min(num_items, budget_bytes // per_item))
