@@ -94,13 +94,14 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     length = triton.cdiv(work.max_len, bn) * bn
     per_item = 4 * n_heads * length * (rows_s + rows_l + rows_o)
     wave = num_items if decode else max(1, min(num_items, budget_bytes // per_item))
+    splits = work.num_splits if decode else _prompt_splits(q.device, wave, rows_l, length, bn)
     dummy = torch.empty(1, dtype=torch.float32, device=q.device)
     c = dict(
         H=n_heads, GROUP=n_heads // k_cache.shape[2], D=head_dim, DP=dot_width(head_dim), BN=bn, LENGTH=length,
         BLOCK_SIZE=k_cache.shape[1], HB=triton.next_power_of_2(n_heads), RO=rows_o, R=rows_s, RL=rows_l,
         RT=1 if rows_s == 1 else max(16, min(32, triton.next_power_of_2(rows_s))),
         RLT=min(8, triton.next_power_of_2(rows_l)), RLP=triton.next_power_of_2(rows_l), OT=1 if decode else 16,
-        SPLITS=work.num_splits,
+        SPLITS=splits,
         CQ=cq, CK=ck, PL=left_pad(params.pad_key, ck), CQ2=cq2, CK2=ck2, PL2=left_pad(params.pad_key, ck2),
         PRE_CONV=params.pre_kernel is not None, POST_CONV=params.post_kernel is not None,
         PRE_MIX=params.pre_mix is not None, POST_MIX=params.post_mix is not None,
@@ -111,9 +112,9 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     scores = torch.empty(wave, n_heads, rows_s, length, **f32)
     logits = torch.empty(wave, n_heads, rows_l, length, **f32)
     probs = torch.empty(wave, n_heads, rows_o, length, **f32)
-    stats = torch.empty(2, wave, work.num_splits, n_heads, rows_l, **f32)
+    stats = torch.empty(2, wave, splits, n_heads, rows_l, **f32)
     norms = torch.empty(2, wave, n_heads, rows_l, **f32)
-    partial = torch.empty(wave, work.num_splits, n_heads, rows_o, head_dim, **f32)
+    partial = torch.empty(wave, splits, n_heads, rows_o, head_dim, **f32)
     for item0 in range(0, num_items, wave):
         items = min(wave, num_items - item0)
         seq = dict(item0=item0, bt_ptr=work.block_tables, bt_stride=work.block_tables.stride(0),
@@ -122,6 +123,14 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
         _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, norms, partial, items, seq,
                 weights, c, 1.0 / math.sqrt(head_dim), num_warps)
     return out
+
+
+def _prompt_splits(device: torch.device, items: int, rows_l: int, length: int, key_tile: int) -> int:
+    """Key splits for a wave of prompt groups: its (item, split, 8-row tile) programs should fill every SM
+    four times over, with at least four key tiles per split."""
+    num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    programs = items * triton.cdiv(rows_l, 8)
+    return max(1, min(16, triton.cdiv(4 * num_sms, programs), length // (4 * key_tile)))
 
 
 def _or(t, dummy):

@@ -99,7 +99,7 @@ def run_mta(seqs, weights, block_size, dtype, block_m, splits, key_tile=16, budg
 @pytest.mark.parametrize("tile", ["decode", "prefill"])
 def test_mta_kernel_matches_reference(variant, tile):
     """Decode: one row per item, contexts up to 150 (several key tiles), keys in 3 splits. Prefill: groups
-    of 4 rows in 2 splits, one item per wave (a 1-byte budget)."""
+    of 4 rows, one item per wave (a 1-byte budget), keys split as the kernel chooses."""
     seqs, block_m, splits = (LONG_DECODE, 1, 3) if tile == "decode" else (PREFILL, 4, 2)
     out, reference = run_mta(seqs, mta_weights(**VARIANTS[variant]), 8, torch.float32, block_m, splits,
                              budget_bytes=1)
