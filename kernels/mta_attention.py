@@ -72,12 +72,15 @@ def left_pad(pad_key: str, c_k: int) -> int:
 
 def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: torch.Tensor,
                        v_cache: torch.Tensor, params: MTALayerParams, work: WorkItems, out: torch.Tensor,
-                       key_tile: int | None = None, num_warps: int = 4, budget_bytes: int = 512 << 20
-                       ) -> torch.Tensor:
+                       key_tile: int | None = None, num_warps: int = 4, budget_bytes: int = 512 << 20,
+                       max_len: int | None = None) -> torch.Tensor:
     """Rows of the work items (groups of work.block_m rows) into `out` [N, H, d] (spec steps 0-7).
 
     q [N, H, d]: the step's new queries; q_cache [num_blocks, bs, H, d] or None (no key-query conv);
-    k_cache, v_cache [num_blocks, bs, G, d], already holding the step's tokens.
+    k_cache, v_cache [num_blocks, bs, G, d], already holding the step's tokens. Buffer sizes and grids
+    depend only on the number of work items and `max_len` (default: the longest sequence; pass a fixed
+    bound such as the model's max_seq_len for launches that must keep their shapes, e.g. in a CUDA graph).
+    Nothing here synchronizes with the host.
     """
     num_items = work.work_seq.numel()
     if num_items == 0:
@@ -91,7 +94,7 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     # Measured on the H200 (benchmarks/kernels.py --sweep); prompt groups use narrow key tiles so that the
     # [heads, 16 rows, keys] head-mixing product fits in shared memory.
     bn = key_tile or (32 if not decode else 64 if (cq > 1 or cq2 > 1) else 128)
-    length = triton.cdiv(work.max_len, bn) * bn
+    length = triton.cdiv(max(max_len or 0, work.max_len), bn) * bn
     per_item = 4 * n_heads * length * (rows_s + rows_l + rows_o)
     wave = num_items if decode else max(1, min(num_items, budget_bytes // per_item))
     splits = work.num_splits if decode else _prompt_splits(q.device, wave, rows_l, length, bn)

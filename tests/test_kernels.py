@@ -124,6 +124,19 @@ def test_mta_kernel_one_split_equals_many():
     torch.testing.assert_close(one, many, atol=1e-6, rtol=1e-6)
 
 
+def test_mta_kernel_fixed_max_len_gives_the_same_rows():
+    """A larger static bound (fixed shapes for CUDA graphs) only adds key tiles the kernels skip."""
+    weights = mta_weights(**VARIANTS["paper"])
+    q, qc, kc, vc, tables, starts, ends, rows = paged_inputs(LONG_DECODE, 8, torch.float32)
+    work = build_work_items(tables, starts, ends, rows, 1, 2, DEVICE)
+    outs = []
+    for max_len in (None, 300):
+        out = torch.full(q.shape, float("nan"), device=DEVICE)
+        mta_paged_attention(q, qc, kc, vc, layer_params(weights, DEVICE), work, out, key_tile=16, max_len=max_len)
+        outs.append(out)
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-6)
+
+
 def test_mta_kernel_writes_only_its_rows():
     """Work items for a subset of sequences leave the other rows of `out` untouched."""
     q, qc, kc, vc, tables, starts, ends, rows = paged_inputs(DECODE, 4, torch.float32)
