@@ -1,0 +1,32 @@
+"""benchmarks/throughput.py end to end on the CPU with two tiny models and a tiny workload: it must run
+every part (workload (a), a sweep, the reduced reference-style comparison, the roofline) and write JSON
+whose numbers are consistent with the workload it generated."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_throughput_benchmark_runs_and_reports(tmp_path):
+    out = tmp_path / "throughput.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--models", str(ROOT / "configs" / "tiny.yaml"),
+         str(ROOT / "configs" / "toy_baseline.yaml"), "--device", "cpu", "--num-seqs", "4", "--min-len", "4",
+         "--max-len", "12", "--sweep", "8x4", "--reference-seqs", "2", "--reference-input", "6",
+         "--reference-output", "3", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert len(result["models"]) == 2 and result["copy_bandwidth_gbps"] > 0
+    for model in result["models"]:
+        a = model["workload_a"]
+        assert 4 * 4 <= a["output_tokens"] <= 4 * 12 and a["output_tokens_per_s"] > 0
+        assert a["num_decode_steps"] > 0 and 0 < a["roofline_fraction_decode"]
+        assert model["sweep"][0]["output_tokens"] == 4 * 4 and model["sweep"][0]["input_tokens"] == 4 * 8
+        assert model["reduced"]["reference_style"]["output_tokens"] == 2 * 3 and model["reduced"]["speedup"] > 0
+    ratio = result["models"][0]["workload_a"]["output_tokens_per_s"] / result["models"][1]["workload_a"][
+        "output_tokens_per_s"]
+    assert abs(result["ratio_first_to_second_workload_a"] - ratio) < 1e-9
