@@ -1,11 +1,12 @@
 """Online serving benchmark: an async load generator against a live OpenAI-compatible server.
 
 For each request rate (Poisson arrivals; `inf` sends everything at once) and each client-side concurrency
-cap, it sends --num-prompts streaming /v1/completions requests of random token-id prompts of --input-len
-tokens, each generating exactly --output-len tokens (ignore_eos), and reports, with the definitions of
+cap, it sends --num-prompts streaming /v1/completions requests (random token-id prompts of --input-len
+tokens, or --dataset toy: the toy task's test prompts), each generating exactly --output-len tokens
+(ignore_eos), and reports, with the definitions of
 `vllm bench serve`:
 
-- TTFT: time from sending a request to its first streamed token;
+- TTFT: time from sending a request to its first streamed chunk;
 - TPOT: per request, (E2EL - TTFT) / (output tokens - 1), requests with more than one output token;
 - ITL: the gaps between consecutive streamed chunks of a request, over all requests;
 - E2EL: time from sending a request to the end of its response;
@@ -38,7 +39,7 @@ PERCENTILES = (50, 90, 95, 99)
 @dataclass
 class RequestRecord:
     sent: float
-    chunk_times: list[float] = field(default_factory=list)  # arrival of each chunk with text
+    chunk_times: list[float] = field(default_factory=list)  # arrival of each chunk carrying a choice
     end: float | None = None  # when the response was complete (after [DONE])
     output_tokens: int = 0
     prompt_tokens: int = 0
@@ -65,7 +66,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def summarize(records: list[RequestRecord], duration: float, goodput: dict[str, float]) -> dict:
     """vllm-bench-serve metrics of one run, times in ms."""
-    ok = [r for r in records if r.error is None and r.chunk_times]
+    ok = [r for r in records if r.error is None and r.end is not None and r.chunk_times]
     ttft = [r.ttft * 1e3 for r in ok]
     tpot = [(r.e2el - r.ttft) * 1e3 / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
     itl = [(b - a) * 1e3 for r in ok for a, b in zip(r.chunk_times, r.chunk_times[1:])]
@@ -90,7 +91,7 @@ def _meets(r: RequestRecord, targets: dict[str, float]) -> bool:
     return all(values[k] * 1e3 <= limit for k, limit in targets.items())
 
 
-async def _send(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], output_len: int,
+async def _send(client: httpx.AsyncClient, url: str, model: str, prompt: list[int] | str, output_len: int,
                 record: RequestRecord) -> None:
     body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
@@ -110,14 +111,14 @@ async def _send(client: httpx.AsyncClient, url: str, model: str, prompt: list[in
                 if event.get("usage") and not event["choices"]:
                     record.output_tokens = event["usage"]["completion_tokens"]
                     record.prompt_tokens = event["usage"]["prompt_tokens"]
-                elif event["choices"] and event["choices"][0].get("text"):
+                elif event["choices"]:  # like vllm bench serve: every choice chunk, even with empty text
                     record.chunk_times.append(time.perf_counter())
             record.end = time.perf_counter()
     except httpx.HTTPError as exc:
         record.error = type(exc).__name__
 
 
-async def run(url: str, model: str, prompts: list[list[int]], output_len: int, rate: float,
+async def run(url: str, model: str, prompts: list[list[int]] | list[str], output_len: int, rate: float,
               concurrency: int, seed: int = 0) -> tuple[list[RequestRecord], float]:
     """Send every prompt (Poisson arrivals at `rate` per second; at most `concurrency` in flight, 0 = no
     cap); return the records and the wall time."""
@@ -195,6 +196,8 @@ def main() -> int:
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--vocab", type=int, default=256, help="prompt token ids are drawn from [0, vocab)")
+    p.add_argument("--dataset", choices=["random", "toy"], default="random",
+                   help="random token ids, or the toy task's test prompts (text; --input-len is ignored)")
     p.add_argument("--request-rate", type=float, nargs="+", default=[float("inf")])
     p.add_argument("--max-concurrency", type=int, nargs="+", default=[0], help="0 = no cap")
     p.add_argument("--goodput", nargs="*", default=[], metavar="METRIC:MS")
@@ -203,7 +206,12 @@ def main() -> int:
     p.add_argument("--plot", help="write latency-vs-throughput plots as PNG")
     args = p.parse_args()
     targets = parse_goodput(args.goodput)
-    prompts = random_prompts(args.num_prompts, args.input_len, args.vocab, args.seed)
+    if args.dataset == "toy":
+        from mta_serve import toy_task
+
+        prompts = [s.prompt for s in toy_task.test_set(args.num_prompts)]
+    else:
+        prompts = random_prompts(args.num_prompts, args.input_len, args.vocab, args.seed)
     rows = []
     for rate in args.request_rate:
         for conc in args.max_concurrency:

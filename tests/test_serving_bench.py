@@ -17,8 +17,8 @@ import serving  # noqa: E402
 
 
 def test_metrics_follow_vllm_bench_serve_definitions():
-    a = serving.RequestRecord(sent=0.0, chunk_times=[0.1, 0.2, 0.4], output_tokens=3, prompt_tokens=10)
-    b = serving.RequestRecord(sent=1.0, chunk_times=[1.3, 1.4], output_tokens=2, prompt_tokens=10)
+    a = serving.RequestRecord(sent=0.0, chunk_times=[0.1, 0.2, 0.4], end=0.4, output_tokens=3, prompt_tokens=10)
+    b = serving.RequestRecord(sent=1.0, chunk_times=[1.3, 1.4], end=1.4, output_tokens=2, prompt_tokens=10)
     failed = serving.RequestRecord(sent=2.0, error="HTTP 500")
     m = serving.summarize([a, b, failed], duration=2.0, goodput={"ttft": 200.0})
     assert (m["completed"], m["failed"]) == (2, 1)
