@@ -15,8 +15,9 @@ keep, per head, the rows the convolutions need over the keys 0..p1-1:
 
 K is read once (stage 1), V once (stage 4). The rows in between are fp32, so the result is the reference's
 up to summation order. Extra memory is O(items x heads x rows x context): for decode O(batch x heads x
-context); prompt groups are run in waves whose buffers fit `budget_bytes`, so a long prompt never holds a
-T x T map.
+context); items run in waves whose buffers fit `budget_bytes`, so a long prompt never holds a T x T map
+and a large decode batch never more than the budget. The context length is a runtime argument: new lengths
+do not compile new kernels.
 """
 from __future__ import annotations
 
@@ -96,7 +97,7 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     bn = key_tile or (32 if not decode else 64 if (cq > 1 or cq2 > 1) else 128)
     length = triton.cdiv(max(max_len or 0, work.max_len), bn) * bn
     per_item = 4 * n_heads * length * (rows_s + rows_l + rows_o)
-    wave = num_items if decode else max(1, min(num_items, budget_bytes // per_item))
+    wave = max(1, min(num_items, budget_bytes // per_item))
     splits = work.num_splits if decode else _prompt_splits(q.device, wave, rows_l, length, bn)
     dummy = torch.empty(1, dtype=torch.float32, device=q.device)
     c = dict(
@@ -185,7 +186,7 @@ def _key_tiles(last_key, split, BN: tl.constexpr, SPLITS: tl.constexpr):
 @triton.jit
 def _scores_kernel(q_ptr, qc_ptr, k_ptr, s_ptr, sm_scale, item0, bt_ptr, bt_stride, seq_start_ptr, seq_end_ptr,
                    seq_row_ptr, work_seq_ptr, work_first_ptr, H: tl.constexpr, GROUP: tl.constexpr,
-                   D: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr, LENGTH: tl.constexpr,
+                   D: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr, LENGTH,
                    BLOCK_SIZE: tl.constexpr, RO: tl.constexpr, R: tl.constexpr, RT: tl.constexpr,
                    QCACHE: tl.constexpr, FP32: tl.constexpr):
     """S[i, h, r, j] = q . k / sqrt(d) of row first - W + r and key j, 0 unless 0 <= j <= row."""
@@ -237,7 +238,7 @@ def _mix(w_ptr, x, H: tl.constexpr, HB: tl.constexpr, RT: tl.constexpr, BN: tl.c
 @triton.jit
 def _logits_kernel(s_ptr, l_ptr, stats_ptr, pre_w_ptr, post_w_ptr, pre_mix_ptr, post_mix_ptr, item0, bt_ptr,
                    bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr, work_seq_ptr, work_first_ptr,
-                   H: tl.constexpr, BN: tl.constexpr, LENGTH: tl.constexpr, HB: tl.constexpr, RO: tl.constexpr,
+                   H: tl.constexpr, BN: tl.constexpr, LENGTH, HB: tl.constexpr, RO: tl.constexpr,
                    R: tl.constexpr, RL: tl.constexpr, RLT: tl.constexpr, SPLITS: tl.constexpr,
                    CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr, PRE_CONV: tl.constexpr,
                    PRE_MIX: tl.constexpr):
@@ -308,7 +309,7 @@ def _normalizers_kernel(stats_ptr, norm_ptr, item0, H: tl.constexpr, RL: tl.cons
 @triton.jit
 def _probs_kernel(l_ptr, norm_ptr, p_ptr, pre_w_ptr, post_w_ptr, pre_mix_ptr, post_mix_ptr, item0, bt_ptr,
                   bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr, work_seq_ptr, work_first_ptr,
-                  H: tl.constexpr, BN: tl.constexpr, LENGTH: tl.constexpr, HB: tl.constexpr, RO: tl.constexpr,
+                  H: tl.constexpr, BN: tl.constexpr, LENGTH, HB: tl.constexpr, RO: tl.constexpr,
                   RL: tl.constexpr, OT: tl.constexpr, SPLITS: tl.constexpr, CQ2: tl.constexpr,
                   CK2: tl.constexpr, PL2: tl.constexpr, POST_CONV: tl.constexpr, POST_MIX: tl.constexpr):
     """P' rows first + r over this split's keys: normalized probabilities -> post-conv -> post-mix."""
@@ -349,7 +350,7 @@ def _probs_kernel(l_ptr, norm_ptr, p_ptr, pre_w_ptr, post_w_ptr, pre_mix_ptr, po
 @triton.jit
 def _pv_kernel(p_ptr, v_ptr, part_ptr, item0, bt_ptr, bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr,
                work_seq_ptr, work_first_ptr, H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
-               DP: tl.constexpr, BN: tl.constexpr, LENGTH: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+               DP: tl.constexpr, BN: tl.constexpr, LENGTH, BLOCK_SIZE: tl.constexpr,
                RO: tl.constexpr, OT: tl.constexpr, SPLITS: tl.constexpr):
     """This split's sum over keys of P'[h, row, j] v_j for one head and row tile."""
     b, h = tl.program_id(0), tl.program_id(1)

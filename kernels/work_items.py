@@ -26,6 +26,8 @@ class WorkItems:
 def build_work_items(block_tables: torch.Tensor, starts: list[int], ends: list[int], rows: list[int],
                      block_m: int, num_splits: int, device, only: list[int] | None = None) -> WorkItems:
     """Tiles of block_m rows covering positions [start, end) of every sequence (or of those in `only`)."""
+    if block_m < 1 or block_m & (block_m - 1):
+        raise ValueError(f"block_m={block_m}: the kernels need a power of two")
     work_seq, work_first = [], []
     chosen = range(len(starts)) if only is None else only
     for i in chosen:

@@ -19,16 +19,20 @@ class Sampler:
 
     @torch.no_grad()
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> list[tuple[int, TokenLogprob | None]]:
-        """logits [B, vocab] (fp32), one row per request -> (token id, logprob record if asked) per request."""
-        out = []
+        """logits [B, vocab] (fp32), one row per request -> (token id, logprob record if asked) per request.
+
+        Plain greedy rows (no bias, masks or penalties: the common case) are decided together on the
+        logits' device with one transfer to the host; the others one by one."""
         raw_logprobs = torch.log_softmax(logits.float(), dim=-1)
+        tokens: list[int | None] = [None] * len(requests)
+        plain = [i for i, r in enumerate(requests) if _plain_greedy(r)]
+        if plain:
+            for i, token in zip(plain, torch.argmax(logits[plain], dim=-1).tolist()):
+                tokens[i] = token
         for row, request in enumerate(requests):
-            token = self._sample_one(logits[row].float().clone(), request)
-            record = None
-            if request.params.logprobs is not None:
-                record = logprob_record(raw_logprobs[row], token, request.params.logprobs)
-            out.append((token, record))
-        return out
+            if tokens[row] is None:
+                tokens[row] = self._sample_one(logits[row].float().clone(), request)
+        return list(zip(tokens, logprob_records(raw_logprobs, tokens, requests)))
 
     def _sample_one(self, logits: torch.Tensor, request: Request) -> int:
         params = request.params
@@ -80,6 +84,30 @@ def filtered_probs(logits: torch.Tensor, top_k: int, top_p: float, min_p: float)
     if min_p > 0:
         probs = probs.masked_fill(probs < min_p * probs.max(), 0.0)
     return probs / probs.sum()
+
+
+def _plain_greedy(request: Request) -> bool:
+    params = request.params
+    return (params.greedy and not params.logit_bias and request.num_output_tokens >= params.min_tokens
+            and not params.presence_penalty and not params.frequency_penalty and params.repetition_penalty == 1.0)
+
+
+def logprob_records(logprobs: torch.Tensor, tokens: list[int],
+                    requests: list[Request]) -> list[TokenLogprob | None]:
+    """logprobs [B, vocab]: the records of the rows whose request asks for logprobs, read back at once."""
+    rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+    records: list[TokenLogprob | None] = [None] * len(requests)
+    if not rows:
+        return records
+    top_n = max(requests[i].params.logprobs for i in rows)
+    chosen = logprobs[rows, [tokens[i] for i in rows]].tolist()
+    values, ids = torch.topk(logprobs[rows], top_n) if top_n > 0 else (logprobs[rows, :0], logprobs[rows, :0])
+    values, ids = values.tolist(), ids.tolist()
+    for k, i in enumerate(rows):
+        n = requests[i].params.logprobs
+        top = {int(t): float(v) for t, v in zip(ids[k][:n], values[k][:n])}
+        records[i] = TokenLogprob(tokens[i], float(chosen[k]), top)
+    return records
 
 
 def logprob_record(logprobs: torch.Tensor, token: int, top_n: int) -> TokenLogprob:

@@ -170,3 +170,23 @@ def test_flash_kernel_matches_reference(dtype, tile):
     tol = dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-3, rtol=1e-3)
     torch.testing.assert_close(out, reference.float(), **tol)
 
+
+
+@pytest.mark.parametrize("tile", ["decode", "prefill"])
+def test_mta_kernel_ten_heads_gqa_head_dim_96_nan_poisoned_cache(tile):
+    """The 550M head count (10, padded to 16: the tl.dot head-mixing branch) with GQA and a head size that
+    is not a power of two; cache blocks no sequence owns hold NaN, so reading one would show."""
+    heads = (10, 5, 96)
+    seqs, block_m = ([(0, 1), (6, 7), (40, 41)], 1) if tile == "decode" else ([(0, 9), (20, 37)], 16)
+    weights = mta_weights(pre=(3, 5), post=(2, 3), wpsm=True, head_kernel=10, n_heads=10)
+    q, qc, kc, vc, tables, starts, ends, rows = paged_inputs(seqs, 4, torch.float32, heads=heads)
+    unused = torch.ones(kc.shape[0], dtype=torch.bool, device=DEVICE)
+    unused[tables.flatten().long()] = False
+    for cache in (qc, kc, vc):
+        cache[unused] = float("nan")
+    reference = paged_attention_reference(q, qc, kc, vc, _on_device(weights), tables, starts, ends, rows,
+                                          window(weights))
+    out = torch.full(q.shape, float("nan"), device=DEVICE)
+    mta_paged_attention(q, qc, kc, vc, layer_params(weights, DEVICE),
+                        build_work_items(tables, starts, ends, rows, block_m, 2, DEVICE), out, key_tile=16)
+    torch.testing.assert_close(out, reference, atol=3e-5, rtol=1e-5)

@@ -161,3 +161,36 @@ def test_requests_that_can_never_fit_are_rejected(model):
     with pytest.raises(RequestError, match="already in use"):
         eng.add_request("ok", [1, 2], SamplingParams(max_tokens=2))
     assert [r.request_id for r in eng.scheduler.waiting] == ["ok"]  # rejected requests were never queued
+
+
+def test_batched_greedy_rows_equal_the_row_by_row_path():
+    """The sampler decides plain greedy rows together; each row must get what sampling it alone gives, in a
+    batch mixing plain greedy, biased, penalized, min_tokens-masked and sampled requests."""
+    from mta_serve.sampler import Sampler, logprob_record
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, VOCAB, generator=g)
+    logits[0, 5] = logits[0, 9] = logits[0].max() + 1  # a tie: the first index wins either way
+    kinds = [dict(temperature=0, logprobs=3), dict(temperature=0), dict(temperature=0, logit_bias={7: 100}),
+             dict(temperature=0, repetition_penalty=1.5, logprobs=0), dict(temperature=0, min_tokens=2),
+             dict(temperature=0.8, seed=1, logprobs=5)]
+    requests = []
+    for i, kind in enumerate(kinds):
+        request = Request(f"r{i}", [1, 2, 3], SamplingParams(max_tokens=4, **kind), eos_token_id=EOS)
+        request.token_ids = [1, 2, 3]
+        if request.params.seed is not None:
+            request.generator = torch.Generator().manual_seed(request.params.seed)
+        requests.append(request)
+    batched = Sampler(seed=0).sample(logits, requests)
+    requests[5].generator.manual_seed(1)
+    raw = torch.log_softmax(logits, dim=-1)
+    for row, request in enumerate(requests):
+        alone_token, alone_record = Sampler(seed=0).sample(logits[row:row + 1], [request])[0]
+        if request.generator is not None:
+            request.generator.manual_seed(1)
+        assert batched[row][0] == alone_token
+        if request.params.logprobs is None:
+            assert batched[row][1] is None
+        else:
+            assert batched[row][1] == logprob_record(raw[row], alone_token, request.params.logprobs)
+    assert batched[0][0] == 5 and batched[2][0] == 7
