@@ -76,7 +76,8 @@ class StepRecorder:
     """Wraps the engine's step: wall time and roofline bytes of every step."""
 
     def __init__(self, llm: LLM, weight_bytes: int, kv_bytes_per_token: int, device: torch.device):
-        self.engine, self.weight_bytes, self.kv_bytes, self.device = llm.engine, weight_bytes, kv_bytes_per_token, device
+        self.engine, self.device = llm.engine, device
+        self.weight_bytes, self.kv_bytes = weight_bytes, kv_bytes_per_token
         self.steps: list[tuple[float, int, bool]] = []  # (seconds, bytes that must move, decode only)
         inner_execute = self.engine.runner.execute
         self._scheduled = None

@@ -159,6 +159,15 @@ def _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, nor
 
 
 # ---- device code --------------------------------------------------------------------------------------
+# Arguments shared by the kernels (items = the wave's work items, fp32 unless noted):
+#   q_ptr [N, H, D] (cache dtype): the step's queries    qc_ptr [blocks, BLOCK_SIZE, H, D]: the query cache
+#   k_ptr, v_ptr [blocks, BLOCK_SIZE, H / GROUP, D]       bt_ptr [seqs, bt_stride] int32: block tables
+#   seq_start_ptr, seq_end_ptr, seq_row_ptr [seqs] int32  work_seq_ptr, work_first_ptr [all items] int32
+#   s_ptr [items, H, R, LENGTH]: scores                   l_ptr [items, H, RL, LENGTH]: logits
+#   p_ptr [items, H, RO, LENGTH]: P'                      stats_ptr [2, items, SPLITS, H, RL]: max, sum exp
+#   norm_ptr [2, items, H, RL]: max, 1 / sum exp          part_ptr [items, SPLITS, H, RO, D]: partial P'V
+#   pre_w_ptr [H, CQ, CK], post_w_ptr [H, CQ2, CK2]       pre_mix_ptr, post_mix_ptr [H, H] (out, in)
+#   out_ptr [N, H, D] (the output's dtype); item0: the wave's first work item
 
 @triton.jit
 def _item(item0, work_seq_ptr, work_first_ptr, seq_start_ptr, seq_end_ptr, seq_row_ptr, bt_ptr, bt_stride,
@@ -175,7 +184,7 @@ def _item(item0, work_seq_ptr, work_first_ptr, seq_start_ptr, seq_end_ptr, seq_r
 
 
 @triton.jit
-def _key_tiles(last_key, split, BN: tl.constexpr, SPLITS: tl.constexpr):
+def _key_tiles(last_key, split, BN: tl.constexpr, SPLITS):
     """This split's share [t0, t1) of the key tiles covering keys 0..last_key."""
     num_tiles = tl.cdiv(last_key + 1, BN)
     per_split = tl.cdiv(num_tiles, SPLITS)
@@ -239,7 +248,7 @@ def _mix(w_ptr, x, H: tl.constexpr, HB: tl.constexpr, RT: tl.constexpr, BN: tl.c
 def _logits_kernel(s_ptr, l_ptr, stats_ptr, pre_w_ptr, post_w_ptr, pre_mix_ptr, post_mix_ptr, item0, bt_ptr,
                    bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr, work_seq_ptr, work_first_ptr,
                    H: tl.constexpr, BN: tl.constexpr, LENGTH, HB: tl.constexpr, RO: tl.constexpr,
-                   R: tl.constexpr, RL: tl.constexpr, RLT: tl.constexpr, SPLITS: tl.constexpr,
+                   R: tl.constexpr, RL: tl.constexpr, RLT: tl.constexpr, SPLITS,
                    CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr, PRE_CONV: tl.constexpr,
                    PRE_MIX: tl.constexpr):
     """L rows first - (c_q'-1) + r over this split's keys (steps 2-4 before the softmax), with max and sum."""
@@ -284,7 +293,7 @@ def _logits_kernel(s_ptr, l_ptr, stats_ptr, pre_w_ptr, post_w_ptr, pre_mix_ptr, 
 
 
 @triton.jit
-def _normalizers_kernel(stats_ptr, norm_ptr, item0, H: tl.constexpr, RL: tl.constexpr, SPLITS: tl.constexpr,
+def _normalizers_kernel(stats_ptr, norm_ptr, item0, H: tl.constexpr, RL: tl.constexpr, SPLITS,
                         RLP: tl.constexpr):
     """Per logit row: the max over splits and 1 / (sum of exp); rows without keys get (0, 0)."""
     b, h = tl.program_id(0), tl.program_id(1)
@@ -302,7 +311,8 @@ def _normalizers_kernel(stats_ptr, norm_ptr, item0, H: tl.constexpr, RL: tl.cons
         l += tl.where(m_s == float("-inf"), 0.0, tl.load(stats_ptr + sums + offs, mask=ok, other=0.0)
                       * tl.exp(m_s - m))
     tl.store(norm_ptr + (b * H + h) * RL + r, m, mask=ok)
-    tl.store(norm_ptr + tl.num_programs(0) * H * RL + (b * H + h) * RL + r, tl.where(l == 0.0, 0.0, 1.0 / tl.where(l == 0.0, 1.0, l)),
+    inv_l = tl.where(l == 0.0, 0.0, 1.0 / tl.where(l == 0.0, 1.0, l))
+    tl.store(norm_ptr + tl.num_programs(0) * H * RL + (b * H + h) * RL + r, inv_l,
              mask=ok)
 
 
@@ -310,7 +320,7 @@ def _normalizers_kernel(stats_ptr, norm_ptr, item0, H: tl.constexpr, RL: tl.cons
 def _probs_kernel(l_ptr, norm_ptr, p_ptr, pre_w_ptr, post_w_ptr, pre_mix_ptr, post_mix_ptr, item0, bt_ptr,
                   bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr, work_seq_ptr, work_first_ptr,
                   H: tl.constexpr, BN: tl.constexpr, LENGTH, HB: tl.constexpr, RO: tl.constexpr,
-                  RL: tl.constexpr, OT: tl.constexpr, SPLITS: tl.constexpr, CQ2: tl.constexpr,
+                  RL: tl.constexpr, OT: tl.constexpr, SPLITS, CQ2: tl.constexpr,
                   CK2: tl.constexpr, PL2: tl.constexpr, POST_CONV: tl.constexpr, POST_MIX: tl.constexpr):
     """P' rows first + r over this split's keys: normalized probabilities -> post-conv -> post-mix."""
     b, split, row_tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -351,7 +361,7 @@ def _probs_kernel(l_ptr, norm_ptr, p_ptr, pre_w_ptr, post_w_ptr, pre_mix_ptr, po
 def _pv_kernel(p_ptr, v_ptr, part_ptr, item0, bt_ptr, bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr,
                work_seq_ptr, work_first_ptr, H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
                DP: tl.constexpr, BN: tl.constexpr, LENGTH, BLOCK_SIZE: tl.constexpr,
-               RO: tl.constexpr, OT: tl.constexpr, SPLITS: tl.constexpr):
+               RO: tl.constexpr, OT: tl.constexpr, SPLITS):
     """This split's sum over keys of P'[h, row, j] v_j for one head and row tile."""
     b, h = tl.program_id(0), tl.program_id(1)
     split, row_tile = tl.program_id(2) % SPLITS, tl.program_id(2) // SPLITS
@@ -381,7 +391,7 @@ def _pv_kernel(p_ptr, v_ptr, part_ptr, item0, bt_ptr, bt_stride, seq_start_ptr, 
 @triton.jit
 def _sum_splits_kernel(part_ptr, out_ptr, item0, bt_ptr, bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr,
                        work_seq_ptr, work_first_ptr, H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                       RO: tl.constexpr, SPLITS: tl.constexpr):
+                       RO: tl.constexpr, SPLITS):
     """Output rows of one item and head: the sum of its splits (each already normalized)."""
     b, h = tl.program_id(0), tl.program_id(1)
     first, start, end, row0, last, bt = _item(item0, work_seq_ptr, work_first_ptr, seq_start_ptr, seq_end_ptr,

@@ -57,7 +57,7 @@ def _flash_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, bt_stride, seq_start_ptr, seq_end
                   work_seq_ptr, work_first_ptr, part_ptr, stats_ptr, num_work, sm_scale,
                   BLOCK_SIZE: tl.constexpr, BN: tl.constexpr, TILE: tl.constexpr, FP32: tl.constexpr,
                   H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr,
-                  SPLITS: tl.constexpr):
+                  SPLITS):
     """One (tile, split, head): online softmax over the split's keys; rows [BM] (>= TILE, padded for dot)."""
     w, split, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     first, start, end, row0, last_row, bt = _work(work_seq_ptr, work_first_ptr, seq_start_ptr, seq_end_ptr,
@@ -110,7 +110,7 @@ def _flash_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, bt_stride, seq_start_ptr, seq_end
 @triton.jit
 def _flash_combine_kernel(part_ptr, stats_ptr, out_ptr, seq_start_ptr, seq_end_ptr, seq_row_ptr, work_seq_ptr,
                           work_first_ptr, num_work, TILE: tl.constexpr, H: tl.constexpr, GROUP: tl.constexpr,
-                          D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, SPLITS: tl.constexpr):
+                          D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, SPLITS):
     """Merge the splits' (acc, max, sum) of one tile and head into normalized output rows."""
     w, h = tl.program_id(0), tl.program_id(1)
     seq = tl.load(work_seq_ptr + w)

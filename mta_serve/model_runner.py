@@ -70,6 +70,8 @@ class ModelRunner:
         self.backend_name = resolve_backend(backend, self.device)
         kind = TritonPagedAttention if self.backend_name == "triton" else TorchPagedAttention
         self.backend = kind(model.cfg, num_blocks, kv.block_size, model.tok_embeddings.weight.dtype, self.device)
+        if self.backend_name == "triton" and self.device.type == "cuda":
+            self.backend.warm_up(model)  # compile the kernels now, not during the first requests
 
     @torch.no_grad()
     def execute(self, scheduled: list[ScheduledRequest]) -> StepLogits:

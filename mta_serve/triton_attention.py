@@ -98,6 +98,41 @@ class TritonPagedAttention(TorchPagedAttention):
                                     out)
         return out
 
+    @torch.no_grad()
+    def warm_up(self, model) -> int:
+        """Run every kernel variant the model needs once — decode rows (one and several key splits) and a
+        prompt chunk, per distinct layer kind — on throwaway inputs, so that no request waits for Triton's
+        compiler. Reads block 0 of the cache, writes nothing to it. Returns the number of layer kinds."""
+        from .kernels.mta_attention import mta_paged_attention
+        from .kernels.paged_flash import paged_flash_attention
+        from .kernels.work_items import build_work_items
+
+        cfg, kinds = self.cfg, set()
+        prompt_len = self.prefill_block_m + 1
+        tables = torch.zeros(2, -(-prompt_len // self.block_size), dtype=torch.int32, device=self.device)
+        q = torch.zeros(prompt_len + 1, cfg.n_heads, cfg.head_dim, dtype=self.k_cache[0].dtype, device=self.device)
+        out = torch.empty(q.shape, dtype=torch.promote_types(q.dtype, torch.float32), device=self.device)
+        # sequence 0: a whole prompt (two row groups); sequence 1: one decode row, keys in 1 and in 2 splits
+        shapes = ((0, self.prefill_block_m, 1), (1, 1, 1), (1, 1, 2))
+        launches = [build_work_items(tables, [0, prompt_len - 1], [prompt_len, prompt_len], [0, prompt_len],
+                                     block_m, splits, self.device, only=[seq]) for seq, block_m, splits in shapes]
+        for layer_id, layer in enumerate(model.layers):
+            params = self._layer_params(layer_id, layer.attention)
+            kind = None if params is None else (
+                tuple(None if t is None else tuple(t.shape) for t in (params.pre_kernel, params.post_kernel,
+                                                                      params.pre_mix, params.post_mix)),
+                params.pad_key)
+            if kind in kinds:
+                continue
+            kinds.add(kind)
+            for work in launches:
+                if params is None:
+                    paged_flash_attention(q, self.k_cache[layer_id], self.v_cache[layer_id], work, out)
+                else:
+                    mta_paged_attention(q, self.q_cache[layer_id], self.k_cache[layer_id], self.v_cache[layer_id],
+                                        params, work, out)
+        return len(kinds)
+
     def _layer_params(self, layer_id: int, attn):
         """The layer's MTA weights in kernel form (None for a plain layer), converted once."""
         from .kernels.mta_attention import layer_params

@@ -69,3 +69,29 @@ def test_backend_resolution(monkeypatch):
 def test_attention_backend_is_validated():
     with pytest.raises(ValueError, match="attention_backend"):
         CacheConfig(attention_backend="flash")
+
+
+def test_warm_up_runs_every_layer_kind_and_leaves_the_engine_exact():
+    """warm_up (run at engine start on CUDA) touches one layer per kind — here a conv layer, a mixing-only
+    layer — and must not change what the engine computes afterwards."""
+    cfg = ModelConfig(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, max_seq_len=64,
+                      mta=MODELS["paper_variants"])
+    model = build_model(cfg, seed=3, mta_init="random", device="cuda" if torch.cuda.is_available() else "cpu")
+    engine = LLMEngine(model, None, CacheConfig(block_size=4, num_blocks=32, attention_backend="triton"),
+                       SchedulerConfig())
+    assert engine.runner.backend.warm_up(model) == 2
+    params = SamplingParams(max_tokens=4, temperature=0, logprobs=0, ignore_eos=True)
+    engine.add_request("a", PROMPTS[0], params)
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+    reference = _generate_one(model, PROMPTS[0])
+    assert outs[0].token_ids == reference.token_ids
+
+
+def _generate_one(model, prompt):
+    engine = LLMEngine(model, None, CacheConfig(block_size=4, num_blocks=32, attention_backend="torch"),
+                       SchedulerConfig())
+    engine.add_request("a", prompt, SamplingParams(max_tokens=4, temperature=0, logprobs=0, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+    return outs[0]
