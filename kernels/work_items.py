@@ -23,21 +23,30 @@ class WorkItems:
     max_len: int  # the longest sequence among the work items
 
 
-def build_work_items(block_tables: torch.Tensor, starts: list[int], ends: list[int], rows: list[int],
-                     block_m: int, num_splits: int, device, only: list[int] | None = None) -> WorkItems:
-    """Tiles of block_m rows covering positions [start, end) of every sequence (or of those in `only`)."""
+def tile_rows(starts: list[int], ends: list[int], block_m: int,
+              only: list[int] | None = None) -> tuple[list[int], list[int]]:
+    """(work_seq, work_first): tiles of block_m rows covering positions [start, end) of every sequence (or
+    of those in `only`)."""
     if block_m < 1 or block_m & (block_m - 1):
         raise ValueError(f"block_m={block_m}: the kernels need a power of two")
     work_seq, work_first = [], []
-    chosen = range(len(starts)) if only is None else only
-    for i in chosen:
+    for i in range(len(starts)) if only is None else only:
         for first in range(starts[i], ends[i], block_m):
             work_seq.append(i)
             work_first.append(first)
+    return work_seq, work_first
+
+
+def build_work_items(block_tables: torch.Tensor, starts: list[int], ends: list[int], rows: list[int],
+                     block_m: int, num_splits: int, device, only: list[int] | None = None) -> WorkItems:
+    """WorkItems of tile_rows(...), each array its own upload (tests and benchmarks; the engine packs a
+    step's arrays into one upload, triton_attention.StepUploader)."""
+    work_seq, work_first = tile_rows(starts, ends, block_m, only)
 
     def i32(values):
         return torch.tensor(values, dtype=torch.int32, device=device)
 
+    chosen = range(len(starts)) if only is None else only
     return WorkItems(block_tables, i32(starts), i32(ends), i32(rows), i32(work_seq), i32(work_first),
                      block_m, num_splits, max((ends[i] for i in chosen), default=0))
 

@@ -83,13 +83,12 @@ class ModelRunner:
             tokens.extend(s.request.token_ids[s.start:s.end])
             positions.extend(range(s.start, s.end))
             slots.extend(self.kv.slot(rid, p) for p in range(s.start, s.end))
-        batch = self.backend.make_batch(torch.tensor(slots, dtype=torch.long, device=self.device), specs)
+        tokens_t, positions_t, batch = self.backend.prepare(tokens, positions, slots, specs)
 
         def attend(layer_id, attn, q, k, v):
             return self.backend.attend(batch, layer_id, attn, q, k, v)
 
-        hidden = self.model(torch.tensor(tokens, device=self.device),
-                            torch.tensor(positions, device=self.device), attend)
+        hidden = self.model(tokens_t, positions_t, attend)
         return self._logits(scheduled, specs, hidden)
 
     def _logits(self, scheduled, sequences, hidden: torch.Tensor) -> StepLogits:

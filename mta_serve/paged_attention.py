@@ -64,6 +64,12 @@ class TorchPagedAttention:
                         for i in range(cfg.n_layers)]
         self.windows = [query_window(cfg, i) for i in range(cfg.n_layers)]
 
+    def prepare(self, tokens: list[int], positions: list[int], slots: list[int], specs):
+        """A step's inputs on the device: (tokens [N], positions [N], PagedBatch)."""
+        device = self.k_cache[0].device
+        batch = self.make_batch(torch.tensor(slots, dtype=torch.long, device=device), specs)
+        return torch.tensor(tokens, device=device), torch.tensor(positions, device=device), batch
+
     def make_batch(self, slot_mapping: torch.Tensor, specs) -> PagedBatch:
         """A step's batch from its sequences (triton_attention.SequenceSpec: start, end, row, block_ids)."""
         return PagedBatch(slot_mapping, [

@@ -3,7 +3,8 @@
 Layers with any MTA operation run `kernels.mta_attention` (a pipeline over fp32 score, logit and
 probability rows); plain layers run `kernels.paged_flash` (one online-softmax pass per head). A step's
 sequences form two launches per layer: decode rows (one row per work item, keys split for parallelism) and
-prompt chunks (groups of `prefill_block_m` rows). Step metadata is built once and shared by all layers.
+prompt chunks (groups of `prefill_block_m` rows). A step's integer inputs (tokens, positions, slots, block
+tables, work items) reach the device in one copy and are shared by all layers.
 """
 from __future__ import annotations
 
@@ -42,6 +43,32 @@ def triton_available(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+class StepUploader:
+    """Packs a step's integer arrays into one host buffer (pinned on CUDA) and copies it to the device at
+    once; the arrays come back as views of one device buffer. The host buffer is reused only after the
+    previous copy has finished."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.host = self.dev = None
+        self.done = torch.cuda.Event() if device.type == "cuda" else None
+
+    def upload(self, arrays: list[list[int]]) -> list[torch.Tensor]:
+        sizes = [len(a) for a in arrays]
+        total = sum(sizes)
+        if self.host is None or self.host.numel() < total:
+            capacity = max(total, 2 * (0 if self.host is None else self.host.numel()), 1 << 12)
+            self.host = torch.empty(capacity, dtype=torch.int32, pin_memory=self.device.type == "cuda")
+            self.dev = torch.empty(capacity, dtype=torch.int32, device=self.device)
+        elif self.done is not None:
+            self.done.synchronize()
+        self.host[:total] = torch.tensor([x for a in arrays for x in a], dtype=torch.int32)
+        self.dev[:total].copy_(self.host[:total], non_blocking=True)
+        if self.done is not None:
+            self.done.record()
+        return list(self.dev[:total].split(sizes))
+
+
 class TritonPagedAttention(TorchPagedAttention):
     """Owns the caches like the torch backend (same layout, same writes); only the attention math differs."""
 
@@ -53,24 +80,31 @@ class TritonPagedAttention(TorchPagedAttention):
         self.num_sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
                         if self.device.type == "cuda" else 2)
         self._params: dict[int, object] = {}
+        self.uploader = StepUploader(self.device)
 
-    def make_batch(self, slot_mapping: torch.Tensor, specs: list[SequenceSpec]) -> TritonBatch:
-        from .kernels.work_items import build_work_items
+    def prepare(self, tokens: list[int], positions: list[int], slots: list[int], specs: list[SequenceSpec]):
+        """A step's inputs on the device, all integer arrays packed into one upload: (tokens [N] int32,
+        positions [N] int32, TritonBatch)."""
+        from .kernels.work_items import WorkItems, tile_rows
 
         width = max((len(s.block_ids) for s in specs), default=1)
-        tables = torch.tensor([s.block_ids + [0] * (width - len(s.block_ids)) for s in specs],
-                              dtype=torch.int32, device=self.device).reshape(len(specs), width)
-        launches = []
+        tables = [b for s in specs for b in s.block_ids + [0] * (width - len(s.block_ids))]
+        starts, ends, rows = [s.start for s in specs], [s.end for s in specs], [s.row for s in specs]
+        groups = []  # (block_m, splits, chosen sequences) per launch: decode rows, then prompt chunks
         for decode in (True, False):
             chosen = [i for i, s in enumerate(specs) if (s.end - s.start == 1) == decode]
-            if not chosen:
-                continue
-            block_m = 1 if decode else self.prefill_block_m
-            splits = self._num_splits(len(chosen), max(specs[i].end for i in chosen)) if decode else 1
-            launches.append(build_work_items(
-                tables, [s.start for s in specs], [s.end for s in specs], [s.row for s in specs], block_m,
-                splits, self.device, only=chosen))
-        return TritonBatch(slot_mapping, launches, sum(s.end - s.start for s in specs))
+            if chosen:
+                splits = self._num_splits(len(chosen), max(ends[i] for i in chosen)) if decode else 1
+                groups.append((1 if decode else self.prefill_block_m, splits, chosen))
+        tiles = [tile_rows(starts, ends, block_m, chosen) for block_m, _, chosen in groups]
+        arrays = [tokens, positions, slots, tables, starts, ends, rows] + [a for pair in tiles for a in pair]
+        views = self.uploader.upload(arrays)
+        tokens_t, positions_t, slots_t, tables_t, starts_t, ends_t, rows_t = views[:7]
+        tables_t = tables_t.view(len(specs), width)
+        launches = [WorkItems(tables_t, starts_t, ends_t, rows_t, views[7 + 2 * k], views[8 + 2 * k], block_m,
+                              splits, max(ends[i] for i in chosen))
+                    for k, (block_m, splits, chosen) in enumerate(groups)]
+        return tokens_t, positions_t, TritonBatch(slots_t.long(), launches, len(tokens))
 
     def _num_splits(self, num_sequences: int, max_len: int) -> int:
         """Enough (sequence, split) programs for four per SM, each split >= 256 keys."""

@@ -95,3 +95,15 @@ def _generate_one(model, prompt):
     while engine.has_unfinished_requests():
         outs = engine.step()
     return outs[0]
+
+
+def test_step_uploader_round_trips_and_grows():
+    """A step's integer arrays come back as device views of one upload, whatever their sizes."""
+    from mta_serve.triton_attention import StepUploader
+
+    uploader = StepUploader(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    for n in (3, 5000, 7):  # 5,004 values outgrow the first 4,096-value buffer
+        arrays = [list(range(n)), [], [n] * 2, [-1, 2 ** 31 - 1]]
+        views = uploader.upload(arrays)
+        assert [v.cpu().tolist() for v in views] == arrays
+        assert all(v.dtype == torch.int32 for v in views)
