@@ -11,11 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mta_serve.dense_attention import MTAWeights, grouped_head_conv
-from mta_serve.kernels.mta_attention import head_kernel_matrix, layer_params, mta_paged_attention
-from mta_serve.kernels.paged_flash import paged_flash_attention
-from mta_serve.kernels.work_items import build_work_items
-from mta_serve.kernels.reference import paged_attention_reference
+pytest.importorskip("triton")  # a Linux-only dependency
+
+from mta_serve.dense_attention import MTAWeights, grouped_head_conv  # noqa: E402
+from mta_serve.kernels.mta_attention import head_kernel_matrix, layer_params, mta_paged_attention  # noqa: E402
+from mta_serve.kernels.paged_flash import paged_flash_attention  # noqa: E402
+from mta_serve.kernels.work_items import build_work_items  # noqa: E402
+from mta_serve.kernels.reference import paged_attention_reference  # noqa: E402
 
 H, G, D = 4, 2, 16
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels on a GPU machine

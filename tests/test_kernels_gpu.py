@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mta_serve.kernels.mta_attention import layer_params, mta_paged_attention
-from mta_serve.kernels.work_items import build_work_items
-from mta_serve.kernels.paged_flash import paged_flash_attention
-from mta_serve.kernels.reference import paged_attention_reference
-from test_kernels import _on_device, mta_weights
+pytest.importorskip("triton")  # a Linux-only dependency
+
+from mta_serve.kernels.mta_attention import layer_params, mta_paged_attention  # noqa: E402
+from mta_serve.kernels.work_items import build_work_items  # noqa: E402
+from mta_serve.kernels.paged_flash import paged_flash_attention  # noqa: E402
+from mta_serve.kernels.reference import paged_attention_reference  # noqa: E402
+from test_kernels import _on_device, mta_weights  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
