@@ -74,14 +74,15 @@ def left_pad(pad_key: str, c_k: int) -> int:
 def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: torch.Tensor,
                        v_cache: torch.Tensor, params: MTALayerParams, work: WorkItems, out: torch.Tensor,
                        key_tile: int | None = None, num_warps: int = 4, budget_bytes: int = 512 << 20,
-                       max_len: int | None = None) -> torch.Tensor:
+                       max_len: int | None = None, prompt_splits: int | None = None) -> torch.Tensor:
     """Rows of the work items (groups of work.block_m rows) into `out` [N, H, d] (spec steps 0-7).
 
     q [N, H, d]: the step's new queries; q_cache [num_blocks, bs, H, d] or None (no key-query conv);
     k_cache, v_cache [num_blocks, bs, G, d], already holding the step's tokens. Buffer sizes and grids
     depend only on the number of work items and `max_len` (default: the longest sequence; pass a fixed
     bound such as the model's max_seq_len for launches that must keep their shapes, e.g. in a CUDA graph).
-    Nothing here synchronizes with the host.
+    Decode rows use work.num_splits key splits; prompt groups `prompt_splits`, by default enough to fill
+    the GPU. Nothing here synchronizes with the host.
     """
     num_items = work.work_seq.numel()
     if num_items == 0:
@@ -98,7 +99,7 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     length = triton.cdiv(max(max_len or 0, work.max_len), bn) * bn
     per_item = 4 * n_heads * length * (rows_s + rows_l + rows_o)
     wave = max(1, min(num_items, budget_bytes // per_item))
-    splits = work.num_splits if decode else _prompt_splits(q.device, wave, rows_l, length, bn)
+    splits = work.num_splits if decode else prompt_splits or _prompt_splits(q.device, wave, rows_l, length, bn)
     dummy = torch.empty(1, dtype=torch.float32, device=q.device)
     c = dict(
         H=n_heads, GROUP=n_heads // k_cache.shape[2], D=head_dim, DP=dot_width(head_dim), BN=bn, LENGTH=length,

@@ -114,6 +114,21 @@ def test_mta_kernel_block_sizes_and_16_row_groups(block_size):
     torch.testing.assert_close(out, reference, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("splits", [2, 5])
+def test_mta_kernel_prompt_groups_with_key_splits(splits):
+    """Prompt groups whose keys are split (the split boundaries fall inside conv halos and row tiles)."""
+    seqs = [(0, 70), (30, 53)]
+    q, qc, kc, vc, tables, starts, ends, rows = paged_inputs(seqs, 4, torch.float32)
+    weights = mta_weights(**VARIANTS["paper"])
+    reference = paged_attention_reference(q, qc, kc, vc, _on_device(weights), tables, starts, ends, rows,
+                                          window(weights))
+    out = torch.full(q.shape, float("nan"), device=DEVICE)
+    mta_paged_attention(q, qc, kc, vc, layer_params(weights, DEVICE),
+                        build_work_items(tables, starts, ends, rows, 16, 1, DEVICE), out, key_tile=16,
+                        prompt_splits=splits)
+    torch.testing.assert_close(out, reference, atol=2e-5, rtol=1e-5)
+
+
 def test_mta_kernel_fp16():
     out, reference = run_mta(PREFILL, mta_weights(**VARIANTS["paper"]), 4, torch.float16, 4, 1)
     torch.testing.assert_close(out, reference.float(), atol=3e-3, rtol=1e-3)
