@@ -176,10 +176,10 @@ def plot(rows: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, metric in zip(axes, ("p99_ttft_ms", "p99_tpot_ms", "p99_e2el_ms")):
         for conc in sorted({r["max_concurrency"] for r in rows}):
-            sel = [r for r in rows if r["max_concurrency"] == conc]
+            sel = sorted((r for r in rows if r["max_concurrency"] == conc), key=lambda r: r["request_rate"])
             ax.plot([r["output_throughput"] for r in sel], [r[metric] for r in sel], "o-",
                     label=f"concurrency {conc or 'unlimited'}")
-        ax.set_xlabel("output tokens/s")
+        ax.set_xlabel("output tokens/s (request rate rising along each line)")
         ax.set_ylabel(metric.replace("_", " "))
         ax.grid(True)
     axes[0].legend()

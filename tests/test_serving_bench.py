@@ -52,3 +52,17 @@ def test_live_run_and_cli(tmp_path):
         assert all(r["goodput"] == pytest.approx(r["request_throughput"]) for r in rows)
     finally:
         srv.stop()
+
+
+def test_plots_are_png_files(tmp_path):
+    pytest.importorskip("matplotlib")
+    import throughput
+
+    rows = [dict(request_rate=r, max_concurrency=c, output_throughput=t, p99_ttft_ms=1.0, p99_tpot_ms=2.0,
+                 p99_e2el_ms=3.0) for r, c, t in ((float("inf"), 0, 9.0), (4.0, 0, 5.0), (4.0, 8, 4.0))]
+    serving.plot(rows, str(tmp_path / "serving.png"))
+    model = dict(config="a.yaml", workload_a=dict(output_tokens_per_s=3.0),
+                 sweep=[dict(input_len=8, output_len=4, output_tokens_per_s=2.0)])
+    throughput.plot(dict(models=[model, dict(model, config="b.yaml")]), str(tmp_path / "throughput.png"))
+    for name in ("serving.png", "throughput.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
