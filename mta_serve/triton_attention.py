@@ -31,7 +31,6 @@ class SequenceSpec:
 class TritonBatch:
     slot_mapping: torch.Tensor  # [N] int64: cache slot of each new token
     launches: list  # kernels.work_items.WorkItems, one per tile height (decode rows, prompt chunks)
-    num_tokens: int
 
 
 def triton_available(device: torch.device) -> bool:
@@ -104,7 +103,7 @@ class TritonPagedAttention(TorchPagedAttention):
         launches = [WorkItems(tables_t, starts_t, ends_t, rows_t, views[7 + 2 * k], views[8 + 2 * k], block_m,
                               splits, max(ends[i] for i in chosen))
                     for k, (block_m, splits, chosen) in enumerate(groups)]
-        return tokens_t, positions_t, TritonBatch(slots_t.long(), launches, len(tokens))
+        return tokens_t, positions_t, TritonBatch(slots_t.long(), launches)
 
     def _num_splits(self, num_sequences: int, max_len: int) -> int:
         """Enough (sequence, split) programs for four per SM, each split >= 256 keys."""
@@ -113,9 +112,6 @@ class TritonPagedAttention(TorchPagedAttention):
 
     def attend(self, batch: TritonBatch, layer_id: int, attn, q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> torch.Tensor:
-        from .kernels.mta_attention import mta_paged_attention
-        from .kernels.paged_flash import paged_flash_attention
-
         self._write(self.k_cache[layer_id], batch.slot_mapping, k)
         self._write(self.v_cache[layer_id], batch.slot_mapping, v)
         q_cache = self.q_cache[layer_id]
@@ -125,20 +121,25 @@ class TritonPagedAttention(TorchPagedAttention):
         q = q.to(self.k_cache[layer_id].dtype).contiguous()
         out = torch.empty(q.shape, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
         for work in batch.launches:
-            if params is None:
-                paged_flash_attention(q, self.k_cache[layer_id], self.v_cache[layer_id], work, out)
-            else:
-                mta_paged_attention(q, q_cache, self.k_cache[layer_id], self.v_cache[layer_id], params, work,
-                                    out)
+            self._run_kernels(layer_id, params, q, work, out)
         return out
+
+    def _run_kernels(self, layer_id: int, params, q: torch.Tensor, work, out: torch.Tensor) -> None:
+        """One launch's rows of one layer: paged flash for a plain layer, the MTA pipeline otherwise."""
+        from .kernels.mta_attention import mta_paged_attention
+        from .kernels.paged_flash import paged_flash_attention
+
+        k_cache, v_cache = self.k_cache[layer_id], self.v_cache[layer_id]
+        if params is None:
+            paged_flash_attention(q, k_cache, v_cache, work, out)
+        else:
+            mta_paged_attention(q, self.q_cache[layer_id], k_cache, v_cache, params, work, out)
 
     @torch.no_grad()
     def warm_up(self, model) -> int:
         """Run every kernel variant the model needs once — decode rows (one and several key splits) and a
         prompt chunk, per distinct layer kind — on throwaway inputs, so that no request waits for Triton's
         compiler. Reads block 0 of the cache, writes nothing to it. Returns the number of layer kinds."""
-        from .kernels.mta_attention import mta_paged_attention
-        from .kernels.paged_flash import paged_flash_attention
         from .kernels.work_items import build_work_items
 
         cfg, kinds = self.cfg, set()
@@ -160,11 +161,7 @@ class TritonPagedAttention(TorchPagedAttention):
                 continue
             kinds.add(kind)
             for work in launches:
-                if params is None:
-                    paged_flash_attention(q, self.k_cache[layer_id], self.v_cache[layer_id], work, out)
-                else:
-                    mta_paged_attention(q, self.q_cache[layer_id], self.k_cache[layer_id], self.v_cache[layer_id],
-                                        params, work, out)
+                self._run_kernels(layer_id, params, q, work, out)
         return len(kinds)
 
     def _layer_params(self, layer_id: int, attn):
