@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .work_items import WorkItems, cache_slots, dot_width
+from .work_items import WorkItems, cache_slots, dot_width, qk_tile, split_key_tiles, work_item
 
 
 @dataclass(slots=True)
@@ -142,13 +142,24 @@ def _or(t, dummy):
     return dummy if t is None else t
 
 
+_NAMED_ARGS: dict = {}
+
+
+def _named_args(kernel, available: dict) -> tuple[str, ...]:
+    """The keyword arguments of `kernel` among `available`'s keys, computed once per kernel (every layer
+    of every step launches the same six kernels with the same argument names)."""
+    if kernel not in _NAMED_ARGS:
+        _NAMED_ARGS[kernel] = tuple(k for k in available if k in kernel.arg_names)
+    return _NAMED_ARGS[kernel]
+
+
 def _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, norms, partial, items, seq,
             weights, c, sm_scale, num_warps):
     key_tiles, out_tiles = c["LENGTH"] // c["BN"], triton.cdiv(c["RO"], c["OT"])
-    every = dict(**seq, **weights, **c, sm_scale=sm_scale, num_warps=num_warps)
+    every = dict(**seq, **weights, **c, sm_scale=sm_scale)
 
     def run(kernel, grid, *tensors):
-        kernel[grid](*tensors, **{k: v for k, v in every.items() if k in kernel.arg_names or k == "num_warps"})
+        kernel[grid](*tensors, num_warps=num_warps, **{k: every[k] for k in _named_args(kernel, every)})
 
     run(_scores_kernel, (items, c["H"], key_tiles * triton.cdiv(c["R"], c["RT"])), q,
         q if q_cache is None else q_cache, k_cache, scores)
@@ -171,29 +182,6 @@ def _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, nor
 #   out_ptr [N, H, D] (the output's dtype); item0: the wave's first work item
 
 @triton.jit
-def _item(item0, work_seq_ptr, work_first_ptr, seq_start_ptr, seq_end_ptr, seq_row_ptr, bt_ptr, bt_stride,
-          RO: tl.constexpr):
-    """The program's work item: (first row, sequence start, end, row of the start in q/out, last row, block
-    table row)."""
-    w = item0 + tl.program_id(0)
-    seq = tl.load(work_seq_ptr + w)
-    first = tl.load(work_first_ptr + w)
-    end = tl.load(seq_end_ptr + seq)
-    last = tl.minimum(first + RO, end) - 1
-    return (first, tl.load(seq_start_ptr + seq), end, tl.load(seq_row_ptr + seq), last,
-            bt_ptr + seq.to(tl.int64) * bt_stride)
-
-
-@triton.jit
-def _key_tiles(last_key, split, BN: tl.constexpr, SPLITS):
-    """This split's share [t0, t1) of the key tiles covering keys 0..last_key."""
-    num_tiles = tl.cdiv(last_key + 1, BN)
-    per_split = tl.cdiv(num_tiles, SPLITS)
-    t0 = split * per_split
-    return t0, tl.minimum(t0 + per_split, num_tiles)
-
-
-@triton.jit
 def _scores_kernel(q_ptr, qc_ptr, k_ptr, s_ptr, sm_scale, item0, bt_ptr, bt_stride, seq_start_ptr, seq_end_ptr,
                    seq_row_ptr, work_seq_ptr, work_first_ptr, H: tl.constexpr, GROUP: tl.constexpr,
                    D: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr, LENGTH,
@@ -202,8 +190,8 @@ def _scores_kernel(q_ptr, qc_ptr, k_ptr, s_ptr, sm_scale, item0, bt_ptr, bt_stri
     """S[i, h, r, j] = q . k / sqrt(d) of row first - W + r and key j, 0 unless 0 <= j <= row."""
     b, h = tl.program_id(0), tl.program_id(1)
     key_tile, row_tile = tl.program_id(2) % (LENGTH // BN), tl.program_id(2) // (LENGTH // BN)
-    first, start, end, row0, last, bt = _item(item0, work_seq_ptr, work_first_ptr, seq_start_ptr, seq_end_ptr,
-                                              seq_row_ptr, bt_ptr, bt_stride, RO)
+    first, start, end, row0, last, bt = work_item(item0 + b, work_seq_ptr, work_first_ptr, seq_start_ptr,
+                                                  seq_end_ptr, seq_row_ptr, bt_ptr, bt_stride, RO)
     r = row_tile * RT + tl.arange(0, RT)
     rows = first - (R - RO) + r  # positions
     if key_tile * BN > tl.minimum(first - (R - RO) + row_tile * RT + RT - 1, last):
@@ -224,12 +212,7 @@ def _scores_kernel(q_ptr, qc_ptr, k_ptr, s_ptr, sm_scale, item0, bt_ptr, bt_stri
     k_slots = cache_slots(bt, keys, key_ok, BLOCK_SIZE)
     k = tl.load(k_ptr + (k_slots * (H // GROUP) + h // GROUP)[:, None] * D + offs_d[None, :],
                 mask=key_ok[:, None] & dmask, other=0.0)
-    if RT == 1:
-        s = tl.sum(q.to(tl.float32) * k.to(tl.float32), axis=1)[None, :]
-    elif FP32:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k))
+    s = qk_tile(q, k, RT == 1, FP32)
     s = tl.where((keys[None, :] <= rows[:, None]) & row_ok[:, None], s * sm_scale, 0.0)
     tl.store(s_ptr + ((b * H + h) * R + r).to(tl.int64)[:, None] * LENGTH + keys[None, :], s,
              mask=(r[:, None] < R) & key_ok[None, :])
@@ -254,8 +237,8 @@ def _logits_kernel(s_ptr, l_ptr, stats_ptr, pre_w_ptr, post_w_ptr, pre_mix_ptr, 
                    PRE_MIX: tl.constexpr):
     """L rows first - (c_q'-1) + r over this split's keys (steps 2-4 before the softmax), with max and sum."""
     b, split, row_tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    first, start, end, row0, last, bt = _item(item0, work_seq_ptr, work_first_ptr, seq_start_ptr, seq_end_ptr,
-                                              seq_row_ptr, bt_ptr, bt_stride, RO)
+    first, start, end, row0, last, bt = work_item(item0 + b, work_seq_ptr, work_first_ptr, seq_start_ptr,
+                                                  seq_end_ptr, seq_row_ptr, bt_ptr, bt_stride, RO)
     heads = tl.arange(0, HB)
     h3 = heads[:, None, None]
     r3 = row_tile * RLT + tl.arange(0, RLT)[None, :, None]
@@ -265,7 +248,7 @@ def _logits_kernel(s_ptr, l_ptr, stats_ptr, pre_w_ptr, post_w_ptr, pre_mix_ptr, 
     s_base = s_ptr + ((b * H + h3) * R + r3).to(tl.int64) * LENGTH
     m = tl.full((HB, RLT), float("-inf"), tl.float32)
     l = tl.zeros((HB, RLT), tl.float32)
-    t0, t1 = _key_tiles(tl.minimum(first - (RL - RO) + row_tile * RLT + RLT - 1, last), split, BN, SPLITS)
+    t0, t1 = split_key_tiles(tl.minimum(first - (RL - RO) + row_tile * RLT + RLT - 1, last), split, BN, SPLITS)
     for t in range(t0, t1):
         keys = t * BN + j3
         if PRE_CONV:
@@ -325,15 +308,15 @@ def _probs_kernel(l_ptr, norm_ptr, p_ptr, pre_w_ptr, post_w_ptr, pre_mix_ptr, po
                   CK2: tl.constexpr, PL2: tl.constexpr, POST_CONV: tl.constexpr, POST_MIX: tl.constexpr):
     """P' rows first + r over this split's keys: normalized probabilities -> post-conv -> post-mix."""
     b, split, row_tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    first, start, end, row0, last, bt = _item(item0, work_seq_ptr, work_first_ptr, seq_start_ptr, seq_end_ptr,
-                                              seq_row_ptr, bt_ptr, bt_stride, RO)
+    first, start, end, row0, last, bt = work_item(item0 + b, work_seq_ptr, work_first_ptr, seq_start_ptr,
+                                                  seq_end_ptr, seq_row_ptr, bt_ptr, bt_stride, RO)
     heads = tl.arange(0, HB)
     h3 = heads[:, None, None]
     r3 = row_tile * OT + tl.arange(0, OT)[None, :, None]  # output row; logit row r3 + a
     j3 = tl.arange(0, BN)[None, None, :]
     rows = first + r3
     inv_base = tl.num_programs(0) * H * RL
-    t0, t1 = _key_tiles(tl.minimum(first + row_tile * OT + OT - 1, last), split, BN, SPLITS)
+    t0, t1 = split_key_tiles(tl.minimum(first + row_tile * OT + OT - 1, last), split, BN, SPLITS)
     for t in range(t0, t1):
         keys = t * BN + j3
         p = tl.zeros((HB, OT, BN), tl.float32)
@@ -366,13 +349,13 @@ def _pv_kernel(p_ptr, v_ptr, part_ptr, item0, bt_ptr, bt_stride, seq_start_ptr, 
     """This split's sum over keys of P'[h, row, j] v_j for one head and row tile."""
     b, h = tl.program_id(0), tl.program_id(1)
     split, row_tile = tl.program_id(2) % SPLITS, tl.program_id(2) // SPLITS
-    first, start, end, row0, last, bt = _item(item0, work_seq_ptr, work_first_ptr, seq_start_ptr, seq_end_ptr,
-                                              seq_row_ptr, bt_ptr, bt_stride, RO)
+    first, start, end, row0, last, bt = work_item(item0 + b, work_seq_ptr, work_first_ptr, seq_start_ptr,
+                                                  seq_end_ptr, seq_row_ptr, bt_ptr, bt_stride, RO)
     r = row_tile * OT + tl.arange(0, OT)
     offs_d = tl.arange(0, DP)
     dmask = offs_d[None, :] < D
     acc = tl.zeros((OT, DP), tl.float32)
-    t0, t1 = _key_tiles(tl.minimum(first + row_tile * OT + OT - 1, last), split, BN, SPLITS)
+    t0, t1 = split_key_tiles(tl.minimum(first + row_tile * OT + OT - 1, last), split, BN, SPLITS)
     for t in range(t0, t1):
         keys = t * BN + tl.arange(0, BN)
         key_ok = keys <= last
@@ -395,8 +378,8 @@ def _sum_splits_kernel(part_ptr, out_ptr, item0, bt_ptr, bt_stride, seq_start_pt
                        RO: tl.constexpr, SPLITS):
     """Output rows of one item and head: the sum of its splits (each already normalized)."""
     b, h = tl.program_id(0), tl.program_id(1)
-    first, start, end, row0, last, bt = _item(item0, work_seq_ptr, work_first_ptr, seq_start_ptr, seq_end_ptr,
-                                              seq_row_ptr, bt_ptr, bt_stride, RO)
+    first, start, end, row0, last, bt = work_item(item0 + b, work_seq_ptr, work_first_ptr, seq_start_ptr,
+                                                  seq_end_ptr, seq_row_ptr, bt_ptr, bt_stride, RO)
     r = tl.arange(0, RO)[:, None]
     offs_d = tl.arange(0, DP)[None, :]
     acc = tl.zeros((RO, DP), tl.float32)

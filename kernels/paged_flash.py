@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .work_items import WorkItems, cache_slots, dot_width
+from .work_items import WorkItems, cache_slots, dot_width, qk_tile, split_key_tiles, work_item
 
 
 def paged_flash_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, work: WorkItems,
@@ -41,18 +41,6 @@ def paged_flash_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
 
 
 @triton.jit
-def _work(work_seq_ptr, work_first_ptr, seq_start_ptr, seq_end_ptr, seq_row_ptr, bt_ptr, bt_stride, w,
-          BM: tl.constexpr):
-    seq = tl.load(work_seq_ptr + w)
-    first = tl.load(work_first_ptr + w)
-    start = tl.load(seq_start_ptr + seq)
-    end = tl.load(seq_end_ptr + seq)
-    row0 = tl.load(seq_row_ptr + seq)
-    last_row = tl.minimum(first + BM, end) - 1
-    return first, start, end, row0, last_row, bt_ptr + seq.to(tl.int64) * bt_stride
-
-
-@triton.jit
 def _flash_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr,
                   work_seq_ptr, work_first_ptr, part_ptr, stats_ptr, num_work, sm_scale,
                   BLOCK_SIZE: tl.constexpr, BN: tl.constexpr, TILE: tl.constexpr, FP32: tl.constexpr,
@@ -60,8 +48,8 @@ def _flash_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, bt_stride, seq_start_ptr, seq_end
                   SPLITS):
     """One (tile, split, head): online softmax over the split's keys; rows [BM] (>= TILE, padded for dot)."""
     w, split, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    first, start, end, row0, last_row, bt = _work(work_seq_ptr, work_first_ptr, seq_start_ptr, seq_end_ptr,
-                                                  seq_row_ptr, bt_ptr, bt_stride, w, TILE)
+    first, start, end, row0, last_row, bt = work_item(w, work_seq_ptr, work_first_ptr, seq_start_ptr, seq_end_ptr,
+                                                      seq_row_ptr, bt_ptr, bt_stride, TILE)
     rows = first + tl.arange(0, BM)
     offs_d = tl.arange(0, DP)
     dmask = offs_d[None, :] < D
@@ -71,22 +59,16 @@ def _flash_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, bt_stride, seq_start_ptr, seq_end
     m = tl.full((BM,), float("-inf"), tl.float32)
     l = tl.zeros((BM,), tl.float32)
     acc = tl.zeros((BM, DP), tl.float32)
-    num_tiles = tl.cdiv(last_row + 1, BN)
-    per_split = tl.cdiv(num_tiles, SPLITS)
     kv_head = h // GROUP
-    for t in range(split * per_split, tl.minimum(split * per_split + per_split, num_tiles)):
+    t0, t1 = split_key_tiles(last_row, split, BN, SPLITS)
+    for t in range(t0, t1):
         keys = t * BN + tl.arange(0, BN)
         key_ok = keys <= last_row
         slots = cache_slots(bt, keys, key_ok, BLOCK_SIZE)
         kv_offs = (slots * (H // GROUP) + kv_head)[:, None] * D + offs_d[None, :]
         k = tl.load(k_ptr + kv_offs, mask=key_ok[:, None] & dmask, other=0.0)
         v = tl.load(v_ptr + kv_offs, mask=key_ok[:, None] & dmask, other=0.0)
-        if BM == 1:
-            s = tl.sum(q.to(tl.float32) * k.to(tl.float32), axis=1)[None, :]
-        elif FP32:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
+        s = qk_tile(q, k, BM == 1, FP32)
         s = tl.where((keys[None, :] <= rows[:, None]) & key_ok[None, :], s * sm_scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)

@@ -62,3 +62,36 @@ def cache_slots(bt_ptr, pos, valid, BLOCK_SIZE: tl.constexpr):
     safe = tl.where(valid, pos, 0)
     block = tl.load(bt_ptr + safe // BLOCK_SIZE, mask=valid, other=0)
     return block.to(tl.int64) * BLOCK_SIZE + safe % BLOCK_SIZE
+
+
+@triton.jit
+def work_item(w, work_seq_ptr, work_first_ptr, seq_start_ptr, seq_end_ptr, seq_row_ptr, bt_ptr, bt_stride,
+              ROWS: tl.constexpr):
+    """Work item w (ROWS rows at most): (first row, sequence start, end, row of the start in q/out, last row,
+    the sequence's block-table row)."""
+    seq = tl.load(work_seq_ptr + w)
+    first = tl.load(work_first_ptr + w)
+    end = tl.load(seq_end_ptr + seq)
+    last = tl.minimum(first + ROWS, end) - 1
+    return (first, tl.load(seq_start_ptr + seq), end, tl.load(seq_row_ptr + seq), last,
+            bt_ptr + seq.to(tl.int64) * bt_stride)
+
+
+@triton.jit
+def split_key_tiles(last_key, split, BN: tl.constexpr, SPLITS):
+    """This split's share [t0, t1) of the BN-key tiles covering keys 0..last_key."""
+    num_tiles = tl.cdiv(last_key + 1, BN)
+    per_split = tl.cdiv(num_tiles, SPLITS)
+    t0 = split * per_split
+    return t0, tl.minimum(t0 + per_split, num_tiles)
+
+
+@triton.jit
+def qk_tile(q, k, ONE_ROW: tl.constexpr, FP32: tl.constexpr):
+    """q [R, DP] . k [BN, DP]^T -> [R, BN] fp32: a broadcast sum for a single row (too few for tl.dot),
+    exact fp32 products for fp32 inputs, tensor cores otherwise."""
+    if ONE_ROW:
+        return tl.sum(q.to(tl.float32) * k.to(tl.float32), axis=1)[None, :]
+    if FP32:
+        return tl.dot(q, tl.trans(k), input_precision="ieee")
+    return tl.dot(q, tl.trans(k))
