@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +24,7 @@ import torch
 import torch.nn.functional as F
 import triton.testing
 
+from common import commit, copy_bandwidth
 from mta_serve.dense_attention import MTAWeights, attention_probs
 from mta_serve.kernels.mta_attention import layer_params, mta_paged_attention
 from mta_serve.kernels.paged_flash import paged_flash_attention
@@ -46,14 +45,6 @@ def layer_weights(kind: str) -> MTAWeights | None:
         w.pre_kernel = torch.randn(HEADS, 1, 6, 11, generator=g) * 0.3
         w.post_kernel = torch.randn(HEADS, 1, 6, 11, generator=g) * 0.3
     return w
-
-
-def copy_bandwidth() -> float:
-    """Bytes read + written per second by a 2 GiB device-to-device copy."""
-    src = torch.empty(1 << 30, dtype=torch.int16, device="cuda")
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
-    return 2 * src.numel() * 2 / (ms * 1e-3)
 
 
 def paged_batch(batch: int, context: int, new_rows: int):
@@ -177,16 +168,6 @@ def prefill_rows(lengths, block_m: int, dense: bool) -> list[dict]:
     return rows
 
 
-def commit() -> str:
-    if os.environ.get("MTA_SERVE_COMMIT"):
-        return os.environ["MTA_SERVE_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="benchmarks/results/kernels_h200.json")
@@ -200,7 +181,7 @@ def main() -> int:
         return 1
     torch.manual_seed(0)
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-    copy_bw = copy_bandwidth()
+    copy_bw = copy_bandwidth(torch.device("cuda"))
     print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s on {torch.cuda.get_device_name()}", flush=True)
     batches, contexts = ([1, 64], [2048]) if args.quick else ([1, 16, 64, 256], [512, 2048, 8192])
     result = dict(

@@ -10,27 +10,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from common import ROOT, commit
 from mta_serve.config import ModelConfig
 from mta_serve.llm import LLM
 from mta_serve.model import build_model
 from mta_serve.sampling_params import SamplingParams
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def commit() -> str:
-    """The checkout's commit; MTA_SERVE_COMMIT names it where the tree has no .git (e.g. a copied tree)."""
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return out.stdout.strip() or os.environ.get("MTA_SERVE_COMMIT", "unknown")
 
 
 def measure(llm: LLM, num_requests: int, prompt_len: int, output_len: int, vocab: int) -> dict:

@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,27 +31,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from common import ROOT, commit, copy_bandwidth
 from mta_serve.config import ModelConfig
 from mta_serve.llm import LLM
 from mta_serve.model import DTYPES, build_model
 from mta_serve.paged_attention import cache_bytes_per_token
 from mta_serve.sampling_params import SamplingParams
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def copy_bandwidth(device: torch.device) -> float:
-    """Bytes read + written per second by a large same-device copy."""
-    n = (1 << 30) if device.type == "cuda" else (1 << 27)
-    src = torch.ones(n // 2, dtype=torch.int16, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(5):
-        dst.copy_(src)
-    _sync(device)
-    return 5 * 2 * n / (time.perf_counter() - start)
 
 
 def _sync(device: torch.device) -> None:
@@ -179,11 +162,6 @@ def bench_model(path: str, args, device: torch.device, bandwidth: float) -> dict
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
-
-
-def commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return out.stdout.strip() or os.environ.get("MTA_SERVE_COMMIT", "unknown")
 
 
 def plot(result: dict, path: str) -> None:
