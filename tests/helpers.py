@@ -1,7 +1,9 @@
-"""Ground-truth generation for tests: a full dense recompute of the whole sequence for every token."""
+"""Test helpers: the dense ground truth, running greedy requests through an engine, a real server process."""
 from __future__ import annotations
 
 import torch
+
+from mta_serve.sampling_params import SamplingParams
 
 
 @torch.no_grad()
@@ -14,6 +16,29 @@ def greedy_reference(model, prompt: list[int], max_tokens: int) -> tuple[list[in
         logprobs.append(float(torch.log_softmax(logits, -1)[token]))
         tokens.append(token)
     return tokens, logprobs
+
+
+def greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=0, ignore_eos=True)
+
+
+def run_all(engine, prompts, max_tokens, on_step=None) -> dict:
+    """Greedy requests r0, r1, ... (max_tokens: one count, or one per prompt) stepped to the end -> their
+    final outputs by id; fails if a request finishes twice or the engine stops making progress."""
+    counts = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
+    for i, (p, n) in enumerate(zip(prompts, counts)):
+        engine.add_request(f"r{i}", p, greedy(n))
+    done, step = {}, 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                assert out.request_id not in done, "a request finished twice"
+                done[out.request_id] = out
+        step += 1
+        if on_step:
+            on_step(engine, step)
+        assert step < 2000, "the engine made no progress"
+    return done
 
 
 # ---- a real `mta-serve` process on a loopback port ------------------------------------------------------

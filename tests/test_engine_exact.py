@@ -11,8 +11,7 @@ import torch
 from mta_serve.config import CacheConfig, ModelConfig, MTAConfig, SchedulerConfig
 from mta_serve.engine import LLMEngine
 from mta_serve.model import build_model
-from mta_serve.sampling_params import SamplingParams
-from helpers import greedy_reference
+from helpers import greedy_reference, run_all
 
 LOGPROB_TOL = 1e-4
 BLOCK = 4
@@ -59,24 +58,6 @@ def make_engine(model, num_blocks=512, **scheduler) -> LLMEngine:
                      SchedulerConfig(**scheduler))
 
 
-def greedy(max_tokens: int) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=0, ignore_eos=True)
-
-
-def run_all(engine, prompts, max_tokens, on_step=None) -> dict:
-    for i, (p, n) in enumerate(zip(prompts, max_tokens)):
-        engine.add_request(f"r{i}", p, greedy(n))
-    done, step = {}, 0
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                assert out.request_id not in done, "a request finished twice"
-                done[out.request_id] = out
-        step += 1
-        if on_step:
-            on_step(engine, step)
-        assert step < 2000, "the engine made no progress"
-    return done
 
 
 def assert_exact(done: dict, reference, prompts, max_tokens, skip=()) -> None:

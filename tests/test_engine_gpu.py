@@ -6,12 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import greedy_reference
+from helpers import greedy_reference, run_all
 from mta_serve.config import CacheConfig, ModelConfig, MTAConfig, SchedulerConfig
 from mta_serve.engine import LLMEngine
 from mta_serve.model import build_model
 from mta_serve.paged_attention import cache_bytes_per_token
-from mta_serve.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -25,14 +24,7 @@ def _model(dtype=torch.float32):
 
 
 def _run(engine, prompts, max_tokens):
-    params = SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=0, ignore_eos=True)
-    for i, p in enumerate(prompts):
-        engine.add_request(f"r{i}", p, params)
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
+    done = run_all(engine, prompts, max_tokens)
     return [done[f"r{i}"] for i in range(len(prompts))]
 
 

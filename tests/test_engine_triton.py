@@ -13,7 +13,7 @@ from mta_serve.config import CacheConfig, ModelConfig, MTAConfig, SchedulerConfi
 from mta_serve.engine import LLMEngine
 from mta_serve.model import build_model
 from mta_serve.model_runner import resolve_backend
-from mta_serve.sampling_params import SamplingParams
+from helpers import run_all
 
 VOCAB = 61
 MODELS = {
@@ -28,14 +28,7 @@ def _generate(model, backend: str, num_blocks: int, **scheduler) -> list:
     engine = LLMEngine(model, None, CacheConfig(block_size=4, num_blocks=num_blocks, attention_backend=backend),
                        SchedulerConfig(**scheduler))
     assert engine.runner.backend_name == backend
-    params = SamplingParams(max_tokens=6, temperature=0, logprobs=0, ignore_eos=True)
-    for i, prompt in enumerate(PROMPTS):
-        engine.add_request(f"r{i}", prompt, params)
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
+    done = run_all(engine, PROMPTS, 6)
     assert engine.pool.num_free == engine.num_blocks
     assert engine.scheduler.num_preemptions >= 1
     return [done[f"r{i}"] for i in range(len(PROMPTS))]
@@ -80,21 +73,9 @@ def test_warm_up_runs_every_layer_kind_and_leaves_the_engine_exact():
     engine = LLMEngine(model, None, CacheConfig(block_size=4, num_blocks=32, attention_backend="triton"),
                        SchedulerConfig())
     assert engine.runner.backend.warm_up(model) == 2
-    params = SamplingParams(max_tokens=4, temperature=0, logprobs=0, ignore_eos=True)
-    engine.add_request("a", PROMPTS[0], params)
-    while engine.has_unfinished_requests():
-        outs = engine.step()
-    reference = _generate_one(model, PROMPTS[0])
-    assert outs[0].token_ids == reference.token_ids
-
-
-def _generate_one(model, prompt):
-    engine = LLMEngine(model, None, CacheConfig(block_size=4, num_blocks=32, attention_backend="torch"),
-                       SchedulerConfig())
-    engine.add_request("a", prompt, SamplingParams(max_tokens=4, temperature=0, logprobs=0, ignore_eos=True))
-    while engine.has_unfinished_requests():
-        outs = engine.step()
-    return outs[0]
+    reference = LLMEngine(model, None, CacheConfig(block_size=4, num_blocks=32, attention_backend="torch"),
+                          SchedulerConfig())
+    assert run_all(engine, PROMPTS[:1], 4)["r0"].token_ids == run_all(reference, PROMPTS[:1], 4)["r0"].token_ids
 
 
 def test_step_uploader_round_trips_and_grows():
