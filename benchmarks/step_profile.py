@@ -1,0 +1,170 @@
+"""Decode-step anatomy: how long one engine step takes at a fixed batch and context, how much of it the GPU
+spends in kernels, which kernels, and how that compares with the bytes the step must move.
+
+For each model and batch size B, B requests with prompts of (context - steps) random tokens are prefilled,
+then `--steps` decode steps are timed one by one (wall time of `engine.step()`, which ends by reading the
+sampled tokens), with the PyTorch profiler recording every kernel. Per step it reports:
+  - step time (mean, p50): at batch 1 this is the inter-token latency;
+  - GPU busy time: the sum of kernel durations; host share = 1 - busy / step time, the time the GPU waits
+    for the host (Python scheduling, tensor building, launches, sampling read-back);
+  - bounds: weights once / copy bandwidth (the batch-1 bound), and weights + every sequence's K/V (and MTA
+    query) cache / copy bandwidth (the decode roofline), both from the bandwidth measured in the same run;
+  - the kernels that take the most GPU time.
+
+    python benchmarks/step_profile.py [--models configs/830m_mta.yaml configs/830m_baseline.yaml] \
+        [--batch 1 64] [--context 2048] [--steps 32] [--cuda-graphs on off] [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from common import ROOT, commit, copy_bandwidth
+from mta_serve.config import ModelConfig
+from mta_serve.llm import LLM
+from mta_serve.model import DTYPES, build_model
+from mta_serve.paged_attention import cache_bytes_per_token
+from mta_serve.sampling_params import SamplingParams
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def fill(llm: LLM, batch: int, prompt_len: int, max_tokens: int, vocab: int, seed: int) -> None:
+    """Add `batch` requests and step until every one is decoding (has its first output token)."""
+    rng = random.Random(seed)
+    engine = llm.engine
+    for i in range(batch):
+        engine.add_request(f"p{i}", [rng.randrange(vocab) for _ in range(prompt_len)],
+                           SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
+    while any(t.request.num_output_tokens == 0 for t in engine.requests.values()):
+        engine.step()
+
+
+def time_steps(llm: LLM, steps: int, device: torch.device, profile: bool):
+    """Wall time of each of `steps` decode steps, and the profiler's kernel table (None without CUDA)."""
+    times = []
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) if profile else _null() as prof:
+        for _ in range(steps):
+            start = time.perf_counter()
+            llm.engine.step()
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    return times, prof
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def kernel_table(prof, steps: int, top: int) -> tuple[float, list[dict]]:
+    """(GPU busy seconds per step, the `top` kernels by device time per step)."""
+    rows = []
+    for evt in prof.key_averages():
+        device_us = getattr(evt, "self_device_time_total", None)
+        if device_us is None:
+            device_us = getattr(evt, "self_cuda_time_total", 0)
+        if device_us > 0 and evt.device_type == torch.autograd.DeviceType.CUDA:
+            rows.append(dict(name=evt.key[:80], calls_per_step=evt.count / steps, us_per_step=device_us / steps))
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return sum(r["us_per_step"] for r in rows) * 1e-6, rows[:top]
+
+
+def measure(path: str, batch: int, graphs: bool, args, device, bandwidth: float) -> dict:
+    cfg = ModelConfig.from_yaml(path)
+    model = build_model(cfg, seed=0, mta_init="random", device=device,
+                        dtype=DTYPES[args.dtype] if args.dtype else None)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv_per_token = cache_bytes_per_token(cfg, model.tok_embeddings.weight.dtype)
+    options = dict(max_num_seqs=max(batch, 1), max_num_batched_tokens=args.max_num_batched_tokens)
+    if not graphs:
+        options["cuda_graphs"] = False
+    llm = LLM(model, **options)
+    prompt_len = args.context - args.steps - args.warmup_steps
+    fill(llm, batch, prompt_len, args.steps + args.warmup_steps + 1, cfg.vocab_size, args.seed)
+    time_steps(llm, args.warmup_steps, device, profile=False)
+    first_context = prompt_len + 1 + args.warmup_steps
+    times, prof = time_steps(llm, args.steps, device, profile=device.type == "cuda")
+    mean_context = first_context + (args.steps - 1) / 2
+    step_s = statistics.mean(times)
+    row = dict(config=path, batch=batch, cuda_graphs=bool(getattr(llm.engine.runner, "cuda_graphs", False)), mean_context=mean_context,
+               backend=llm.engine.runner.backend_name, step_ms=1e3 * step_s,
+               step_p50_ms=1e3 * statistics.median(times), weight_bytes=weight_bytes,
+               weight_bound_ms=1e3 * weight_bytes / bandwidth,
+               roofline_ms=1e3 * (weight_bytes + batch * mean_context * kv_per_token) / bandwidth)
+    row["step_over_weight_bound"] = row["step_ms"] / row["weight_bound_ms"]
+    row["step_over_roofline"] = row["step_ms"] / row["roofline_ms"]
+    if prof is not None:
+        busy, top = kernel_table(prof, args.steps, args.top)
+        row.update(gpu_busy_ms=1e3 * busy, host_share=max(0.0, 1 - busy / step_s), top_kernels=top)
+    del llm, model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def describe(row: dict) -> str:
+    text = (f"{Path(row['config']).stem} batch {row['batch']} ctx {row['mean_context']:.0f} graphs "
+            f"{'on' if row['cuda_graphs'] else 'off'}: step {row['step_ms']:.3f} ms (p50 {row['step_p50_ms']:.3f}), "
+            f"{row['step_over_weight_bound']:.2f}x weight bound, {row['step_over_roofline']:.2f}x roofline")
+    if "gpu_busy_ms" in row:
+        text += f"; GPU busy {row['gpu_busy_ms']:.3f} ms, host share {100 * row['host_share']:.1f} %"
+        for k in row["top_kernels"]:
+            text += f"\n    {k['us_per_step']:9.1f} us  {k['calls_per_step']:6.1f}x  {k['name']}"
+    return text
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+",
+                   default=[str(ROOT / "configs" / "830m_mta.yaml"), str(ROOT / "configs" / "830m_baseline.yaml")])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), help="default: the config's")
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 64])
+    p.add_argument("--context", type=int, default=2048, help="context length reached at the last timed step")
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--warmup-steps", type=int, default=4)
+    p.add_argument("--cuda-graphs", nargs="+", choices=["on", "off"], default=["on"])
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--top", type=int, default=8, help="kernels listed per row")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "step_profile.json"))
+    args = p.parse_args()
+    if args.context - args.steps - args.warmup_steps < 1:
+        p.error("--context must exceed --steps + --warmup-steps")
+    device = torch.device(args.device)
+    bandwidth = copy_bandwidth(device)
+    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s on {args.device}", flush=True)
+    rows = []
+    for path in args.models:
+        for batch in args.batch:
+            for graphs in args.cuda_graphs:
+                rows.append(measure(path, batch, graphs == "on", args, device, bandwidth))
+                print(describe(rows[-1]), flush=True)
+    result = dict(command=" ".join(["python"] + sys.argv), commit=commit(), date=time.strftime("%Y-%m-%d"),
+                  device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                  torch=torch.__version__, copy_bandwidth_gbps=bandwidth / 1e9, rows=rows)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
