@@ -94,16 +94,16 @@ def measure(path: str, batch: int, graphs: bool, args, device, bandwidth: float)
     kv_per_token = cache_bytes_per_token(cfg, model.tok_embeddings.weight.dtype)
     options = dict(max_num_seqs=max(batch, 1), max_num_batched_tokens=args.max_num_batched_tokens)
     if not graphs:
-        options["cuda_graphs"] = False
+        options["enforce_eager"] = True
     llm = LLM(model, **options)
-    prompt_len = args.context - args.steps - args.warmup_steps
+    prompt_len = args.context - args.steps - args.warmup_steps - 1  # prompt + outputs = context
     fill(llm, batch, prompt_len, args.steps + args.warmup_steps + 1, cfg.vocab_size, args.seed)
     time_steps(llm, args.warmup_steps, device, profile=False)
-    first_context = prompt_len + 1 + args.warmup_steps
+    first_context = prompt_len + 1 + args.warmup_steps  # keys the first timed step attends to
     times, prof = time_steps(llm, args.steps, device, profile=device.type == "cuda")
     mean_context = first_context + (args.steps - 1) / 2
     step_s = statistics.mean(times)
-    row = dict(config=path, batch=batch, cuda_graphs=bool(getattr(llm.engine.runner, "cuda_graphs", False)), mean_context=mean_context,
+    row = dict(config=path, batch=batch, cuda_graphs=llm.engine.runner.cuda_graphs, mean_context=mean_context,
                backend=llm.engine.runner.backend_name, step_ms=1e3 * step_s,
                step_p50_ms=1e3 * statistics.median(times), weight_bytes=weight_bytes,
                weight_bound_ms=1e3 * weight_bytes / bandwidth,
@@ -137,7 +137,7 @@ def main() -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), help="default: the config's")
     p.add_argument("--batch", nargs="+", type=int, default=[1, 64])
-    p.add_argument("--context", type=int, default=2048, help="context length reached at the last timed step")
+    p.add_argument("--context", type=int, default=2048, help="prompt + generated tokens of each request")
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--warmup-steps", type=int, default=4)
     p.add_argument("--cuda-graphs", nargs="+", choices=["on", "off"], default=["on"])
@@ -146,7 +146,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "step_profile.json"))
     args = p.parse_args()
-    if args.context - args.steps - args.warmup_steps < 1:
+    if args.context - args.steps - args.warmup_steps < 2:
         p.error("--context must exceed --steps + --warmup-steps")
     device = torch.device(args.device)
     bandwidth = copy_bandwidth(device)

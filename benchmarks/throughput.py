@@ -98,7 +98,8 @@ class StepRecorder:
 
 def run_engine(llm: LLM, recorder: StepRecorder, prompts, outputs, label: str) -> dict:
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in outputs]
-    llm.generate(prompts[:2], [SamplingParams(max_tokens=2, ignore_eos=True)] * 2, use_tqdm=False)  # warm-up
+    warm = prompts[:2]
+    llm.generate(warm, [SamplingParams(max_tokens=2, ignore_eos=True)] * len(warm), use_tqdm=False)  # warm-up
     recorder.steps.clear()
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=True)
@@ -136,11 +137,12 @@ def bench_model(path: str, args, device: torch.device, bandwidth: float) -> dict
     model = build_model(cfg, seed=0, mta_init="random", device=device, dtype=dtype)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     llm = LLM(model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              attention_backend=args.backend)
+              attention_backend=args.backend, enforce_eager=args.enforce_eager)
     kv_per_token = cache_bytes_per_token(cfg, model.tok_embeddings.weight.dtype)
     recorder = StepRecorder(llm, weight_bytes, kv_per_token, device)
     vocab = cfg.vocab_size
-    result = dict(config=path, backend=llm.engine.runner.backend_name, weight_bytes=weight_bytes,
+    result = dict(config=path, backend=llm.engine.runner.backend_name, cuda_graphs=llm.engine.runner.cuda_graphs,
+                  weight_bytes=weight_bytes,
                   kv_bytes_per_token=kv_per_token)
     prompts, outputs = workload(args.num_seqs, args.min_len, args.max_len, vocab, args.seed)
     result["workload_a"] = run_engine(llm, recorder, prompts, outputs, f"{Path(path).stem} (a)")
@@ -195,6 +197,7 @@ def main() -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), help="default: the config's")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     p.add_argument("--num-seqs", type=int, default=256)
     p.add_argument("--min-len", type=int, default=100)
     p.add_argument("--max-len", type=int, default=1024)

@@ -77,6 +77,8 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto",
                    help="attention backend: triton kernels (CUDA) or exact PyTorch (any device); "
                    "auto = triton on CUDA, else torch (default: auto)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="run decode steps eagerly instead of replaying CUDA graphs (for debugging)")
     e = p.add_argument_group("engine")
     cache, sched = CacheConfig(), SchedulerConfig()
     e.add_argument("--max-num-seqs", type=int, default=sched.max_num_seqs,
@@ -161,7 +163,7 @@ def build_engine(args: argparse.Namespace, model, tokenizer):
     cache = CacheConfig(block_size=args.block_size, num_blocks=args.num_kv_blocks,
                         gpu_memory_utilization=args.gpu_memory_utilization,
                         cpu_kv_cache_bytes=args.cpu_kv_cache_bytes, enable_prefix_caching=not args.no_prefix_caching,
-                        attention_backend=args.backend)
+                        attention_backend=args.backend, enforce_eager=args.enforce_eager)
     scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                 max_chunk_tokens=args.max_chunk_tokens)
     return LLMEngine(model, tokenizer, cache, scheduler, seed=args.seed)

@@ -209,6 +209,7 @@ class CacheConfig:
     cpu_kv_cache_bytes: int = 256 << 20
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # auto = triton on CUDA, torch elsewhere
+    enforce_eager: bool = False  # True: no CUDA graphs for decode steps (debugging); graphs need triton on CUDA
 
     def __post_init__(self) -> None:
         _require(self.attention_backend in ("auto", "torch", "triton"), "attention_backend",
@@ -223,6 +224,7 @@ class CacheConfig:
                  self.cpu_kv_cache_bytes, "a positive integer")
         _require(isinstance(self.enable_prefix_caching, bool), "enable_prefix_caching",
                  self.enable_prefix_caching, "true or false")
+        _require(isinstance(self.enforce_eager, bool), "enforce_eager", self.enforce_eager, "true or false")
 
 
 @dataclass(slots=True)

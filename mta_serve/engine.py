@@ -70,7 +70,9 @@ class LLMEngine:
         self.pool = BlockPool(self.num_blocks, self.cache_config.enable_prefix_caching)
         self.kv = KVCacheManager(self.pool, self.cache_config.block_size)
         self.scheduler = Scheduler(self.scheduler_config, self.kv)
-        self.runner = ModelRunner(model, self.kv, self.num_blocks, self.cache_config.attention_backend)
+        self.runner = ModelRunner(model, self.kv, self.num_blocks, self.cache_config.attention_backend,
+                                  cuda_graphs=not self.cache_config.enforce_eager,
+                                  max_num_seqs=self.scheduler_config.max_num_seqs)
         self.sampler = Sampler(seed)
         self.requests: dict[str, _Tracked] = {}
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import CacheConfig
+from .cuda_graphs import DecodeGraphs, DecodeRow
 from .kv_cache_manager import KVCacheManager
 from .model import MTATransformer
 from .paged_attention import TorchPagedAttention, cache_bytes_per_token
@@ -63,18 +64,33 @@ def resolve_backend(name: str, device: torch.device) -> str:
 
 
 class ModelRunner:
-    def __init__(self, model: MTATransformer, kv: KVCacheManager, num_blocks: int, backend: str = "auto"):
+    """Runs steps through the attention backend. With the `triton` backend, steps whose sequences all compute
+    one row (decode) run as cuda_graphs.DecodeGraphs steps: padded to a fixed batch size over fixed-address
+    inputs, replaying a captured CUDA graph on CUDA unless `cuda_graphs` is False (then the same padded
+    step runs eagerly, so graphs on and off compute the same thing). The caches then hold one extra scratch
+    block (id num_blocks) for the padding rows."""
+
+    def __init__(self, model: MTATransformer, kv: KVCacheManager, num_blocks: int, backend: str = "auto",
+                 cuda_graphs: bool = True, max_num_seqs: int = 256):
         self.model = model
         self.kv = kv
         self.device = model.tok_embeddings.weight.device
         self.backend_name = resolve_backend(backend, self.device)
-        kind = TritonPagedAttention if self.backend_name == "triton" else TorchPagedAttention
-        self.backend = kind(model.cfg, num_blocks, kv.block_size, model.tok_embeddings.weight.dtype, self.device)
-        if self.backend_name == "triton" and self.device.type == "cuda":
+        triton = self.backend_name == "triton"
+        kind = TritonPagedAttention if triton else TorchPagedAttention
+        self.backend = kind(model.cfg, num_blocks + triton, kv.block_size, model.tok_embeddings.weight.dtype,
+                            self.device)
+        if triton and self.device.type == "cuda":
             self.backend.warm_up(model)  # compile the kernels now, not during the first requests
+        self.graphs = DecodeGraphs(model, self.backend, max_num_seqs, scratch_block=num_blocks,
+                                   capture=cuda_graphs and self.device.type == "cuda") if triton else None
+        self.cuda_graphs = self.graphs is not None and bool(self.graphs.graphs)  # captured graphs replay
 
     @torch.no_grad()
     def execute(self, scheduled: list[ScheduledRequest]) -> StepLogits:
+        if (self.graphs is not None and len(scheduled) <= self.graphs.max_batch
+                and all(s.end - s.start == 1 for s in scheduled)):
+            return self._execute_decode_graph(scheduled)
         tokens, positions, slots, specs = [], [], [], []
         for s in scheduled:
             rid = s.request.request_id
@@ -89,12 +105,22 @@ class ModelRunner:
             return self.backend.attend(batch, layer_id, attn, q, k, v)
 
         hidden = self.model(tokens_t, positions_t, attend)
-        return self._logits(scheduled, specs, hidden)
+        return self._logits(scheduled, [s.row for s in specs], lambda rows: self.model.logits(hidden[rows]))
 
-    def _logits(self, scheduled, sequences, hidden: torch.Tensor) -> StepLogits:
-        sample_rows = [seq.row + seq.end - seq.start - 1 for s, seq in zip(scheduled, sequences) if s.samples]
+    def _execute_decode_graph(self, scheduled: list[ScheduledRequest]) -> StepLogits:
+        rows = []
+        for s in scheduled:
+            rid = s.request.request_id
+            rows.append(DecodeRow(s.request.token_ids[s.start], s.start, self.kv.slot(rid, s.start),
+                                  self.kv.block_ids(rid)[:self.kv.blocks_for(s.end)]))
+        logits = self.graphs.run(rows)
+        return self._logits(scheduled, list(range(len(rows))), lambda rows: logits[rows])
+
+    def _logits(self, scheduled: list[ScheduledRequest], first_rows: list[int], logits_of) -> StepLogits:
+        """first_rows[i]: the batch row of scheduled[i]'s first new token; logits_of(rows) -> [n, vocab]."""
+        sample_rows = [row + s.end - s.start - 1 for s, row in zip(scheduled, first_rows) if s.samples]
         prompt_logits = {}
-        for s, seq in zip(scheduled, sequences):
+        for s, row in zip(scheduled, first_rows):
             request = s.request
             # Logprobs of prompt tokens 1..P-1 come from positions 0..P-2; each is computed once (a recompute
             # after preemption does not repeat them).
@@ -103,6 +129,6 @@ class ModelRunner:
             first = max(s.start, len(request.prompt_logprobs) - 1 if request.prompt_logprobs else 0)
             last = min(s.end, request.num_prompt_tokens - 1)
             if first < last:
-                rows = hidden[seq.row + first - s.start:seq.row + last - s.start]
-                prompt_logits[request.request_id] = (first, self.model.logits(rows))
-        return StepLogits(self.model.logits(hidden[sample_rows]), prompt_logits)
+                prompt_logits[request.request_id] = (first, logits_of(slice(row + first - s.start,
+                                                                            row + last - s.start)))
+        return StepLogits(logits_of(sample_rows), prompt_logits)

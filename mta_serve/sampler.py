@@ -23,16 +23,16 @@ class Sampler:
 
         Plain greedy rows (no bias, masks or penalties: the common case) are decided together on the
         logits' device with one transfer to the host; the others one by one."""
-        raw_logprobs = torch.log_softmax(logits.float(), dim=-1)
         tokens: list[int | None] = [None] * len(requests)
         plain = [i for i, r in enumerate(requests) if _plain_greedy(r)]
         if plain:
-            for i, token in zip(plain, torch.argmax(logits[plain], dim=-1).tolist()):
+            rows = logits if len(plain) == len(requests) else logits[plain]
+            for i, token in zip(plain, torch.argmax(rows, dim=-1).tolist()):
                 tokens[i] = token
         for row, request in enumerate(requests):
             if tokens[row] is None:
                 tokens[row] = self._sample_one(logits[row].float().clone(), request)
-        return list(zip(tokens, logprob_records(raw_logprobs, tokens, requests)))
+        return list(zip(tokens, logprob_records(logits, tokens, requests)))
 
     def _sample_one(self, logits: torch.Tensor, request: Request) -> int:
         params = request.params
@@ -92,16 +92,18 @@ def _plain_greedy(request: Request) -> bool:
             and not params.presence_penalty and not params.frequency_penalty and params.repetition_penalty == 1.0)
 
 
-def logprob_records(logprobs: torch.Tensor, tokens: list[int],
+def logprob_records(logits: torch.Tensor, tokens: list[int],
                     requests: list[Request]) -> list[TokenLogprob | None]:
-    """logprobs [B, vocab]: the records of the rows whose request asks for logprobs, read back at once."""
+    """logits [B, vocab] (raw): the records of the rows whose request asks for logprobs, read back at once.
+    Only those rows are normalized (log-softmax over a 128k vocabulary is not free)."""
     rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
     records: list[TokenLogprob | None] = [None] * len(requests)
     if not rows:
         return records
+    logprobs = torch.log_softmax(logits[rows].float(), dim=-1)  # [len(rows), vocab]
     top_n = max(requests[i].params.logprobs for i in rows)
-    chosen = logprobs[rows, [tokens[i] for i in rows]].tolist()
-    values, ids = torch.topk(logprobs[rows], top_n) if top_n > 0 else (logprobs[rows, :0], logprobs[rows, :0])
+    chosen = logprobs[torch.arange(len(rows), device=logprobs.device), [tokens[i] for i in rows]].tolist()
+    values, ids = torch.topk(logprobs, top_n) if top_n > 0 else (logprobs[:, :0], logprobs[:, :0])
     values, ids = values.tolist(), ids.tolist()
     for k, i in enumerate(rows):
         n = requests[i].params.logprobs

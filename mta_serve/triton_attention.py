@@ -105,6 +105,18 @@ class TritonPagedAttention(TorchPagedAttention):
                     for k, (block_m, splits, chosen) in enumerate(groups)]
         return tokens_t, positions_t, TritonBatch(slots_t.long(), launches)
 
+    def decode_batch(self, slots: torch.Tensor, tables: torch.Tensor, positions: torch.Tensor, ends: torch.Tensor,
+                     rows: torch.Tensor) -> TritonBatch:
+        """A decode step over fixed-address inputs (cuda_graphs): one row per sequence, launch shapes set by
+        the number of rows and the model's max_seq_len alone. slots, positions, ends, rows [n] int32;
+        tables [n, max_blocks] int32."""
+        from .kernels.work_items import WorkItems
+
+        max_len = self.cfg.max_seq_len
+        work = WorkItems(tables, positions, ends, rows, rows, positions, 1,
+                         self._num_splits(rows.numel(), max_len), max_len)
+        return TritonBatch(slots.long(), [work])
+
     def _num_splits(self, num_sequences: int, max_len: int) -> int:
         """Enough (sequence, split) programs for four per SM, each split >= 256 keys."""
         wanted = -(-4 * self.num_sms // num_sequences)

@@ -1,0 +1,141 @@
+"""CUDA graphs for decode steps: the whole forward (embedding, every layer's projections, Triton attention
+kernels and MLP, the final norm and the logits) captured once per padded batch size and replayed.
+
+A decode step has one query row per sequence, so its shapes depend only on the number of sequences. The
+step's integer inputs live in one persistent device buffer at fixed addresses (tokens, positions, sequence
+ends, cache slots, block tables), filled by one copy from a pinned host buffer; a batch of n sequences runs
+the graph of the smallest captured size >= n, the extra rows being padding sequences of one token that read
+and write only a scratch cache block no request owns. The kernels' buffers are sized for the model's
+max_seq_len, so one graph serves every context length. All graphs share one memory pool (they never run
+at the same time) and write their logits into one fp32 buffer.
+
+Without CUDA (tests) the same padded, fixed-address step runs eagerly, so everything but the capture itself
+is checked on the CPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+PADDED_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+def padded_sizes(max_batch: int) -> list[int]:
+    """The batch sizes to capture: PADDED_SIZES up to max_batch, and max_batch itself."""
+    sizes = [b for b in PADDED_SIZES if b < max_batch]
+    return sizes + [max_batch]
+
+
+@dataclass(slots=True)
+class DecodeRow:
+    """One sequence's decode row: it computes position `position` (its length becomes position + 1)."""
+
+    token: int
+    position: int
+    slot: int  # cache slot of the new token
+    block_ids: list[int]  # its block table, at least ceil((position + 1) / block_size) entries
+
+
+class DecodeGraphs:
+    """Fixed-address inputs and one captured graph per padded batch size (eager replays without CUDA)."""
+
+    def __init__(self, model, backend, max_batch: int, scratch_block: int, capture: bool = True):
+        self.model, self.backend = model, backend
+        self.device = model.tok_embeddings.weight.device
+        self.sizes = padded_sizes(max_batch)
+        self.max_batch = max_batch
+        self.width = -(-model.cfg.max_seq_len // backend.block_size)  # block-table entries per sequence
+        self.scratch_slot = scratch_block * backend.block_size
+        self.scratch_block = scratch_block
+        # Sections of the input buffer, each max_batch long (the tables max_batch x width), at fixed offsets.
+        n = max_batch
+        self.offsets = dict(tokens=0, positions=n, ends=2 * n, slots=3 * n, tables=4 * n)
+        total = 4 * n + n * self.width
+        pinned = self.device.type == "cuda"
+        self.host = torch.zeros(total, dtype=torch.int32, pin_memory=pinned)  # [total] int32
+        self.host_np = self.host.numpy()
+        self.inputs = torch.zeros(total, dtype=torch.int32, device=self.device)  # [total] int32
+        self.rows = torch.arange(n, dtype=torch.int32, device=self.device)  # [max_batch] int32
+        self.logits = torch.zeros(n, model.cfg.vocab_size, dtype=torch.float32, device=self.device)  # [B, V]
+        self.copied = torch.cuda.Event() if pinned else None
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.num_runs = 0  # steps run (replayed, or eagerly without CUDA)
+        if capture:
+            self._capture_all()
+
+    def batch_size(self, num_rows: int) -> int | None:
+        """The padded size a batch of num_rows decode rows runs at (None: too many for any graph)."""
+        return next((b for b in self.sizes if b >= num_rows), None)
+
+    def run(self, rows: list[DecodeRow]) -> torch.Tensor:
+        """The decode step of `rows`: logits [len(rows), vocab] fp32, a view valid until the next run."""
+        size = self.batch_size(len(rows))
+        self._fill(rows, size)
+        self.num_runs += 1
+        if size in self.graphs:
+            self.graphs[size].replay()
+        else:
+            self._forward(size)
+        return self.logits[:len(rows)]
+
+    def _fill(self, rows: list[DecodeRow], size: int) -> None:
+        """Write the step's inputs (padding rows after the real ones) and copy them to the device at once."""
+        if self.copied is not None:
+            self.copied.synchronize()  # the previous copy has read the host buffer
+        n, o, h = len(rows), self.offsets, self.host_np
+        h[o["tokens"]:o["tokens"] + n] = [r.token for r in rows]
+        h[o["positions"]:o["positions"] + n] = [r.position for r in rows]
+        h[o["slots"]:o["slots"] + n] = [r.slot for r in rows]
+        pad = slice(n, size)
+        for name, value in (("tokens", 0), ("positions", 0), ("slots", self.scratch_slot)):
+            h[o[name] + pad.start:o[name] + pad.stop] = value
+        h[o["ends"]:o["ends"] + size] = h[o["positions"]:o["positions"] + size] + 1
+        tables = h[o["tables"]:o["tables"] + size * self.width].reshape(size, self.width)
+        for i, r in enumerate(rows):
+            tables[i, :len(r.block_ids)] = r.block_ids
+        tables[n:size, 0] = self.scratch_block
+        end = o["tables"] + size * self.width
+        self.inputs[:end].copy_(self.host[:end], non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
+
+    def _views(self, size: int):
+        """(tokens, positions, ends, slots [size] int32, block tables [size, width] int32) of the input buffer."""
+        o = self.offsets
+
+        def section(name, length):
+            return self.inputs[o[name]:o[name] + length]
+
+        tables = section("tables", size * self.width).view(size, self.width)
+        return section("tokens", size), section("positions", size), section("ends", size), section("slots", size), tables
+
+    def _forward(self, size: int) -> None:
+        """The step at `size` rows, reading only the fixed-address inputs: what the graph captures."""
+        tokens, positions, ends, slots, tables = self._views(size)
+        batch = self.backend.decode_batch(slots, tables, positions, ends, self.rows[:size])
+
+        def attend(layer_id, attn, q, k, v):
+            return self.backend.attend(batch, layer_id, attn, q, k, v)
+
+        hidden = self.model(tokens, positions, attend)
+        self.logits[:size].copy_(self.model.logits(hidden))
+
+    @torch.inference_mode()
+    def _capture_all(self) -> None:
+        """Capture the largest size first, so that the shared pool is sized once and reused by the rest."""
+        pool = None
+        for size in sorted(self.sizes, reverse=True):
+            self._fill([], size)  # all rows padding: the capture reads and writes only the scratch block
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self._forward(size)  # compile and initialise everything outside the capture
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._forward(size)
+            pool = graph.pool()
+            self.graphs[size] = graph
+        torch.cuda.synchronize(self.device)

@@ -1,0 +1,103 @@
+"""Decode steps as fixed-shape graph steps (mta_serve.cuda_graphs): padding to the captured batch sizes,
+fixed-address inputs, the scratch block. On the CPU the padded step runs eagerly under Triton's interpreter
+(everything but the capture); tests/test_engine_gpu.py checks captured graphs against eager steps."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import run_all
+from mta_serve.cli import build_engine, serve_parser
+from mta_serve.config import CacheConfig, ConfigError, ModelConfig, MTAConfig, SchedulerConfig
+from mta_serve.cuda_graphs import padded_sizes
+from mta_serve.engine import LLMEngine
+from mta_serve.model import build_model
+from mta_serve.sampling_params import SamplingParams
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+VOCAB = 61
+PROMPTS = [[5, 9, 1, 3, 7, 2, 8, 4, 6, 11, 13], [1], [7, 7, 2, 9, 4, 1]]
+
+
+def _model():
+    mta = MTAConfig(pre_conv=[3, 5], post_conv=[2, 3], mta_layers=[0], wpsm=True, head_kernel_size=2,
+                    group_norm=True, gate="1d")
+    cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, max_seq_len=32, mta=mta)
+    return build_model(cfg, seed=5, mta_init="random", device=DEVICE)
+
+
+def _engine(model, backend: str, num_blocks: int = 12, **scheduler) -> LLMEngine:
+    return LLMEngine(model, None, CacheConfig(block_size=4, num_blocks=num_blocks, attention_backend=backend),
+                     SchedulerConfig(**scheduler))
+
+
+def test_padded_sizes():
+    assert padded_sizes(1) == [1]
+    assert padded_sizes(6) == [1, 2, 4, 6]
+    assert padded_sizes(64)[-3:] == [32, 48, 64]
+    assert padded_sizes(1000)[-2:] == [512, 1000]
+
+
+def test_decode_steps_run_padded_and_equal_the_torch_backend():
+    """Three decode rows run at the padded size 4 (of 1, 2, 4, 6); the padding rows write only the scratch
+    block, which the pool never hands out; tokens and logprobs equal the torch backend's, preemption by a
+    8-block cache included."""
+    model = _model()
+    engine = _engine(model, "triton", num_blocks=8, max_num_seqs=6)
+    graphs = engine.runner.graphs
+    assert graphs.sizes == [1, 2, 4, 6] and graphs.scratch_block == engine.num_blocks
+    sizes = []
+    run = graphs.run
+    graphs.run = lambda rows: sizes.append((len(rows), graphs.batch_size(len(rows)))) or run(rows)
+
+    def no_scratch_in_tables(eng, step):
+        for rid in eng.requests:
+            assert engine.num_blocks not in eng.kv.block_ids(rid)
+
+    done = run_all(engine, PROMPTS, [9, 9, 6], on_step=no_scratch_in_tables)
+    assert (3, 4) in sizes and any(n < 3 for n, _ in sizes)
+    assert engine.scheduler.num_preemptions >= 1
+    expected = run_all(_engine(model, "torch", num_blocks=8, max_num_seqs=6), PROMPTS, [9, 9, 6])
+    for rid, out in expected.items():
+        assert done[rid].token_ids == out.token_ids
+        assert max(abs(a.logprob - b.logprob) for a, b in zip(out.logprobs, done[rid].logprobs)) < 1e-4
+    assert engine.pool.num_free == engine.num_blocks
+
+
+def test_one_token_prompt_chunks_give_prompt_logprobs_through_the_graph_step():
+    """With one-token chunks every step is a graph step, prompt chunks included: their prompt logprobs come
+    from the graph's logits rows and must equal the torch backend's."""
+    model = _model()
+    results = []
+    for backend in ("torch", "triton"):
+        engine = _engine(model, backend, max_chunk_tokens=1, max_num_batched_tokens=2)
+        params = SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=2, ignore_eos=True)
+        engine.add_request("a", PROMPTS[0], params)
+        engine.add_request("b", PROMPTS[2], params)
+        outs = {}
+        while engine.has_unfinished_requests():
+            outs.update({o.request_id: o for o in engine.step() if o.finished})
+        if backend == "triton":
+            assert engine.runner.graphs.num_runs > 10
+        results.append(outs)
+    for rid in ("a", "b"):
+        ref, got = results[0][rid], results[1][rid]
+        assert got.token_ids == ref.token_ids
+        assert len(got.prompt_logprobs) == len(ref.prompt_logprobs)
+        for a, b in zip(ref.prompt_logprobs[1:], got.prompt_logprobs[1:]):
+            assert b.token_id == a.token_id and abs(a.logprob - b.logprob) < 1e-4
+            assert set(a.top) == set(b.top)
+
+
+def test_torch_backend_has_no_graph_steps():
+    engine = _engine(_model(), "torch")
+    assert engine.runner.graphs is None and not engine.runner.cuda_graphs
+
+
+def test_enforce_eager_is_validated_and_reaches_the_engine():
+    with pytest.raises(ConfigError, match="enforce_eager"):
+        CacheConfig(enforce_eager="yes")
+    args = serve_parser().parse_args(["--enforce-eager", "--num-kv-blocks", "8"])
+    assert args.enforce_eager
+    engine = build_engine(args, _model(), None)
+    assert engine.cache_config.enforce_eager and not engine.runner.cuda_graphs
