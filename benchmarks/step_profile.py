@@ -3,10 +3,11 @@ spends in kernels, which kernels, and how that compares with the bytes the step 
 
 For each model and batch size B, B requests with prompts of (context - steps) random tokens are prefilled,
 then `--steps` decode steps are timed one by one (wall time of `engine.step()`, which ends by reading the
-sampled tokens), with the PyTorch profiler recording every kernel. Per step it reports:
+sampled tokens), and `--profile-steps` more run under the PyTorch profiler. Per step it reports:
   - step time (mean, p50): at batch 1 this is the inter-token latency;
-  - GPU busy time: the sum of kernel durations; host share = 1 - busy / step time, the time the GPU waits
-    for the host (Python scheduling, tensor building, launches, sampling read-back);
+  - the forward's device span (CUDA events around the runner) and host time = step time - that span, the
+    time the GPU waits for the host (scheduling, input building, sampling read-back, postprocessing);
+  - the kernels' summed durations (from the profiled steps);
   - bounds: weights once / copy bandwidth (the batch-1 bound), and weights + every sequence's K/V (and MTA
     query) cache / copy bandwidth (the decode roofline), both from the bandwidth measured in the same run;
   - the kernels that take the most GPU time.
@@ -50,27 +51,44 @@ def fill(llm: LLM, batch: int, prompt_len: int, max_tokens: int, vocab: int, see
         engine.step()
 
 
-def time_steps(llm: LLM, steps: int, device: torch.device, profile: bool):
-    """Wall time of each of `steps` decode steps, and the profiler's kernel table (None without CUDA)."""
-    times = []
-    activities = [torch.profiler.ProfilerActivity.CPU]
+def time_steps(llm: LLM, steps: int, device: torch.device) -> tuple[list[float], list[float]]:
+    """(wall seconds of each of `steps` decode steps, seconds of each step's forward on the device). The
+    forward's device span runs from an event recorded when the runner starts the step to one recorded when
+    it has enqueued the whole forward; everything else in the step's wall time is host work the GPU waits
+    for (scheduling, input building, sampling read-back, postprocessing)."""
+    runner = llm.engine.runner
+    execute, spans = runner.execute, []
+
+    def timed_execute(scheduled):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = execute(scheduled)
+        end.record()
+        spans.append((start, end))
+        return out
+
     if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) if profile else _null() as prof:
+        runner.execute = timed_execute
+    times = []
+    try:
         for _ in range(steps):
             start = time.perf_counter()
             llm.engine.step()
             _sync(device)
             times.append(time.perf_counter() - start)
-    return times, prof
+    finally:
+        runner.execute = execute
+    return times, [a.elapsed_time(b) * 1e-3 for a, b in spans]
 
 
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+def profile_steps(llm: LLM, steps: int):
+    """The PyTorch profiler's record of `steps` decode steps (CPU and CUDA activity)."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            llm.engine.step()
+        torch.cuda.synchronize()
+    return prof
 
 
 def kernel_table(prof, steps: int, top: int) -> tuple[float, list[dict]]:
@@ -96,11 +114,13 @@ def measure(path: str, batch: int, graphs: bool, args, device, bandwidth: float)
     if not graphs:
         options["enforce_eager"] = True
     llm = LLM(model, **options)
-    prompt_len = args.context - args.steps - args.warmup_steps - 1  # prompt + outputs = context
-    fill(llm, batch, prompt_len, args.steps + args.warmup_steps + 1, cfg.vocab_size, args.seed)
-    time_steps(llm, args.warmup_steps, device, profile=False)
+    decode_steps = args.warmup_steps + args.steps + args.profile_steps
+    prompt_len = args.context - decode_steps - 1  # prompt + outputs = context
+    fill(llm, batch, prompt_len, decode_steps + 1, cfg.vocab_size, args.seed)
+    time_steps(llm, args.warmup_steps, device)
     first_context = prompt_len + 1 + args.warmup_steps  # keys the first timed step attends to
-    times, prof = time_steps(llm, args.steps, device, profile=device.type == "cuda")
+    times, spans = time_steps(llm, args.steps, device)
+    prof = profile_steps(llm, args.profile_steps) if device.type == "cuda" and args.profile_steps else None
     mean_context = first_context + (args.steps - 1) / 2
     step_s = statistics.mean(times)
     row = dict(config=path, batch=batch, cuda_graphs=llm.engine.runner.cuda_graphs, mean_context=mean_context,
@@ -110,9 +130,12 @@ def measure(path: str, batch: int, graphs: bool, args, device, bandwidth: float)
                roofline_ms=1e3 * (weight_bytes + batch * mean_context * kv_per_token) / bandwidth)
     row["step_over_weight_bound"] = row["step_ms"] / row["weight_bound_ms"]
     row["step_over_roofline"] = row["step_ms"] / row["roofline_ms"]
+    if spans:
+        row.update(forward_ms=1e3 * statistics.mean(spans), host_ms=1e3 * (step_s - statistics.mean(spans)),
+                   host_share=1 - statistics.mean(spans) / step_s)
     if prof is not None:
-        busy, top = kernel_table(prof, args.steps, args.top)
-        row.update(gpu_busy_ms=1e3 * busy, host_share=max(0.0, 1 - busy / step_s), top_kernels=top)
+        busy, top = kernel_table(prof, args.profile_steps, args.top)
+        row.update(gpu_busy_ms=1e3 * busy, top_kernels=top)
     del llm, model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -123,8 +146,11 @@ def describe(row: dict) -> str:
     text = (f"{Path(row['config']).stem} batch {row['batch']} ctx {row['mean_context']:.0f} graphs "
             f"{'on' if row['cuda_graphs'] else 'off'}: step {row['step_ms']:.3f} ms (p50 {row['step_p50_ms']:.3f}), "
             f"{row['step_over_weight_bound']:.2f}x weight bound, {row['step_over_roofline']:.2f}x roofline")
+    if "forward_ms" in row:
+        text += (f"; forward on the device {row['forward_ms']:.3f} ms, host {row['host_ms']:.3f} ms "
+                 f"({100 * row['host_share']:.1f} %)")
     if "gpu_busy_ms" in row:
-        text += f"; GPU busy {row['gpu_busy_ms']:.3f} ms, host share {100 * row['host_share']:.1f} %"
+        text += f"; kernels {row['gpu_busy_ms']:.3f} ms"
         for k in row["top_kernels"]:
             text += f"\n    {k['us_per_step']:9.1f} us  {k['calls_per_step']:6.1f}x  {k['name']}"
     return text
@@ -140,14 +166,16 @@ def main() -> int:
     p.add_argument("--context", type=int, default=2048, help="prompt + generated tokens of each request")
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--warmup-steps", type=int, default=4)
+    p.add_argument("--profile-steps", type=int, default=8, help="steps recorded by the profiler, after the "
+                   "timed ones (its overhead would distort their times)")
     p.add_argument("--cuda-graphs", nargs="+", choices=["on", "off"], default=["on"])
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--top", type=int, default=8, help="kernels listed per row")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "step_profile.json"))
     args = p.parse_args()
-    if args.context - args.steps - args.warmup_steps < 2:
-        p.error("--context must exceed --steps + --warmup-steps")
+    if args.context - args.steps - args.warmup_steps - args.profile_steps < 2:
+        p.error("--context must exceed --steps + --warmup-steps + --profile-steps + 1")
     device = torch.device(args.device)
     bandwidth = copy_bandwidth(device)
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s on {args.device}", flush=True)
