@@ -18,6 +18,7 @@ sampled tokens), and `--profile-steps` more run under the PyTorch profiler. Per 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import statistics
@@ -77,7 +78,7 @@ def time_steps(llm: LLM, steps: int, device: torch.device) -> tuple[list[float],
             _sync(device)
             times.append(time.perf_counter() - start)
     finally:
-        runner.execute = execute
+        runner.__dict__.pop("execute", None)  # back to the class's method
     return times, [a.elapsed_time(b) * 1e-3 for a, b in spans]
 
 
@@ -137,6 +138,7 @@ def measure(path: str, batch: int, graphs: bool, args, device, bandwidth: float)
         busy, top = kernel_table(prof, args.profile_steps, args.top)
         row.update(gpu_busy_ms=1e3 * busy, top_kernels=top)
     del llm, model
+    gc.collect()  # the wrappers around the engine's methods form cycles that hold its KV cache
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row

@@ -181,7 +181,7 @@ def _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, nor
 #   pre_w_ptr [H, CQ, CK], post_w_ptr [H, CQ2, CK2]       pre_mix_ptr, post_mix_ptr [H, H] (out, in)
 #   out_ptr [N, H, D] (the output's dtype); item0: the wave's first work item
 
-@triton.jit
+@triton.jit(do_not_specialize=["item0", "bt_stride", "LENGTH"])
 def _scores_kernel(q_ptr, qc_ptr, k_ptr, s_ptr, sm_scale, item0, bt_ptr, bt_stride, seq_start_ptr, seq_end_ptr,
                    seq_row_ptr, work_seq_ptr, work_first_ptr, H: tl.constexpr, GROUP: tl.constexpr,
                    D: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr, LENGTH,
@@ -228,7 +228,7 @@ def _mix(w_ptr, x, H: tl.constexpr, HB: tl.constexpr, RT: tl.constexpr, BN: tl.c
     return tl.sum(w[:, :, None, None] * x[None, :, :, :], axis=1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["item0", "bt_stride", "LENGTH", "SPLITS"])
 def _logits_kernel(s_ptr, l_ptr, stats_ptr, pre_w_ptr, post_w_ptr, pre_mix_ptr, post_mix_ptr, item0, bt_ptr,
                    bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr, work_seq_ptr, work_first_ptr,
                    H: tl.constexpr, BN: tl.constexpr, LENGTH, HB: tl.constexpr, RO: tl.constexpr,
@@ -276,7 +276,7 @@ def _logits_kernel(s_ptr, l_ptr, stats_ptr, pre_w_ptr, post_w_ptr, pre_mix_ptr, 
     tl.store(stats_ptr + tl.num_programs(0) * SPLITS * H * RL + offs, l, mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["item0", "SPLITS"])
 def _normalizers_kernel(stats_ptr, norm_ptr, item0, H: tl.constexpr, RL: tl.constexpr, SPLITS,
                         RLP: tl.constexpr):
     """Per logit row: the max over splits and 1 / (sum of exp); rows without keys get (0, 0)."""
@@ -300,7 +300,7 @@ def _normalizers_kernel(stats_ptr, norm_ptr, item0, H: tl.constexpr, RL: tl.cons
              mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["item0", "bt_stride", "LENGTH", "SPLITS"])
 def _probs_kernel(l_ptr, norm_ptr, p_ptr, pre_w_ptr, post_w_ptr, pre_mix_ptr, post_mix_ptr, item0, bt_ptr,
                   bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr, work_seq_ptr, work_first_ptr,
                   H: tl.constexpr, BN: tl.constexpr, LENGTH, HB: tl.constexpr, RO: tl.constexpr,
@@ -341,7 +341,7 @@ def _probs_kernel(l_ptr, norm_ptr, p_ptr, pre_w_ptr, post_w_ptr, pre_mix_ptr, po
         tl.store(p_ptr + ((b * H + h3) * RO + r3).to(tl.int64) * LENGTH + keys, p, mask=(h3 < H) & (r3 < RO))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["item0", "bt_stride", "LENGTH", "SPLITS"])
 def _pv_kernel(p_ptr, v_ptr, part_ptr, item0, bt_ptr, bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr,
                work_seq_ptr, work_first_ptr, H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
                DP: tl.constexpr, BN: tl.constexpr, LENGTH, BLOCK_SIZE: tl.constexpr,
@@ -372,7 +372,7 @@ def _pv_kernel(p_ptr, v_ptr, part_ptr, item0, bt_ptr, bt_stride, seq_start_ptr, 
              acc, mask=(r[:, None] < RO) & dmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["item0", "bt_stride", "SPLITS"])
 def _sum_splits_kernel(part_ptr, out_ptr, item0, bt_ptr, bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr,
                        work_seq_ptr, work_first_ptr, H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                        RO: tl.constexpr, SPLITS):

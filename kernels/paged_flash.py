@@ -40,7 +40,7 @@ def paged_flash_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["bt_stride", "num_work", "SPLITS"])
 def _flash_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr,
                   work_seq_ptr, work_first_ptr, part_ptr, stats_ptr, num_work, sm_scale,
                   BLOCK_SIZE: tl.constexpr, BN: tl.constexpr, TILE: tl.constexpr, FP32: tl.constexpr,
@@ -89,7 +89,7 @@ def _flash_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, bt_stride, seq_start_ptr, seq_end
     tl.store(stats_ptr + num_work * SPLITS * H * BM + base * BM + r, l)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_work", "SPLITS"])
 def _flash_combine_kernel(part_ptr, stats_ptr, out_ptr, seq_start_ptr, seq_end_ptr, seq_row_ptr, work_seq_ptr,
                           work_first_ptr, num_work, TILE: tl.constexpr, H: tl.constexpr, GROUP: tl.constexpr,
                           D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, SPLITS):

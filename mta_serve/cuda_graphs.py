@@ -50,15 +50,15 @@ class DecodeGraphs:
         self.scratch_slot = scratch_block * backend.block_size
         self.scratch_block = scratch_block
         # Sections of the input buffer, each max_batch long (the tables max_batch x width), at fixed offsets.
-        n = max_batch
+        n = -(-max_batch // 4) * 4  # sections start 16-byte aligned, as Triton's compiled variants expect
         self.offsets = dict(tokens=0, positions=n, ends=2 * n, slots=3 * n, tables=4 * n)
-        total = 4 * n + n * self.width
+        total = 4 * n + max_batch * self.width
         pinned = self.device.type == "cuda"
         self.host = torch.zeros(total, dtype=torch.int32, pin_memory=pinned)  # [total] int32
         self.host_np = self.host.numpy()
         self.inputs = torch.zeros(total, dtype=torch.int32, device=self.device)  # [total] int32
-        self.rows = torch.arange(n, dtype=torch.int32, device=self.device)  # [max_batch] int32
-        self.logits = torch.zeros(n, model.cfg.vocab_size, dtype=torch.float32, device=self.device)  # [B, V]
+        self.rows = torch.arange(max_batch, dtype=torch.int32, device=self.device)  # [max_batch] int32
+        self.logits = torch.zeros(max_batch, model.cfg.vocab_size, dtype=torch.float32, device=self.device)  # [B, V]
         self.copied = torch.cuda.Event() if pinned else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.num_runs = 0  # steps run (replayed, or eagerly without CUDA)

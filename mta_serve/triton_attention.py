@@ -53,19 +53,23 @@ class StepUploader:
         self.done = torch.cuda.Event() if device.type == "cuda" else None
 
     def upload(self, arrays: list[list[int]]) -> list[torch.Tensor]:
+        # Every array starts at a multiple of 4 elements: Triton compiles a kernel variant per pointer
+        # alignment, and views at arbitrary offsets would compile new variants step after step.
         sizes = [len(a) for a in arrays]
-        total = sum(sizes)
+        padded = [-(-n // 4) * 4 for n in sizes]
+        total = sum(padded)
         if self.host is None or self.host.numel() < total:
             capacity = max(total, 2 * (0 if self.host is None else self.host.numel()), 1 << 12)
             self.host = torch.empty(capacity, dtype=torch.int32, pin_memory=self.device.type == "cuda")
             self.dev = torch.empty(capacity, dtype=torch.int32, device=self.device)
         elif self.done is not None:
             self.done.synchronize()
-        self.host[:total] = torch.tensor([x for a in arrays for x in a], dtype=torch.int32)
+        self.host[:total] = torch.tensor([x for a, n in zip(arrays, padded) for x in a + [0] * (n - len(a))],
+                                         dtype=torch.int32)
         self.dev[:total].copy_(self.host[:total], non_blocking=True)
         if self.done is not None:
             self.done.record()
-        return list(self.dev[:total].split(sizes))
+        return [part[:n] for part, n in zip(self.dev[:total].split(padded), sizes)]
 
 
 class TritonPagedAttention(TorchPagedAttention):
