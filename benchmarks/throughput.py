@@ -161,7 +161,7 @@ def bench_model(path: str, args, device: torch.device, bandwidth: float) -> dict
         ref = run_reference(model, prompts, outputs)
         result["reduced"] = dict(mta_serve=ours, reference_style=ref,
                                  speedup=ours["output_tokens_per_s"] / ref["output_tokens_per_s"])
-    del llm, model
+    del llm, model, recorder
     gc.collect()  # the wrappers around the engine's methods form cycles that hold its KV cache
     if device.type == "cuda":
         torch.cuda.empty_cache()
