@@ -14,12 +14,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def commit() -> str:
-    """The checkout's commit; MTA_SERVE_COMMIT names it where the tree has no .git (e.g. a copied tree)."""
+    """MTA_SERVE_COMMIT if set (a copied tree, whose .git may be missing or stale), else the checkout's commit."""
+    if os.environ.get("MTA_SERVE_COMMIT"):
+        return os.environ["MTA_SERVE_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     except OSError:
         out = None
-    return (out.stdout.strip() if out else "") or os.environ.get("MTA_SERVE_COMMIT", "unknown")
+    return (out.stdout.strip() if out else "") or "unknown"
 
 
 def copy_bandwidth(device: torch.device) -> float:
