@@ -97,3 +97,34 @@ def test_cuda_graphs_equal_eager_steps(mta):
     for rid, out in results[1].items():
         assert results[0][rid].token_ids == out.token_ids
         assert [x.logprob for x in results[0][rid].logprobs] == [x.logprob for x in out.logprobs]
+
+
+def _num_compiled(kernel) -> int:
+    """Compiled variants of a Triton kernel (the per-device cache's layout differs across Triton versions)."""
+    caches = getattr(kernel, "device_caches", None)
+    if caches is not None:
+        return sum(len(entry[0]) for entry in caches.values())
+    return sum(len(cache) for cache in kernel.cache.values())
+
+
+def test_new_step_shapes_compile_no_new_kernels():
+    """After one round of requests, steps of other lengths, chunkings and batch mixes must reuse the compiled
+    kernels: Triton compiles a variant per integer divisibility and pointer alignment, which once made the
+    engine compile during prefill (185 s instead of 30 s for the 830M throughput workload)."""
+    from mta_serve.kernels import mta_attention, paged_flash
+
+    kernels = [mta_attention._scores_kernel, mta_attention._logits_kernel, mta_attention._normalizers_kernel,
+               mta_attention._probs_kernel, mta_attention._pv_kernel, mta_attention._sum_splits_kernel,
+               paged_flash._flash_kernel, paged_flash._flash_combine_kernel]
+    g = torch.Generator().manual_seed(2)
+    for mta in (PAPER_VARIANTS, MTAConfig()):
+        cfg = ModelConfig(dim=64, n_layers=3, n_heads=4, vocab_size=101, max_seq_len=256, mta=mta)
+        model = build_model(cfg, seed=11, mta_init="random", device="cuda", dtype=torch.bfloat16)
+        engine = LLMEngine(model, None, CacheConfig(block_size=16, num_blocks=64, enforce_eager=True),
+                           SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=96, max_chunk_tokens=40))
+        first = [torch.randint(0, 101, (n,), generator=g).tolist() for n in (3, 20, 70, 130)]
+        run_all(engine, first, 6)
+        compiled = [_num_compiled(k) for k in kernels]
+        second = [torch.randint(0, 101, (n,), generator=g).tolist() for n in (1, 9, 17, 33, 47, 95, 150, 201)]
+        run_all(engine, second, [5, 9, 2, 13, 7, 4, 11, 3])
+        assert [_num_compiled(k) for k in kernels] == compiled
