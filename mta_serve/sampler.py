@@ -1,8 +1,11 @@
 """Turns a step's logits into next tokens (and logprobs), each request with its own parameters.
 
 Order: logit_bias, min_tokens masking, penalties, then temperature (0 = greedy), top_k, top_p, min_p, and a
-draw. A request with a seed draws from its own generator, one draw per token, so its tokens do not depend
-on what else is in the batch. Logprobs are taken from the raw logits (the model's distribution).
+draw. The whole batch is decided on the logits' device (one tensor per step for each of these, whatever mix
+of parameters the requests use) and the host reads back only the chosen token ids. A draw is one uniform
+number per token, inverted through the row's cumulative distribution; a request with a seed takes it from
+its own generator, so its tokens do not depend on what else is in the batch. Logprobs are taken from the
+raw logits (the model's distribution).
 """
 from __future__ import annotations
 
@@ -13,77 +16,139 @@ from .request import Request, TokenLogprob
 
 class Sampler:
     def __init__(self, seed: int | None = None):
-        self.generator = torch.Generator()  # shared by requests without a seed
-        if seed is not None:
-            self.generator.manual_seed(seed)
+        self.seed = seed
+        self._shared: dict[torch.device, torch.Generator] = {}  # per device, for requests without a seed
 
     @torch.no_grad()
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> list[tuple[int, TokenLogprob | None]]:
-        """logits [B, vocab] (fp32), one row per request -> (token id, logprob record if asked) per request.
+        """logits [B, vocab] (fp32), one row per request -> (token id, logprob record if asked) per request."""
+        tokens = torch.argmax(logits, dim=-1)  # [B]: plain greedy rows are done
+        rest = [i for i, r in enumerate(requests) if not _plain_greedy(r)]
+        if rest:
+            rows = _on(logits.device, rest, torch.long)
+            tokens[rows] = self._decide(logits[rows].float(), [requests[i] for i in rest])
+        token_ids = tokens.tolist()
+        return list(zip(token_ids, logprob_records(logits, token_ids, requests)))
 
-        Plain greedy rows (no bias, masks or penalties: the common case) are decided together on the
-        logits' device with one transfer to the host; the others one by one."""
-        tokens: list[int | None] = [None] * len(requests)
-        plain = [i for i, r in enumerate(requests) if _plain_greedy(r)]
-        if plain:
-            rows = logits if len(plain) == len(requests) else logits[plain]
-            for i, token in zip(plain, torch.argmax(rows, dim=-1).tolist()):
-                tokens[i] = token
-        for row, request in enumerate(requests):
-            if tokens[row] is None:
-                tokens[row] = self._sample_one(logits[row].float().clone(), request)
-        return list(zip(tokens, logprob_records(logits, tokens, requests)))
+    def _decide(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """logits [m, vocab] (a copy, changed in place) of requests with any parameter -> tokens [m]."""
+        apply_bias_and_masks(logits, requests)
+        apply_penalties(logits, requests)
+        tokens = torch.argmax(logits, dim=-1)  # [m]: right for the greedy ones
+        drawn = [k for k, r in enumerate(requests) if not r.params.greedy]
+        if drawn:
+            device, params = logits.device, [requests[k].params for k in drawn]
+            rows = _on(device, drawn, torch.long)
+            temperature = _on(device, [p.temperature for p in params], logits.dtype)[:, None]
+            probs = filtered_probs(logits[rows] / temperature, _on(device, [p.top_k for p in params], torch.long),
+                                   _on(device, [p.top_p for p in params], logits.dtype),
+                                   _on(device, [p.min_p for p in params], logits.dtype))
+            tokens[rows] = draw(probs, self._uniforms([requests[k] for k in drawn], device))
+        return tokens
 
-    def _sample_one(self, logits: torch.Tensor, request: Request) -> int:
-        params = request.params
-        apply_bias_and_masks(logits, request)
-        apply_penalties(logits, request)
-        if params.greedy:
-            return int(torch.argmax(logits).item())
-        probs = filtered_probs(logits / params.temperature, params.top_k, params.top_p, params.min_p)
-        gen = request.generator or self.generator
-        return int(torch.multinomial(probs.cpu(), 1, generator=gen).item())
+    def _uniforms(self, requests: list[Request], device: torch.device) -> torch.Tensor:
+        """One uniform number in [0, 1) per request [m]: seeded requests from their own generator."""
+        shared = [k for k, r in enumerate(requests) if r.params.seed is None]
+        values = torch.empty(len(requests), device=device)
+        if shared:
+            values[_on(device, shared, torch.long)] = torch.rand(len(shared), device=device,
+                                                                 generator=self._shared_generator(device))
+        for k, request in enumerate(requests):
+            if request.params.seed is not None:
+                values[k:k + 1] = torch.rand(1, device=device, generator=_request_generator(request, device))
+        return values
 
-
-def apply_bias_and_masks(logits: torch.Tensor, request: Request) -> None:
-    params = request.params
-    for token_id, bias in params.logit_bias.items():
-        if 0 <= token_id < logits.shape[0]:
-            logits[token_id] += bias
-    if request.num_output_tokens < params.min_tokens:
-        banned = list(params.stop_token_ids)
-        if request.eos_token_id is not None:
-            banned.append(request.eos_token_id)
-        logits[[t for t in banned if 0 <= t < logits.shape[0]]] = float("-inf")
-
-
-def apply_penalties(logits: torch.Tensor, request: Request) -> None:
-    params = request.params
-    vocab = logits.shape[0]
-    if params.presence_penalty or params.frequency_penalty:
-        counts = torch.bincount(torch.tensor(request.output_token_ids, dtype=torch.long), minlength=vocab)[:vocab]
-        counts = counts.to(logits.device, logits.dtype)
-        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
-    if params.repetition_penalty != 1.0:
-        seen = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
-        seen[torch.tensor(request.token_ids, dtype=torch.long, device=logits.device)] = True
-        penalized = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
-        logits.copy_(torch.where(seen, penalized, logits))
+    def _shared_generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._shared:
+            gen = torch.Generator(device=device)
+            if self.seed is None:
+                gen.seed()
+            else:
+                gen.manual_seed(self.seed)
+            self._shared[device] = gen
+        return self._shared[device]
 
 
-def filtered_probs(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
-    """Probabilities after top-k, top-p (smallest set whose mass reaches top_p) and min-p filtering."""
-    if 0 < top_k < logits.shape[0]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        keep = sorted_probs.cumsum(0) - sorted_probs < top_p  # always keeps the most likely token
-        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
-    if min_p > 0:
-        probs = probs.masked_fill(probs < min_p * probs.max(), 0.0)
-    return probs / probs.sum()
+def _request_generator(request: Request, device: torch.device) -> torch.Generator:
+    """The request's own generator on `device`, made from its seed at its first draw there."""
+    if request.generator is None or request.generator.device != device:
+        request.generator = torch.Generator(device=device).manual_seed(request.params.seed)
+    return request.generator
+
+
+def _on(device: torch.device, values: list, dtype: torch.dtype) -> torch.Tensor:
+    """A small host list on `device` without waiting for the device (the copy is queued behind its work)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
+def apply_bias_and_masks(logits: torch.Tensor, requests: list[Request]) -> None:
+    """logits [m, vocab], row k of requests[k]: add logit_bias; while fewer than min_tokens outputs exist, ban
+    EOS and the stop token ids."""
+    vocab = logits.shape[1]
+    biased = [(k, t, b) for k, r in enumerate(requests) for t, b in r.params.logit_bias.items() if 0 <= t < vocab]
+    banned = [(k, t) for k, r in enumerate(requests) if r.num_output_tokens < r.params.min_tokens
+              for t in [*r.params.stop_token_ids, r.eos_token_id] if t is not None and 0 <= t < vocab]
+    device = logits.device
+    if biased:
+        rows, ids, bias = zip(*biased)
+        logits.index_put_((_on(device, rows, torch.long), _on(device, ids, torch.long)),
+                          _on(device, bias, logits.dtype), accumulate=True)
+    if banned:
+        rows, ids = zip(*banned)
+        logits[_on(device, rows, torch.long), _on(device, ids, torch.long)] = float("-inf")
+
+
+def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
+    """logits [m, vocab]: presence and frequency penalties over each request's outputs, then the repetition
+    penalty over its prompt and outputs."""
+    device, params = logits.device, [r.params for r in requests]
+    if any(p.presence_penalty or p.frequency_penalty for p in params):
+        counts = torch.zeros_like(logits)  # [m, vocab]: times each token was generated
+        rows, ids = _row_tokens([r.output_token_ids for r in requests], device)
+        counts.index_put_((rows, ids), torch.ones(ids.shape, device=device), accumulate=True)
+        frequency = _on(device, [p.frequency_penalty for p in params], logits.dtype)[:, None]
+        presence = _on(device, [p.presence_penalty for p in params], logits.dtype)[:, None]
+        logits -= frequency * counts + presence * (counts > 0).to(logits.dtype)
+    if any(p.repetition_penalty != 1.0 for p in params):
+        seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)  # [m, vocab]: in prompt or output
+        seen[_row_tokens([r.token_ids for r in requests], device)] = True
+        penalty = _on(device, [p.repetition_penalty for p in params], logits.dtype)[:, None]
+        logits.copy_(torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits))
+
+
+def _row_tokens(token_lists: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row index, token id) [n] each: every token of every row's list, for indexing a [rows, vocab] tensor."""
+    rows = [k for k, tokens in enumerate(token_lists) for _ in tokens]
+    return _on(device, rows, torch.long), _on(device, [t for tokens in token_lists for t in tokens], torch.long)
+
+
+def filtered_probs(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                   min_p: torch.Tensor) -> torch.Tensor:
+    """logits [m, vocab] (after temperature); top_k [m] (0 = off), top_p [m], min_p [m] -> probabilities
+    [m, vocab] after top-k (ties with the k-th logit kept), top-p (the smallest set of most likely tokens
+    whose mass reaches top_p) and min-p filtering, renormalized."""
+    vocab = logits.shape[1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
+    kth = sorted_logits.gather(1, (k - 1)[:, None])
+    probs = torch.softmax(sorted_logits.masked_fill(sorted_logits < kth, float("-inf")), dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    probs = probs * ((mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0))  # keeps the most likely token
+    probs = probs.masked_fill(probs < min_p[:, None] * probs[:, :1], 0.0)
+    probs = probs / probs.sum(dim=-1, keepdim=True)
+    return torch.zeros_like(probs).scatter_(1, order, probs)
+
+
+def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """probs [m, vocab], uniforms [m] in [0, 1) -> tokens [m]: the first token whose cumulative probability
+    exceeds the uniform (zero-probability tokens are never chosen)."""
+    vocab = probs.shape[1]
+    cdf = probs.cumsum(dim=-1)
+    target = (uniforms * cdf[:, -1])[:, None].contiguous()
+    tokens = torch.searchsorted(cdf, target, right=True)[:, 0]
+    # A uniform that rounds up to the total mass: the last token that has any probability.
+    last = vocab - 1 - torch.argmax((probs.flip(-1) > 0).to(torch.int8), dim=-1)
+    return torch.where(tokens < vocab, tokens, last)
 
 
 def _plain_greedy(request: Request) -> bool:

@@ -128,3 +128,34 @@ def test_new_step_shapes_compile_no_new_kernels():
         second = [torch.randint(0, 101, (n,), generator=g).tolist() for n in (1, 9, 17, 33, 47, 95, 150, 201)]
         run_all(engine, second, [5, 9, 2, 13, 7, 4, 11, 3])
         assert [_num_compiled(k) for k in kernels] == compiled
+
+
+def test_cuda_sampler_decides_the_batch_on_the_device():
+    """A batch mixing every sampling parameter is decided without a host synchronisation (the only one is
+    the read-back of the token ids, outside _decide), and draws on CUDA follow the distribution."""
+    from mta_serve.request import Request
+    from mta_serve.sampler import Sampler
+    from mta_serve.sampling_params import SamplingParams
+
+    kinds = [dict(temperature=0, logit_bias={3: 5.0}), dict(temperature=0.7, seed=4, top_k=3),
+             dict(temperature=1.0, top_p=0.8, min_p=0.05), dict(temperature=0, repetition_penalty=1.3),
+             dict(temperature=1.2, presence_penalty=0.5, frequency_penalty=0.2, min_tokens=5)]
+    requests = []
+    for i, kind in enumerate(kinds):
+        request = Request(f"r{i}", [1, 2, 3], SamplingParams(max_tokens=8, **kind), eos_token_id=7)
+        request.token_ids += [4, 4, 9]
+        requests.append(request)
+    logits = torch.randn(len(kinds), 101, device="cuda")
+    sampler = Sampler(seed=0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tokens = sampler._decide(logits.clone(), requests)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert tokens.shape == (len(kinds),) and tokens[0].item() == 3
+    probs = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    plain = [Request(f"p{i}", [1], SamplingParams(temperature=1.0)) for i in range(20000)]
+    drawn = [t for t, _ in sampler.sample(torch.log(probs).cuda().repeat(len(plain), 1), plain)]
+    freq = torch.bincount(torch.tensor(drawn), minlength=4).float() / len(drawn)
+    assert torch.allclose(freq, probs, atol=0.015), freq

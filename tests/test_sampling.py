@@ -10,7 +10,7 @@ from mta_serve.config import CacheConfig, ModelConfig, MTAConfig, SchedulerConfi
 from mta_serve.engine import LLMEngine, RequestError
 from mta_serve.model import build_model
 from mta_serve.request import Request
-from mta_serve.sampler import apply_penalties, filtered_probs
+from mta_serve.sampler import apply_penalties, draw, filtered_probs
 from mta_serve.sampling_params import SamplingParams
 
 VOCAB = 40
@@ -119,20 +119,51 @@ def test_logprobs_and_prompt_logprobs_match_the_dense_reference(model):
 def test_penalties_arithmetic():
     r = Request("r", [5, 6], SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=2.0))
     r.token_ids += [6, 7, 7]  # outputs: 6 once, 7 twice
-    logits = torch.tensor([1.0, -1.0, 2.0, 0.0, 0.0, 4.0, -2.0, 3.0])
-    apply_penalties(logits, r)
+    plain = Request("p", [1], SamplingParams())
+    plain.token_ids += [5, 5]
+    logits = torch.tensor([1.0, -1.0, 2.0, 0.0, 0.0, 4.0, -2.0, 3.0]).repeat(2, 1)
+    apply_penalties(logits, [r, plain])
     # outputs: presence + frequency * count; then repetition over prompt+output tokens 5, 6, 7
     expected = torch.tensor([1.0, -1.0, 2.0, 0.0, 0.0, 4.0 / 2, (-2.0 - 0.75) * 2, (3.0 - 1.0) / 2])
-    assert torch.allclose(logits, expected)
+    assert torch.allclose(logits[0], expected)
+    assert torch.equal(logits[1], torch.tensor([1.0, -1.0, 2.0, 0.0, 0.0, 4.0, -2.0, 3.0]))  # no penalties
 
 
 def test_filters():
-    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
-    assert torch.allclose(filtered_probs(logits, 2, 1.0, 0.0), torch.tensor([0.625, 0.375, 0, 0]))
-    assert torch.allclose(filtered_probs(logits, 0, 0.7, 0.0), torch.tensor([0.625, 0.375, 0, 0]))
-    assert torch.allclose(filtered_probs(logits, 0, 0.85, 0.0), torch.tensor([0.5, 0.3, 0.15, 0]) / 0.95)
-    assert torch.allclose(filtered_probs(logits, 0, 1.0, 0.5), torch.tensor([0.625, 0.375, 0, 0]))
-    assert torch.allclose(filtered_probs(logits, 0, 0.01, 0.0), torch.tensor([1.0, 0, 0, 0]))
+    """One batch of rows with different filters; the tokens are shuffled so the filters work on sorted order."""
+    order = torch.tensor([2, 0, 3, 1])
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))[order].repeat(6, 1)
+    top_k, top_p, min_p = torch.tensor([2, 0, 0, 0, 0, 9]), torch.tensor([1.0, 0.7, 0.85, 1.0, 0.01, 1.0]), \
+        torch.tensor([0.0, 0.0, 0.0, 0.5, 0.0, 0.0])
+    expected = torch.tensor([[0.625, 0.375, 0, 0], [0.625, 0.375, 0, 0], [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0],
+                             [0.625, 0.375, 0, 0], [1.0, 0, 0, 0], [0.5, 0.3, 0.15, 0.05]])
+    assert torch.allclose(filtered_probs(logits, top_k, top_p, min_p), expected[:, order])
+
+
+def test_top_k_keeps_ties_with_the_kth_logit():
+    logits = torch.tensor([[2.0, 1.0, 1.0, 0.0]])
+    probs = filtered_probs(logits, torch.tensor([2]), torch.tensor([1.0]), torch.tensor([0.0]))
+    assert (probs[0, :3] > 0).all() and probs[0, 3] == 0
+
+
+def test_draw_inverts_the_cumulative_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.0, 0.2]).repeat(6, 1)
+    uniforms = torch.tensor([0.0, 0.1, 0.5, 0.79, 0.8, 0.9999])
+    assert draw(probs, uniforms).tolist() == [0, 0, 1, 1, 3, 3]  # never the zero-probability token 2
+    last_zero = torch.tensor([[0.5, 0.3, 0.2, 0.0]])
+    assert draw(last_zero, torch.tensor([1.0])).tolist() == [2]  # a uniform at the total: the last possible token
+
+
+def test_sampled_frequencies_follow_the_distribution():
+    """20,000 draws at temperature 1 from one row's softmax, and with top_k=2: frequencies within 0.015."""
+    from mta_serve.sampler import Sampler
+
+    logits = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.1]))
+    for kwargs, expected in ((dict(), [0.4, 0.3, 0.2, 0.1]), (dict(top_k=2), [4 / 7, 3 / 7, 0, 0])):
+        requests = [Request(f"r{i}", [1], SamplingParams(temperature=1.0, **kwargs)) for i in range(20000)]
+        tokens = [t for t, _ in Sampler(seed=0).sample(logits.repeat(len(requests), 1), requests)]
+        freq = torch.bincount(torch.tensor(tokens), minlength=4).float() / len(tokens)
+        assert torch.allclose(freq, torch.tensor(expected), atol=0.015), freq
 
 
 @pytest.mark.parametrize("kwargs,param", [
