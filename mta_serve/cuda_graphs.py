@@ -7,7 +7,9 @@ ends, cache slots, block tables), filled by one copy from a pinned host buffer; 
 the graph of the smallest captured size >= n, the extra rows being padding sequences of one token that read
 and write only a scratch cache block no request owns. The kernels' buffers are sized for the model's
 max_seq_len, so one graph serves every context length. All graphs share one memory pool (they never run
-at the same time) and write their logits into one fp32 buffer.
+at the same time) and write their logits into one buffer (fp32 for bf16 and fp16 models). The shapes are
+those of max_seq_len whatever the context: for models with very long max_seq_len the MTA row buffers then
+run in several waves per layer.
 
 Without CUDA (tests) the same padded, fixed-address step runs eagerly, so everything but the capture itself
 is checked on the CPU.
@@ -19,7 +21,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-PADDED_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+PADDED_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 896,
+                1024)
+WAVE_BUDGET = 512 << 20  # kernels.mta_attention's default: MTA row buffers of one layer call stay under it
+
+
+def graph_pool_bytes(cfg, max_batch: int) -> int:
+    """An upper estimate of the decode graphs' memory pool: one layer's MTA row buffers (the wave budget),
+    the logits of the largest batch three times over (the model's output, its fp32 copy, the output buffer)
+    and the largest batch's activations, with 64 MiB to spare."""
+    logits = 3 * max_batch * cfg.vocab_size * 4
+    activations = 8 * max_batch * (3 * cfg.ffn_hidden_dim + 8 * cfg.dim + 4 * cfg.n_heads * cfg.head_dim)
+    return WAVE_BUDGET + logits + activations + (64 << 20)
 
 
 def padded_sizes(max_batch: int) -> list[int]:
@@ -58,7 +71,8 @@ class DecodeGraphs:
         self.host_np = self.host.numpy()
         self.inputs = torch.zeros(total, dtype=torch.int32, device=self.device)  # [total] int32
         self.rows = torch.arange(max_batch, dtype=torch.int32, device=self.device)  # [max_batch] int32
-        self.logits = torch.zeros(max_batch, model.cfg.vocab_size, dtype=torch.float32, device=self.device)  # [B, V]
+        logits_dtype = torch.promote_types(model.tok_embeddings.weight.dtype, torch.float32)  # as model.logits
+        self.logits = torch.zeros(max_batch, model.cfg.vocab_size, dtype=logits_dtype, device=self.device)  # [B, V]
         self.copied = torch.cuda.Event() if pinned else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.num_runs = 0  # steps run (replayed, or eagerly without CUDA)

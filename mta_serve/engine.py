@@ -66,7 +66,8 @@ class LLMEngine:
         self.cache_config = cache or CacheConfig()
         self.scheduler_config = scheduler or SchedulerConfig()
         warmup_tokens = min(self.scheduler_config.max_num_batched_tokens, model.cfg.max_seq_len)
-        self.num_blocks = num_cache_blocks(model, self.cache_config, warmup_tokens)
+        self.num_blocks = num_cache_blocks(model, self.cache_config, warmup_tokens,
+                                           self.scheduler_config.max_num_seqs)
         self.pool = BlockPool(self.num_blocks, self.cache_config.enable_prefix_caching)
         self.kv = KVCacheManager(self.pool, self.cache_config.block_size)
         self.scheduler = Scheduler(self.scheduler_config, self.kv)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import CacheConfig
-from .cuda_graphs import DecodeGraphs, DecodeRow
+from .cuda_graphs import DecodeGraphs, DecodeRow, graph_pool_bytes
 from .kv_cache_manager import KVCacheManager
 from .model import MTATransformer
 from .paged_attention import TorchPagedAttention, cache_bytes_per_token
@@ -20,9 +20,10 @@ class StepLogits:
     prompt_logits: dict[str, tuple[int, torch.Tensor]]  # request id -> (first position, [n, vocab] fp32)
 
 
-def num_cache_blocks(model: MTATransformer, cache: CacheConfig, warmup_tokens: int) -> int:
-    """Blocks that fit the memory budget: on CUDA, `gpu_memory_utilization` of the GPU minus what the weights
-    and the activations of a warm-up forward over `warmup_tokens` tokens need; on CPU `cpu_kv_cache_bytes`."""
+def num_cache_blocks(model: MTATransformer, cache: CacheConfig, warmup_tokens: int, max_num_seqs: int) -> int:
+    """Blocks that fit the memory budget: on CUDA, `gpu_memory_utilization` of the GPU minus what the weights,
+    the activations of a warm-up forward over `warmup_tokens` tokens and the decode graphs' memory pool
+    (captured after the cache is allocated) need; on CPU `cpu_kv_cache_bytes`."""
     if cache.num_blocks is not None:
         return cache.num_blocks
     device = model.tok_embeddings.weight.device
@@ -30,6 +31,8 @@ def num_cache_blocks(model: MTATransformer, cache: CacheConfig, warmup_tokens: i
     if device.type == "cuda":
         budget = cache.gpu_memory_utilization * torch.cuda.mem_get_info(device)[1] - _cuda_peak_use(
             model, warmup_tokens, device)
+        if not cache.enforce_eager and resolve_backend(cache.attention_backend, device) == "triton":
+            budget -= graph_pool_bytes(model.cfg, max_num_seqs)
     else:
         budget = cache.cpu_kv_cache_bytes
     if budget < per_block:
@@ -113,8 +116,12 @@ class ModelRunner:
             rid = s.request.request_id
             rows.append(DecodeRow(s.request.token_ids[s.start], s.start, self.kv.slot(rid, s.start),
                                   self.kv.block_ids(rid)[:self.kv.blocks_for(s.end)]))
-        logits = self.graphs.run(rows)
-        return self._logits(scheduled, list(range(len(rows))), lambda rows: logits[rows])
+        logits = self.graphs.run(rows)  # a view of the graphs' output buffer, rewritten by the next step
+
+        def logits_of(rows):  # a list index copies; a slice (prompt logprobs) must be copied explicitly
+            return logits[rows] if isinstance(rows, list) else logits[rows].clone()
+
+        return self._logits(scheduled, list(range(len(rows))), logits_of)
 
     def _logits(self, scheduled: list[ScheduledRequest], first_rows: list[int], logits_of) -> StepLogits:
         """first_rows[i]: the batch row of scheduled[i]'s first new token; logits_of(rows) -> [n, vocab]."""
