@@ -5,14 +5,13 @@ A decode step has one query row per sequence, so its shapes depend only on the n
 step's integer inputs live in one persistent device buffer at fixed addresses (tokens, positions, sequence
 ends, cache slots, block tables), filled by one copy from a pinned host buffer; a batch of n sequences runs
 the graph of the smallest captured size >= n, the extra rows being padding sequences of one token that read
-and write only a scratch cache block no request owns. The kernels' buffers are sized for the model's
-max_seq_len, so one graph serves every context length. All graphs share one memory pool (they never run
-at the same time) and write their logits into one buffer (fp32 for bf16 and fp16 models). The shapes are
-those of max_seq_len whatever the context: for models with very long max_seq_len the MTA row buffers then
-run in several waves per layer.
+and write only a scratch cache block no request owns. The kernels' buffers and grids are sized for the
+model's max_seq_len whatever the context, so one graph serves every context length (for a very long
+max_seq_len the MTA row buffers then run in several waves per layer). All graphs share one memory pool
+(they never run at the same time) and write their logits into one buffer (fp32 for bf16 and fp16 models).
 
-Without CUDA (tests) the same padded, fixed-address step runs eagerly, so everything but the capture itself
-is checked on the CPU.
+Without capture (no CUDA, or enforce_eager) the same padded, fixed-address step runs eagerly: the CPU tests
+check everything but the capture itself, and graphs on and off compute the same thing.
 """
 from __future__ import annotations
 
@@ -52,7 +51,7 @@ class DecodeRow:
 
 
 class DecodeGraphs:
-    """Fixed-address inputs and one captured graph per padded batch size (eager replays without CUDA)."""
+    """Fixed-address inputs and one captured graph per padded batch size (or the same steps run eagerly)."""
 
     def __init__(self, model, backend, max_batch: int, scratch_block: int, capture: bool = True):
         self.model, self.backend = model, backend
