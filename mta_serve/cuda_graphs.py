@@ -147,8 +147,12 @@ class DecodeGraphs:
                 self._forward(size)  # compile and initialise everything outside the capture
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._forward(size)
+            try:
+                with torch.cuda.graph(graph, pool=pool):
+                    self._forward(size)
+            except RuntimeError as exc:
+                raise RuntimeError(f"capturing the decode CUDA graph of batch size {size} failed: {exc} "
+                                   "(--enforce-eager / enforce_eager=True runs without graphs)") from exc
             pool = graph.pool()
             self.graphs[size] = graph
         torch.cuda.synchronize(self.device)
