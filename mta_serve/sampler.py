@@ -95,7 +95,8 @@ def apply_bias_and_masks(logits: torch.Tensor, requests: list[Request]) -> None:
                           _on(device, bias, logits.dtype), accumulate=True)
     if banned:
         rows, ids = zip(*banned)
-        logits[_on(device, rows, torch.long), _on(device, ids, torch.long)] = float("-inf")
+        logits.index_put_((_on(device, rows, torch.long), _on(device, ids, torch.long)),
+                          torch.full((len(ids),), float("-inf"), device=device))  # a device value: no copy
 
 
 def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
@@ -111,7 +112,8 @@ def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
         logits -= frequency * counts + presence * (counts > 0).to(logits.dtype)
     if any(p.repetition_penalty != 1.0 for p in params):
         seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)  # [m, vocab]: in prompt or output
-        seen[_row_tokens([r.token_ids for r in requests], device)] = True
+        rows, ids = _row_tokens([r.token_ids for r in requests], device)
+        seen.index_put_((rows, ids), torch.ones(ids.shape, dtype=torch.bool, device=device))
         penalty = _on(device, [p.repetition_penalty for p in params], logits.dtype)[:, None]
         logits.copy_(torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits))
 
