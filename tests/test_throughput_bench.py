@@ -30,3 +30,25 @@ def test_throughput_benchmark_runs_and_reports(tmp_path):
     ratio = result["models"][0]["workload_a"]["output_tokens_per_s"] / result["models"][1]["workload_a"][
         "output_tokens_per_s"]
     assert abs(result["ratio_first_to_second_workload_a"] - ratio) < 1e-9
+
+
+def test_step_profile_runs_and_reports(tmp_path):
+    """benchmarks/step_profile.py on the CPU (no CUDA events or profiler there): the rows it reports must
+    be consistent with the bounds it computes from the measured copy bandwidth."""
+    out = tmp_path / "step_profile.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "step_profile.py"), "--models", str(ROOT / "configs" / "tiny.yaml"),
+         "--device", "cpu", "--batch", "1", "3", "--context", "40", "--steps", "5", "--warmup-steps", "1",
+         "--profile-steps", "2", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [r["batch"] for r in rows] == [1, 3] and result["copy_bandwidth_gbps"] > 0
+    for row in rows:
+        # prompts of 40 - (1 + 5 + 2) - 1 = 31 tokens; the 5 timed steps attend to 33..37 keys
+        assert row["step_ms"] > 0 and row["mean_context"] == 35
+        assert abs(row["step_over_roofline"] - row["step_ms"] / row["roofline_ms"]) < 1e-9
+        assert row["roofline_ms"] > row["weight_bound_ms"] > 0
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_profile.py"), "--context", "5"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--context must exceed" in bad.stderr
