@@ -122,7 +122,8 @@ class DecodeGraphs:
             return self.inputs[o[name]:o[name] + length]
 
         tables = section("tables", size * self.width).view(size, self.width)
-        return section("tokens", size), section("positions", size), section("ends", size), section("slots", size), tables
+        return (section("tokens", size), section("positions", size), section("ends", size), section("slots", size),
+                tables)
 
     def _forward(self, size: int) -> None:
         """The step at `size` rows, reading only the fixed-address inputs: what the graph captures."""
