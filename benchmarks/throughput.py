@@ -181,12 +181,15 @@ def plot(result: dict, path: str) -> None:
     names = [Path(m["config"]).stem for m in models]
     ax1.bar(names, [m["workload_a"]["output_tokens_per_s"] for m in models])
     ax1.set_ylabel("output tokens/s, workload (a)")
-    for m, name in zip(models, names):
-        if m["sweep"]:
+    if any(m["sweep"] for m in models):
+        for m, name in zip(models, names):
             ax2.plot([f"{r['input_len']}x{r['output_len']}" for r in m["sweep"]],
                      [r["output_tokens_per_s"] for r in m["sweep"]], "o-", label=name)
-    ax2.set_ylabel("output tokens/s")
-    ax2.legend()
+        ax2.set_ylabel("output tokens/s, fixed INxOUT sweep")
+        ax2.legend()
+    else:  # no sweep: how close each model's decode steps come to the roofline
+        ax2.bar(names, [100 * (m["workload_a"]["roofline_fraction_decode"] or 0) for m in models])
+        ax2.set_ylabel("% of decode roofline, workload (a)")
     fig.tight_layout()
     fig.savefig(path)
     print(f"wrote {path}")
