@@ -14,17 +14,15 @@ bandwidth of a 2 GiB device-to-device copy is measured in the same run. Prints a
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import triton.testing
 
-from common import commit, copy_bandwidth
+from common import commit, copy_bandwidth, write_result
 from mta_serve.dense_attention import MTAWeights, attention_probs
 from mta_serve.kernels.mta_attention import layer_params, mta_paged_attention
 from mta_serve.kernels.paged_flash import paged_flash_attention
@@ -193,9 +191,7 @@ def main() -> int:
         decode=decode_rows(batches, contexts, copy_bw, num_sms),
         prefill=prefill_rows([2048] if args.quick else [2048, 8192], args.prefill_block_m, not args.no_dense),
     )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
     return 0
 
 

@@ -18,8 +18,6 @@ sampled tokens), and `--profile-steps` more run under the PyTorch profiler. Per 
 from __future__ import annotations
 
 import argparse
-import gc
-import json
 import random
 import statistics
 import sys
@@ -28,17 +26,10 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, commit, copy_bandwidth
-from mta_serve.config import ModelConfig
+from common import (ROOT, add_model_args, build_bench_model, copy_bandwidth, release, run_info, sync,
+                    write_result)
 from mta_serve.llm import LLM
-from mta_serve.model import DTYPES, build_model
-from mta_serve.paged_attention import cache_bytes_per_token
 from mta_serve.sampling_params import SamplingParams
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def fill(llm: LLM, batch: int, prompt_len: int, max_tokens: int, vocab: int, seed: int) -> None:
@@ -75,7 +66,7 @@ def time_steps(llm: LLM, steps: int, device: torch.device) -> tuple[list[float],
         for _ in range(steps):
             start = time.perf_counter()
             llm.engine.step()
-            _sync(device)
+            sync(device)
             times.append(time.perf_counter() - start)
     finally:
         runner.__dict__.pop("execute", None)  # back to the class's method
@@ -106,11 +97,7 @@ def kernel_table(prof, steps: int, top: int) -> tuple[float, list[dict]]:
 
 
 def measure(path: str, batch: int, graphs: bool, args, device, bandwidth: float) -> dict:
-    cfg = ModelConfig.from_yaml(path)
-    model = build_model(cfg, seed=0, mta_init="random", device=device,
-                        dtype=DTYPES[args.dtype] if args.dtype else None)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    kv_per_token = cache_bytes_per_token(cfg, model.tok_embeddings.weight.dtype)
+    cfg, model, weight_bytes, kv_per_token = build_bench_model(path, args.dtype, device)
     options = dict(max_num_seqs=max(batch, 1), max_num_batched_tokens=args.max_num_batched_tokens)
     if not graphs:
         options["enforce_eager"] = True
@@ -138,9 +125,7 @@ def measure(path: str, batch: int, graphs: bool, args, device, bandwidth: float)
         busy, top = kernel_table(prof, args.profile_steps, args.top)
         row.update(gpu_busy_ms=1e3 * busy, top_kernels=top)
     del llm, model
-    gc.collect()  # the wrappers around the engine's methods form cycles that hold its KV cache
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release(device)
     return row
 
 
@@ -160,10 +145,7 @@ def describe(row: dict) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", nargs="+",
-                   default=[str(ROOT / "configs" / "830m_mta.yaml"), str(ROOT / "configs" / "830m_baseline.yaml")])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), help="default: the config's")
+    add_model_args(p)
     p.add_argument("--batch", nargs="+", type=int, default=[1, 64])
     p.add_argument("--context", type=int, default=2048, help="prompt + generated tokens of each request")
     p.add_argument("--steps", type=int, default=32)
@@ -187,12 +169,7 @@ def main() -> int:
             for graphs in args.cuda_graphs:
                 rows.append(measure(path, batch, graphs == "on", args, device, bandwidth))
                 print(describe(rows[-1]), flush=True)
-    result = dict(command=" ".join(["python"] + sys.argv), commit=commit(), date=time.strftime("%Y-%m-%d"),
-                  device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                  torch=torch.__version__, copy_bandwidth_gbps=bandwidth / 1e9, rows=rows)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
+    write_result(args.out, dict(**run_info(device, bandwidth), rows=rows))
     return 0
 
 

@@ -21,9 +21,6 @@ the sum of bounds over the sum of measured times, for decode-only steps and for 
 from __future__ import annotations
 
 import argparse
-import gc
-import json
-import platform
 import random
 import sys
 import time
@@ -32,17 +29,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common import ROOT, commit, copy_bandwidth
-from mta_serve.config import ModelConfig
+from common import (ROOT, add_model_args, build_bench_model, copy_bandwidth, release, run_info, sync,
+                    write_result)
 from mta_serve.llm import LLM
-from mta_serve.model import DTYPES, build_model
-from mta_serve.paged_attention import cache_bytes_per_token
 from mta_serve.sampling_params import SamplingParams
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def workload(num: int, lo: int, hi: int, vocab: int, seed: int, fixed: tuple[int, int] | None = None):
@@ -76,7 +66,7 @@ class StepRecorder:
         def step():
             start = time.perf_counter()
             out = inner_step()
-            _sync(self.device)
+            sync(self.device)
             if self._scheduled:
                 nbytes = self.weight_bytes + sum(s.end for s in self._scheduled) * self.kv_bytes
                 decode = all(s.end - s.start == 1 for s in self._scheduled)
@@ -126,25 +116,20 @@ def run_reference(model, prompts, outputs) -> dict:
             logits = model.score([tokens])[0][-1]
             tokens.append(int(torch.argmax(logits)))
             generated += 1
-    _sync(device)
+    sync(device)
     seconds = time.perf_counter() - start
     print(f"reference-style: {generated / seconds:.2f} output tok/s ({seconds:.1f} s)", flush=True)
     return dict(seconds=seconds, output_tokens=generated, output_tokens_per_s=generated / seconds)
 
 
 def bench_model(path: str, args, device: torch.device, bandwidth: float) -> dict:
-    cfg = ModelConfig.from_yaml(path)
-    dtype = DTYPES[args.dtype] if args.dtype else None
-    model = build_model(cfg, seed=0, mta_init="random", device=device, dtype=dtype)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    cfg, model, weight_bytes, kv_per_token = build_bench_model(path, args.dtype, device)
     llm = LLM(model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               attention_backend=args.backend, enforce_eager=args.enforce_eager)
-    kv_per_token = cache_bytes_per_token(cfg, model.tok_embeddings.weight.dtype)
     recorder = StepRecorder(llm, weight_bytes, kv_per_token, device)
     vocab = cfg.vocab_size
     result = dict(config=path, backend=llm.engine.runner.backend_name, cuda_graphs=llm.engine.runner.cuda_graphs,
-                  weight_bytes=weight_bytes,
-                  kv_bytes_per_token=kv_per_token)
+                  weight_bytes=weight_bytes, kv_bytes_per_token=kv_per_token)
     prompts, outputs = workload(args.num_seqs, args.min_len, args.max_len, vocab, args.seed)
     result["workload_a"] = run_engine(llm, recorder, prompts, outputs, f"{Path(path).stem} (a)")
     result["workload_a"].update(recorder.roofline(bandwidth))
@@ -162,9 +147,7 @@ def bench_model(path: str, args, device: torch.device, bandwidth: float) -> dict
         result["reduced"] = dict(mta_serve=ours, reference_style=ref,
                                  speedup=ours["output_tokens_per_s"] / ref["output_tokens_per_s"])
     del llm, model, recorder
-    gc.collect()  # the wrappers around the engine's methods form cycles that hold its KV cache
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release(device)
     return result
 
 
@@ -197,10 +180,7 @@ def plot(result: dict, path: str) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", nargs="+",
-                   default=[str(ROOT / "configs" / "830m_mta.yaml"), str(ROOT / "configs" / "830m_baseline.yaml")])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), help="default: the config's")
+    add_model_args(p)
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     p.add_argument("--num-seqs", type=int, default=256)
@@ -221,18 +201,13 @@ def main() -> int:
     bandwidth = copy_bandwidth(device)
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s on {args.device}", flush=True)
     models = [bench_model(path, args, device, bandwidth) for path in args.models]
-    result = dict(command=" ".join(["python"] + sys.argv), commit=commit(), date=time.strftime("%Y-%m-%d"),
-                  device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-                  or platform.machine(), torch=torch.__version__, copy_bandwidth_gbps=bandwidth / 1e9,
-                  args=vars(args), models=models)
+    result = dict(**run_info(device, bandwidth), args=vars(args), models=models)
     if len(models) >= 2:
         result["ratio_first_to_second_workload_a"] = (models[0]["workload_a"]["output_tokens_per_s"]
                                                       / models[1]["workload_a"]["output_tokens_per_s"])
         print(f"{Path(models[0]['config']).stem} / {Path(models[1]['config']).stem} output tok/s on (a): "
               f"{result['ratio_first_to_second_workload_a']:.3f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
     if args.plot:
         plot(result, args.plot)
     return 0
