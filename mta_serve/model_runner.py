@@ -87,7 +87,11 @@ class ModelRunner:
             self.backend.warm_up(model)  # compile the kernels now, not during the first requests
         self.graphs = DecodeGraphs(model, self.backend, max_num_seqs, scratch_block=num_blocks,
                                    capture=cuda_graphs and self.device.type == "cuda") if triton else None
-        self.cuda_graphs = self.graphs is not None and bool(self.graphs.graphs)  # captured graphs replay
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether decode steps replay captured graphs."""
+        return self.graphs is not None and bool(self.graphs.graphs)
 
     @torch.no_grad()
     def execute(self, scheduled: list[ScheduledRequest]) -> StepLogits:

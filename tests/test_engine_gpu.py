@@ -137,7 +137,7 @@ def test_cuda_sampler_decides_the_batch_on_the_device():
     from mta_serve.sampler import Sampler
     from mta_serve.sampling_params import SamplingParams
 
-    kinds = [dict(temperature=0, logit_bias={3: 5.0}), dict(temperature=0.7, seed=4, top_k=3),
+    kinds = [dict(temperature=0, logit_bias={3: 100.0}), dict(temperature=0.7, seed=4, top_k=3),
              dict(temperature=1.0, top_p=0.8, min_p=0.05), dict(temperature=0, repetition_penalty=1.3),
              dict(temperature=1.2, presence_penalty=0.5, frequency_penalty=0.2, min_tokens=5)]
     requests = []
