@@ -9,7 +9,7 @@ Shapes are the 830M model's attention (16 heads x 96, G = H), bf16, paged with 1
 Achieved bandwidth = bytes that must move (K and V once, the queries, the output) / time; the copy
 bandwidth of a 2 GiB device-to-device copy is measured in the same run. Prints a table, writes JSON.
 
-    python benchmarks/kernels.py [--out benchmarks/results/kernels_h200.json] [--quick] [--sweep] [--no-dense]
+    python benchmarks/kernels.py [--out benchmarks/results/kernels_h200.json] [--quick] [--sweep [KIND ...]] [--no-dense]
 """
 from __future__ import annotations
 
@@ -58,29 +58,34 @@ def paged_batch(batch: int, context: int, new_rows: int):
     return q, qc, kc, vc, tables, starts, [context] * batch, rows
 
 
-def run_paged(kind: str, inputs, block_m: int, splits: int, block: int | None = None, num_warps: int = 4):
+def run_paged(kind: str, inputs, block_m: int, splits: int, block: int | None = None, num_warps: int = 4,
+              decode_dot: bool = True):
     """The engine's kernel for this layer kind: paged flash for plain layers, the MTA row pipeline else."""
     q, qc, kc, vc, tables, starts, ends, rows = inputs
     work = build_work_items(tables, starts, ends, rows, block_m, splits, "cuda")
     out = torch.empty(q.shape, dtype=torch.float32, device="cuda")
     weights = layer_weights(kind)
     if weights is None:
-        return lambda: paged_flash_attention(q, kc, vc, work, out, block_n=block or 64, num_warps=num_warps)
+        return lambda: paged_flash_attention(q, kc, vc, work, out, block_n=block or 64, num_warps=num_warps,
+                                             decode_dot=decode_dot)
     params = layer_params(weights, "cuda")
     q_cache = qc if kind == "conv" else None
     return lambda: mta_paged_attention(q, q_cache, kc, vc, params, work, out, key_tile=block, num_warps=num_warps)
 
 
-def sweep(batch: int, context: int) -> list[dict]:
-    """Splits x key tile x warps for each decode kernel at one shape (what the engine's defaults rest on)."""
+def sweep(batch: int, context: int, kinds: list[str]) -> list[dict]:
+    """Splits x key tile x warps for each decode kernel at one shape (what the engine's defaults rest on);
+    for plain layers also decode rows as tl.dot tiles or as broadcast sums (paged_flash's decode_dot)."""
     inputs = paged_batch(batch, context, 1)
     rows = []
-    for kind in ("conv", "mixing", "plain"):
+    for kind in kinds:
         for splits in (4, 8, 16):
             for block in (32, 64, 128):
                 for warps in (4, 8):
-                    ms = bench_ms(run_paged(kind, inputs, 1, splits, block, warps))
-                    rows.append(dict(kind=kind, splits=splits, block=block, warps=warps, ms=ms))
+                    for dot in (True, False) if kind == "plain" else (True,):
+                        ms = bench_ms(run_paged(kind, inputs, 1, splits, block, warps, decode_dot=dot))
+                        rows.append(dict(kind=kind, splits=splits, block=block, warps=warps, ms=ms,
+                                         **(dict(decode_dot=dot) if kind == "plain" else {})))
         best = min((r for r in rows if r["kind"] == kind), key=lambda r: r["ms"])
         print(f"sweep b={batch} ctx={context} {kind}: best {best}", flush=True)
     return rows
@@ -172,7 +177,8 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
     p.add_argument("--no-dense", action="store_true", help="skip the dense reference (slow, tens of GB)")
     p.add_argument("--prefill-block-m", type=int, default=64)
-    p.add_argument("--sweep", action="store_true", help="also sweep splits / tile / warps at batch 64 x 2048")
+    p.add_argument("--sweep", nargs="*", choices=["conv", "mixing", "plain"], default=None,
+                   help="also sweep splits / tile / warps at batch 64 x 2048 for these layer kinds (all if none)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py: error: needs a CUDA device", file=sys.stderr)
@@ -187,7 +193,7 @@ def main() -> int:
         torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
         command=" ".join(sys.argv), heads=HEADS, head_dim=HEAD_DIM, block_size=BLOCK, dtype="bfloat16",
         copy_bandwidth_gbps=copy_bw / 1e9,
-        sweep=sweep(64, 2048) if args.sweep else None,
+        sweep=None if args.sweep is None else sweep(64, 2048, args.sweep or ["conv", "mixing", "plain"]),
         decode=decode_rows(batches, contexts, copy_bw, num_sms),
         prefill=prefill_rows([2048] if args.quick else [2048, 8192], args.prefill_block_m, not args.no_dense),
     )

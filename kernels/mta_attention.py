@@ -102,7 +102,8 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     splits = work.num_splits if decode else prompt_splits or _prompt_splits(q.device, wave, rows_l, length, bn)
     dummy = torch.empty(1, dtype=torch.float32, device=q.device)
     c = dict(
-        H=n_heads, GROUP=n_heads // k_cache.shape[2], D=head_dim, DP=dot_width(head_dim), BN=bn, LENGTH=length,
+        H=n_heads, GROUP=n_heads // k_cache.shape[2], D=head_dim, DP=dot_width(head_dim), BN=bn,
+        NUM_TILES=length // bn,
         BLOCK_SIZE=k_cache.shape[1], HB=triton.next_power_of_2(n_heads), RO=rows_o, R=rows_s, RL=rows_l,
         RT=1 if rows_s == 1 else max(16, min(32, triton.next_power_of_2(rows_s))),
         RLT=min(8, triton.next_power_of_2(rows_l)), RLP=triton.next_power_of_2(rows_l), OT=1 if decode else 16,
@@ -155,7 +156,7 @@ def _named_args(kernel, available: dict) -> tuple[str, ...]:
 
 def _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, norms, partial, items, seq,
             weights, c, sm_scale, num_warps):
-    key_tiles, out_tiles = c["LENGTH"] // c["BN"], triton.cdiv(c["RO"], c["OT"])
+    key_tiles, out_tiles = c["NUM_TILES"], triton.cdiv(c["RO"], c["OT"])
     every = dict(**seq, **weights, **c, sm_scale=sm_scale)
 
     def run(kernel, grid, *tensors):
@@ -180,16 +181,20 @@ def _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, nor
 #   norm_ptr [2, items, H, RL]: max, 1 / sum exp          part_ptr [items, SPLITS, H, RO, D]: partial P'V
 #   pre_w_ptr [H, CQ, CK], post_w_ptr [H, CQ2, CK2]       pre_mix_ptr, post_mix_ptr [H, H] (out, in)
 #   out_ptr [N, H, D] (the output's dtype); item0: the wave's first work item
+#   LENGTH = NUM_TILES * BN keys per fp32 row: computed in the kernel from the unspecialized tile count, so
+#   that new lengths compile nothing and the compiler still knows the row stride's divisibility (a runtime
+#   LENGTH made the prompt path 2.6-3.7x slower on the H200: unaligned, unvectorized row accesses).
 
-@triton.jit(do_not_specialize=["item0", "bt_stride", "LENGTH"])
+@triton.jit(do_not_specialize=["item0", "bt_stride", "NUM_TILES"])
 def _scores_kernel(q_ptr, qc_ptr, k_ptr, s_ptr, sm_scale, item0, bt_ptr, bt_stride, seq_start_ptr, seq_end_ptr,
                    seq_row_ptr, work_seq_ptr, work_first_ptr, H: tl.constexpr, GROUP: tl.constexpr,
-                   D: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr, LENGTH,
+                   D: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr, NUM_TILES,
                    BLOCK_SIZE: tl.constexpr, RO: tl.constexpr, R: tl.constexpr, RT: tl.constexpr,
                    QCACHE: tl.constexpr, FP32: tl.constexpr):
     """S[i, h, r, j] = q . k / sqrt(d) of row first - W + r and key j, 0 unless 0 <= j <= row."""
+    LENGTH = NUM_TILES * BN  # row stride of the fp32 buffers; a product, so its divisibility is known
     b, h = tl.program_id(0), tl.program_id(1)
-    key_tile, row_tile = tl.program_id(2) % (LENGTH // BN), tl.program_id(2) // (LENGTH // BN)
+    key_tile, row_tile = tl.program_id(2) % NUM_TILES, tl.program_id(2) // NUM_TILES
     first, start, end, row0, last, bt = work_item(item0 + b, work_seq_ptr, work_first_ptr, seq_start_ptr,
                                                   seq_end_ptr, seq_row_ptr, bt_ptr, bt_stride, RO)
     r = row_tile * RT + tl.arange(0, RT)
@@ -228,14 +233,15 @@ def _mix(w_ptr, x, H: tl.constexpr, HB: tl.constexpr, RT: tl.constexpr, BN: tl.c
     return tl.sum(w[:, :, None, None] * x[None, :, :, :], axis=1)
 
 
-@triton.jit(do_not_specialize=["item0", "bt_stride", "LENGTH", "SPLITS"])
+@triton.jit(do_not_specialize=["item0", "bt_stride", "NUM_TILES", "SPLITS"])
 def _logits_kernel(s_ptr, l_ptr, stats_ptr, pre_w_ptr, post_w_ptr, pre_mix_ptr, post_mix_ptr, item0, bt_ptr,
                    bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr, work_seq_ptr, work_first_ptr,
-                   H: tl.constexpr, BN: tl.constexpr, LENGTH, HB: tl.constexpr, RO: tl.constexpr,
+                   H: tl.constexpr, BN: tl.constexpr, NUM_TILES, HB: tl.constexpr, RO: tl.constexpr,
                    R: tl.constexpr, RL: tl.constexpr, RLT: tl.constexpr, SPLITS,
                    CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr, PRE_CONV: tl.constexpr,
                    PRE_MIX: tl.constexpr):
     """L rows first - (c_q'-1) + r over this split's keys (steps 2-4 before the softmax), with max and sum."""
+    LENGTH = NUM_TILES * BN  # row stride of the fp32 buffers; a product, so its divisibility is known
     b, split, row_tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     first, start, end, row0, last, bt = work_item(item0 + b, work_seq_ptr, work_first_ptr, seq_start_ptr,
                                                   seq_end_ptr, seq_row_ptr, bt_ptr, bt_stride, RO)
@@ -300,13 +306,14 @@ def _normalizers_kernel(stats_ptr, norm_ptr, item0, H: tl.constexpr, RL: tl.cons
              mask=ok)
 
 
-@triton.jit(do_not_specialize=["item0", "bt_stride", "LENGTH", "SPLITS"])
+@triton.jit(do_not_specialize=["item0", "bt_stride", "NUM_TILES", "SPLITS"])
 def _probs_kernel(l_ptr, norm_ptr, p_ptr, pre_w_ptr, post_w_ptr, pre_mix_ptr, post_mix_ptr, item0, bt_ptr,
                   bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr, work_seq_ptr, work_first_ptr,
-                  H: tl.constexpr, BN: tl.constexpr, LENGTH, HB: tl.constexpr, RO: tl.constexpr,
+                  H: tl.constexpr, BN: tl.constexpr, NUM_TILES, HB: tl.constexpr, RO: tl.constexpr,
                   RL: tl.constexpr, OT: tl.constexpr, SPLITS, CQ2: tl.constexpr,
                   CK2: tl.constexpr, PL2: tl.constexpr, POST_CONV: tl.constexpr, POST_MIX: tl.constexpr):
     """P' rows first + r over this split's keys: normalized probabilities -> post-conv -> post-mix."""
+    LENGTH = NUM_TILES * BN  # row stride of the fp32 buffers; a product, so its divisibility is known
     b, split, row_tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     first, start, end, row0, last, bt = work_item(item0 + b, work_seq_ptr, work_first_ptr, seq_start_ptr,
                                                   seq_end_ptr, seq_row_ptr, bt_ptr, bt_stride, RO)
@@ -341,12 +348,13 @@ def _probs_kernel(l_ptr, norm_ptr, p_ptr, pre_w_ptr, post_w_ptr, pre_mix_ptr, po
         tl.store(p_ptr + ((b * H + h3) * RO + r3).to(tl.int64) * LENGTH + keys, p, mask=(h3 < H) & (r3 < RO))
 
 
-@triton.jit(do_not_specialize=["item0", "bt_stride", "LENGTH", "SPLITS"])
+@triton.jit(do_not_specialize=["item0", "bt_stride", "NUM_TILES", "SPLITS"])
 def _pv_kernel(p_ptr, v_ptr, part_ptr, item0, bt_ptr, bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr,
                work_seq_ptr, work_first_ptr, H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
-               DP: tl.constexpr, BN: tl.constexpr, LENGTH, BLOCK_SIZE: tl.constexpr,
+               DP: tl.constexpr, BN: tl.constexpr, NUM_TILES, BLOCK_SIZE: tl.constexpr,
                RO: tl.constexpr, OT: tl.constexpr, SPLITS):
     """This split's sum over keys of P'[h, row, j] v_j for one head and row tile."""
+    LENGTH = NUM_TILES * BN  # row stride of the fp32 buffers; a product, so its divisibility is known
     b, h = tl.program_id(0), tl.program_id(1)
     split, row_tile = tl.program_id(2) % SPLITS, tl.program_id(2) // SPLITS
     first, start, end, row0, last, bt = work_item(item0 + b, work_seq_ptr, work_first_ptr, seq_start_ptr,

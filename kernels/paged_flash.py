@@ -17,14 +17,19 @@ from .work_items import WorkItems, cache_slots, dot_width, qk_tile, split_key_ti
 
 
 def paged_flash_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, work: WorkItems,
-                          out: torch.Tensor, block_n: int = 64, num_warps: int = 4) -> torch.Tensor:
+                          out: torch.Tensor, block_n: int = 64, num_warps: int = 4,
+                          decode_dot: bool = True) -> torch.Tensor:
     """q [N, H, d]; k_cache, v_cache [num_blocks, bs, G, d] already holding the step's tokens; writes the
-    work items' rows of out [N, H, d]."""
+    work items' rows of out [N, H, d].
+
+    decode_dot: one-row tiles (decode) run as 16-row tl.dot tiles of which only the first row is real.
+    The extra arithmetic is free in a bandwidth-bound kernel, and Triton software-pipelines the K/V loads of
+    a loop that feeds tl.dot (a broadcast-sum loop waits on each tile's loads)."""
     n_heads, head_dim = q.shape[1], q.shape[2]
     num_work, splits = work.work_seq.numel(), work.num_splits
     if num_work == 0:
         return out
-    bm = max(work.block_m, 16) if work.block_m > 1 else 1
+    bm = max(work.block_m, 16) if work.block_m > 1 or decode_dot else 1
     partial = torch.empty(num_work, splits, n_heads, bm, head_dim, dtype=torch.float32, device=q.device)
     stats = torch.empty(2, num_work, splits, n_heads, bm, dtype=torch.float32, device=q.device)
     meta = dict(H=n_heads, GROUP=n_heads // k_cache.shape[2], D=head_dim, DP=dot_width(head_dim),
@@ -84,9 +89,11 @@ def _flash_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, bt_stride, seq_start_ptr, seq_end
         m = m_new
     base = (w * SPLITS + split) * H + h
     r = tl.arange(0, BM)
-    tl.store(part_ptr + (base * BM + r).to(tl.int64)[:, None] * D + offs_d[None, :], acc, mask=dmask)
-    tl.store(stats_ptr + base * BM + r, m)
-    tl.store(stats_ptr + num_work * SPLITS * H * BM + base * BM + r, l)
+    in_tile = r < TILE  # a decode tile padded to 16 rows writes only its real row
+    tl.store(part_ptr + (base * BM + r).to(tl.int64)[:, None] * D + offs_d[None, :], acc,
+             mask=in_tile[:, None] & dmask)
+    tl.store(stats_ptr + base * BM + r, m, mask=in_tile)
+    tl.store(stats_ptr + num_work * SPLITS * H * BM + base * BM + r, l, mask=in_tile)
 
 
 @triton.jit(do_not_specialize=["num_work", "SPLITS"])
@@ -101,19 +108,21 @@ def _flash_combine_kernel(part_ptr, stats_ptr, out_ptr, seq_start_ptr, seq_end_p
     out_row = tl.load(seq_row_ptr + seq) + first - tl.load(seq_start_ptr + seq)
     r = tl.arange(0, BM)
     offs_d = tl.arange(0, DP)[None, :]
+    in_tile = r < TILE
     m = tl.full((BM,), float("-inf"), tl.float32)
     for s in range(SPLITS):
-        m = tl.maximum(m, tl.load(stats_ptr + ((w * SPLITS + s) * H + h) * BM + r))
+        m = tl.maximum(m, tl.load(stats_ptr + ((w * SPLITS + s) * H + h) * BM + r, mask=in_tile,
+                                  other=float("-inf")))
     m = tl.where(m == float("-inf"), 0.0, m)
     l = tl.zeros((BM,), tl.float32)
     acc = tl.zeros((BM, DP), tl.float32)
     for s in range(SPLITS):
         base = (w * SPLITS + s) * H + h
-        m_s = tl.load(stats_ptr + base * BM + r)
+        m_s = tl.load(stats_ptr + base * BM + r, mask=in_tile, other=float("-inf"))
         scale = tl.where(m_s == float("-inf"), 0.0, tl.exp(m_s - m))
-        l += scale * tl.load(stats_ptr + num_work * SPLITS * H * BM + base * BM + r)
+        l += scale * tl.load(stats_ptr + num_work * SPLITS * H * BM + base * BM + r, mask=in_tile, other=0.0)
         acc += scale[:, None] * tl.load(part_ptr + (base * BM + r).to(tl.int64)[:, None] * D + offs_d,
-                                        mask=offs_d < D, other=0.0)
+                                        mask=in_tile[:, None] & (offs_d < D), other=0.0)
     acc = acc / tl.where(l == 0.0, 1.0, l)[:, None]
     ok = (r[:, None] < TILE) & (first + r[:, None] < end) & (offs_d < D)
     tl.store(out_ptr + ((out_row + r[:, None]) * H + h).to(tl.int64) * D + offs_d,

@@ -176,14 +176,15 @@ def test_head_kernel_matrix_is_the_grouped_head_conv():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("tile", ["decode", "prefill"])
+@pytest.mark.parametrize("tile", ["decode", "decode_sum", "prefill"])
 def test_flash_kernel_matches_reference(dtype, tile):
-    seqs, block_m, splits = (DECODE, 1, 3) if tile == "decode" else (PREFILL, 16, 1)
+    """Decode rows as 16-row tl.dot tiles (the default) and as broadcast sums; 16-row prompt tiles."""
+    seqs, block_m, splits = (PREFILL, 16, 1) if tile == "prefill" else (DECODE, 1, 3)
     q, qc, kc, vc, tables, starts, ends, rows = paged_inputs(seqs, 4, dtype)
     reference = paged_attention_reference(q, None, kc, vc, MTAWeights(), tables, starts, ends, rows, 0)
     out = torch.full(q.shape, float("nan"), device=DEVICE)
     paged_flash_attention(q, kc, vc, build_work_items(tables, starts, ends, rows, block_m, splits, DEVICE), out,
-                          block_n=16)
+                          block_n=16, decode_dot=tile != "decode_sum")
     tol = dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-3, rtol=1e-3)
     torch.testing.assert_close(out, reference.float(), **tol)
 
