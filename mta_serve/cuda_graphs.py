@@ -132,7 +132,7 @@ class DecodeGraphs:
         def attend(layer_id, attn, q, k, v):
             return self.backend.attend(batch, layer_id, attn, q, k, v)
 
-        hidden = self.model(tokens, positions, attend)
+        hidden = self.model(tokens, positions, attend, fused=True)
         self.logits[:size].copy_(self.model.logits(hidden))
 
     @torch.inference_mode()

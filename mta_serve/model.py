@@ -106,6 +106,24 @@ class MTAAttention(nn.Module):
         heads = attend(layer_id, self, q, k, v)
         return self.wo(self.norm_and_gate(heads.to(x.dtype)).flatten(-2))
 
+    def forward_fused(self, x, cos, sin, attend: "AttendFn", layer_id: int) -> torch.Tensor:
+        """forward() through kernels.fused_ops and the fused q|k|v weight (MTATransformer.fuse_projections)."""
+        from .kernels import fused_ops
+
+        qkv = F.linear(x, self.wqkv)
+        q, k, v = fused_ops.rope(qkv, cos, sin, self.n_heads, self.n_kv_heads, self.head_dim)
+        heads = attend(layer_id, self, q, k, v)
+        one_d_gate = self.gate is not None and self.gate.out_features == 1
+        norm = self.subln
+        mixed = fused_ops.head_norm_gate(
+            heads, x.dtype, None if norm is None else norm.weight, 1e-5 if norm is None else norm.eps,
+            1.0 if norm is None else norm.scale, self.gate.weight[0] if one_d_gate else None,
+            self.gate.bias if one_d_gate else None)
+        if self.gate is not None and not one_d_gate:  # the full gate is a GEMM: PyTorch
+            gated = mixed.unflatten(-1, (self.n_heads, self.head_dim))
+            mixed = (gated * torch.sigmoid(self.gate(gated))).flatten(-2)
+        return self.wo(mixed)
+
 
 def _kernel(n_heads: int, size: tuple[int, int] | None) -> nn.Parameter | None:
     return None if size is None else nn.Parameter(torch.empty(n_heads, 1, *size))
@@ -121,6 +139,11 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        from .kernels import fused_ops
+
+        return self.w2(fused_ops.silu_mul(F.linear(x, self.w13)))
+
 
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
@@ -134,6 +157,16 @@ class TransformerBlock(nn.Module):
         h = x + self.attention(self.attention_norm(x), cos, sin, attend, layer_id)
         return h + self.feed_forward(self.ffn_norm(h))
 
+    def forward_fused(self, h, delta, cos, sin, attend: "AttendFn", layer_id: int):
+        """The block's input is h + delta (delta None: h), and so is its output: each residual add is
+        fused into the norm that follows it."""
+        from .kernels import fused_ops
+
+        h, x = fused_ops.add_rms_norm(h, delta, self.attention_norm.weight, self.attention_norm.eps)
+        delta = self.attention.forward_fused(x, cos, sin, attend, layer_id)
+        h, x = fused_ops.add_rms_norm(h, delta, self.ffn_norm.weight, self.ffn_norm.eps)
+        return h, self.feed_forward.forward_fused(x)
+
 
 class MTATransformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -144,18 +177,43 @@ class MTATransformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, attend: "AttendFn") -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, attend: "AttendFn",
+                fused: bool = False) -> torch.Tensor:
         """tokens, positions [N] -> final hidden states [N, dim] (after the last norm).
 
         `attend(layer_id, attention_module, q, k, v) -> heads [N, H, d]` is the attention backend: the dense
-        reference here, the paged cache in the engine.
+        reference here, the paged cache in the engine. `fused`: norms, RoPE, gate and SiLU as Triton kernels
+        (kernels.fused_ops) and fused q|k|v and w1|w3 GEMMs; needs fuse_projections() first. The PyTorch
+        path is the reference it is tested against.
         """
         h = self.tok_embeddings(tokens)
         cos, sin = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta,
                                torch.promote_types(h.dtype, torch.float32))
+        if fused:
+            return self._forward_fused(h, cos, sin, attend)
         for layer_id, layer in enumerate(self.layers):
             h = layer(h, cos, sin, attend, layer_id)
         return self.norm(h)
+
+    def _forward_fused(self, h, cos, sin, attend: "AttendFn") -> torch.Tensor:
+        from .kernels import fused_ops
+
+        delta = None
+        for layer_id, layer in enumerate(self.layers):
+            h, delta = layer.forward_fused(h, delta, cos, sin, attend, layer_id)
+        return fused_ops.add_rms_norm(h, delta, self.norm.weight, self.norm.eps)[1]
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """Concatenate each layer's wq|wk|wv and w1|w3 weights into one matrix, for one GEMM each in the
+        fused forward; the original parameters become views of it, so no memory is added and the state
+        dict is unchanged. Idempotent."""
+        for layer in self.layers:
+            attn, ff = layer.attention, layer.feed_forward
+            if getattr(attn, "wqkv", None) is None:
+                attn.wqkv = _concat_into_views([attn.wq, attn.wk, attn.wv])  # [(H + 2G) d, dim]
+            if getattr(ff, "w13", None) is None:
+                ff.w13 = _concat_into_views([ff.w1, ff.w3])  # [2 hidden, dim]
 
     def dense_logits(self, tokens: torch.Tensor, cu_seqlens: list[int]) -> torch.Tensor:
         """The ground truth: tokens [N] of packed whole sequences (cu_seqlens B+1 offsets) -> logits [N, vocab]
@@ -182,6 +240,16 @@ class MTATransformer(nn.Module):
         tokens = torch.tensor([t for seq in sequences for t in seq], dtype=torch.long, device=device)
         logits = self.dense_logits(tokens, cu)
         return [logits[s:e] for s, e in zip(cu[:-1], cu[1:])]
+
+
+def _concat_into_views(linears: list[nn.Linear]) -> torch.Tensor:
+    weight = torch.cat([lin.weight for lin in linears])
+    first = 0
+    for lin in linears:
+        rows = lin.weight.shape[0]
+        lin.weight.data = weight[first:first + rows]
+        first += rows
+    return weight
 
 
 # ---- initialization ---------------------------------------------------------------------------------

@@ -67,7 +67,8 @@ def resolve_backend(name: str, device: torch.device) -> str:
 
 
 class ModelRunner:
-    """Runs steps through the attention backend. With the `triton` backend, steps whose sequences all compute
+    """Runs steps through the attention backend. The `triton` backend runs the model's fused forward (norms,
+    RoPE, gate and SiLU as Triton kernels, fused projection GEMMs); steps whose sequences all compute
     one row (decode) run as cuda_graphs.DecodeGraphs steps: padded to a fixed batch size over fixed-address
     inputs, replaying a captured CUDA graph on CUDA unless `cuda_graphs` is False (then the same padded
     step runs eagerly, so graphs on and off compute the same thing). The caches then hold one extra scratch
@@ -80,6 +81,8 @@ class ModelRunner:
         self.device = model.tok_embeddings.weight.device
         self.backend_name = resolve_backend(backend, self.device)
         triton = self.backend_name == "triton"
+        if triton:
+            model.fuse_projections()  # the triton backend runs the fused forward (kernels.fused_ops)
         kind = TritonPagedAttention if triton else TorchPagedAttention
         self.backend = kind(model.cfg, num_blocks + triton, kv.block_size, model.tok_embeddings.weight.dtype,
                             self.device)
@@ -111,7 +114,7 @@ class ModelRunner:
         def attend(layer_id, attn, q, k, v):
             return self.backend.attend(batch, layer_id, attn, q, k, v)
 
-        hidden = self.model(tokens_t, positions_t, attend)
+        hidden = self.model(tokens_t, positions_t, attend, fused=self.backend_name == "triton")
         return self._logits(scheduled, [s.row for s in specs], lambda rows: self.model.logits(hidden[rows]))
 
     def _execute_decode_graph(self, scheduled: list[ScheduledRequest]) -> StepLogits:

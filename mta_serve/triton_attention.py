@@ -29,7 +29,7 @@ class SequenceSpec:
 
 @dataclass(slots=True)
 class TritonBatch:
-    slot_mapping: torch.Tensor  # [N] int64: cache slot of each new token
+    slot_mapping: torch.Tensor  # [N] int32: cache slot of each new token
     launches: list  # kernels.work_items.WorkItems, one per tile height (decode rows, prompt chunks)
 
 
@@ -107,7 +107,7 @@ class TritonPagedAttention(TorchPagedAttention):
         launches = [WorkItems(tables_t, starts_t, ends_t, rows_t, views[7 + 2 * k], views[8 + 2 * k], block_m,
                               splits, max(ends[i] for i in chosen))
                     for k, (block_m, splits, chosen) in enumerate(groups)]
-        return tokens_t, positions_t, TritonBatch(slots_t.long(), launches)
+        return tokens_t, positions_t, TritonBatch(slots_t, launches)
 
     def decode_batch(self, slots: torch.Tensor, tables: torch.Tensor, positions: torch.Tensor, ends: torch.Tensor,
                      rows: torch.Tensor) -> TritonBatch:
@@ -119,7 +119,7 @@ class TritonPagedAttention(TorchPagedAttention):
         max_len = self.cfg.max_seq_len
         work = WorkItems(tables, positions, ends, rows, rows, positions, 1,
                          self._num_splits(rows.numel(), max_len), max_len)
-        return TritonBatch(slots.long(), [work])
+        return TritonBatch(slots, [work])
 
     def _num_splits(self, num_sequences: int, max_len: int) -> int:
         """Enough (sequence, split) programs for four per SM, each split >= 256 keys."""
@@ -128,11 +128,10 @@ class TritonPagedAttention(TorchPagedAttention):
 
     def attend(self, batch: TritonBatch, layer_id: int, attn, q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> torch.Tensor:
-        self._write(self.k_cache[layer_id], batch.slot_mapping, k)
-        self._write(self.v_cache[layer_id], batch.slot_mapping, v)
-        q_cache = self.q_cache[layer_id]
-        if q_cache is not None:
-            self._write(q_cache, batch.slot_mapping, q)
+        from .kernels.fused_ops import write_cache
+
+        write_cache(batch.slot_mapping, k, v, q, self.k_cache[layer_id], self.v_cache[layer_id],
+                    self.q_cache[layer_id])
         params = self._layer_params(layer_id, attn)
         q = q.to(self.k_cache[layer_id].dtype).contiguous()
         out = torch.empty(q.shape, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)

@@ -1,0 +1,146 @@
+"""kernels.fused_ops against their PyTorch references (the model's own modules), and the model's fused forward
+against its PyTorch forward. On the CPU under Triton's interpreter in fp32 and fp16; bf16 on the GPU
+(test_kernels_gpu.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")  # a Linux-only dependency
+
+from mta_serve.config import ModelConfig  # noqa: E402
+from mta_serve.dense_attention import dense_mta_attention  # noqa: E402
+from mta_serve.kernels import fused_ops  # noqa: E402
+from mta_serve.model import RMSNorm, apply_rope, build_model, rope_angles  # noqa: E402
+from mta_serve.paged_attention import TorchPagedAttention  # noqa: E402
+
+from helpers import TINY_CONFIG  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# bf16 only where it computes correctly: on the GPU (Triton's interpreter holds bf16 as raw integers)
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+def _tol(dtype):
+    # one rounding step of the output apart (summation order inside the norms differs)
+    return {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3),
+            torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2)}[dtype]
+
+
+def _randn(*shape, dtype, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(device=DEVICE, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_delta", [False, True])
+def test_add_rms_norm_matches_the_residual_add_and_rmsnorm(dtype, with_delta):
+    h, delta = _randn(19, 40, dtype=dtype), _randn(19, 40, dtype=dtype, seed=1)
+    norm = RMSNorm(40, eps=1e-5).to(device=DEVICE, dtype=dtype)
+    norm.weight.data = _randn(40, dtype=dtype, seed=2)
+    new_h, y = fused_ops.add_rms_norm(h, delta if with_delta else None, norm.weight, norm.eps)
+    expected_h = h + delta if with_delta else h
+    torch.testing.assert_close(new_h, expected_h, atol=0, rtol=0)
+    torch.testing.assert_close(y, norm(expected_h), **_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gate", [False, True])
+@pytest.mark.parametrize("scale", [1.0, 0.7])
+def test_head_norm_gate_matches_group_norm_and_gate(dtype, gate, scale):
+    """The MTA group norm (with a depth scale) and 1-d gate of fp32 attention rows, cast to the model dtype."""
+    heads = _randn(7, 4, 24, dtype=torch.float32)
+    norm = RMSNorm(24, eps=1e-5, scale=scale).to(device=DEVICE, dtype=dtype)
+    norm.weight.data = _randn(24, dtype=dtype, seed=3)
+    lin = torch.nn.Linear(24, 1).to(device=DEVICE, dtype=dtype)
+    expected = norm(heads.to(dtype))
+    if gate:
+        expected = expected * torch.sigmoid(lin(expected))
+    out = fused_ops.head_norm_gate(heads, dtype, norm.weight, norm.eps, scale,
+                                   lin.weight[0] if gate else None, lin.bias if gate else None)
+    assert out.dtype == dtype and out.shape == (7, 96)
+    torch.testing.assert_close(out, expected.flatten(-2), **_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_rotates_q_and_k_of_the_fused_projection(dtype):
+    n, heads, kv_heads, d = 9, 4, 2, 16
+    qkv = _randn(n, (heads + 2 * kv_heads) * d, dtype=dtype)
+    cos, sin = rope_angles(torch.arange(5, 5 + n, device=DEVICE), d, 10000.0)
+    q_ref = apply_rope(qkv[:, :heads * d].unflatten(-1, (heads, d)), cos, sin)
+    k_ref = apply_rope(qkv[:, heads * d:(heads + kv_heads) * d].unflatten(-1, (kv_heads, d)), cos, sin)
+    v_ref = qkv[:, (heads + kv_heads) * d:].unflatten(-1, (kv_heads, d)).clone()
+    q, k, v = fused_ops.rope(qkv, cos, sin, heads, kv_heads, d)
+    assert q.is_contiguous() and k.data_ptr() == qkv.data_ptr() + heads * d * qkv.element_size()
+    torch.testing.assert_close(q, q_ref, **_tol(dtype))
+    torch.testing.assert_close(k, k_ref, **_tol(dtype))
+    torch.testing.assert_close(v, v_ref, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_matches_the_mlp_activation(dtype):
+    x13 = _randn(5, 2 * 48, dtype=dtype)
+    expected = F.silu(x13[:, :48]) * x13[:, 48:]
+    torch.testing.assert_close(fused_ops.silu_mul(x13), expected, **_tol(dtype))
+
+
+@pytest.mark.parametrize("with_q", [False, True])
+def test_write_cache_writes_each_token_to_its_slot_only(with_q):
+    """Every token lands in its slot of k, v (and q) caches; every other slot keeps its value."""
+    blocks, block_size, kv_heads, heads, d, n = 5, 4, 2, 4, 8, 6
+    k_cache, v_cache = torch.zeros(blocks, block_size, kv_heads, d, device=DEVICE), torch.zeros(
+        blocks, block_size, kv_heads, d, device=DEVICE)
+    q_cache = torch.zeros(blocks, block_size, heads, d, device=DEVICE) if with_q else None
+    qkv = _randn(n, (heads + 2 * kv_heads) * d, dtype=torch.float32)
+    q = qkv[:, :heads * d].unflatten(-1, (heads, d)).contiguous()
+    k = qkv[:, heads * d:(heads + kv_heads) * d].unflatten(-1, (kv_heads, d))  # strided views, as in the model
+    v = qkv[:, (heads + kv_heads) * d:].unflatten(-1, (kv_heads, d))
+    slots = torch.tensor([17, 3, 0, 19, 8, 9], dtype=torch.int32, device=DEVICE)
+    fused_ops.write_cache(slots, k, v, q, k_cache, v_cache, q_cache)
+    expected = [torch.zeros_like(c) for c in (k_cache, v_cache)]
+    TorchPagedAttention._write(None, expected[0], slots.long(), k)
+    TorchPagedAttention._write(None, expected[1], slots.long(), v)
+    torch.testing.assert_close(k_cache, expected[0], atol=0, rtol=0)
+    torch.testing.assert_close(v_cache, expected[1], atol=0, rtol=0)
+    if with_q:
+        expected_q = torch.zeros_like(q_cache)
+        TorchPagedAttention._write(None, expected_q, slots.long(), q)
+        torch.testing.assert_close(q_cache, expected_q, atol=0, rtol=0)
+
+
+def test_write_cache_rejects_rows_that_are_not_contiguous():
+    cache = torch.zeros(2, 4, 2, 8, device=DEVICE)
+    k = torch.zeros(3, 8, 2, device=DEVICE).transpose(1, 2)  # [3, 2, 8] with a non-unit inner stride
+    with pytest.raises(ValueError, match="contiguous"):
+        fused_ops.write_cache(torch.zeros(3, dtype=torch.int32, device=DEVICE), k, k, None, cache, cache, None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gate", ["1d", "full"])
+def test_fused_forward_equals_the_pytorch_forward(dtype, gate):
+    """The whole model (tiny config: GQA, MTA convs, group norm, gate) through the dense attention, fused
+    against unfused; the fused weights leave the state dict unchanged."""
+    cfg_dict = ModelConfig.from_yaml(TINY_CONFIG).to_dict()
+    cfg_dict["mta"]["gate"] = gate
+    cfg_dict["mta"]["layer_norm_rescale"] = True  # group-norm depth scales != 1
+    cfg = ModelConfig.from_dict(cfg_dict)
+    model = build_model(cfg, seed=0, mta_init="random", device=DEVICE, dtype=dtype)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens = torch.randint(0, cfg.vocab_size, (13,), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    cu = [0, 8, 13]
+    positions = torch.cat([torch.arange(8), torch.arange(5)]).to(DEVICE)
+
+    def attend(layer_id, attn, q, k, v):
+        return dense_mta_attention(q, k, v, attn.mta_weights(), cu)
+
+    with torch.no_grad():
+        expected = model(tokens, positions, attend)
+        model.fuse_projections()
+        model.fuse_projections()  # idempotent
+        got = model(tokens, positions, attend, fused=True)
+    assert model.state_dict().keys() == before.keys()
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[name], atol=0, rtol=0)
+    tol = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=2e-2, rtol=2e-2),
+           torch.bfloat16: dict(atol=1e-1, rtol=5e-2)}[dtype]  # bf16: 4 layers of one-ulp (2^-8) differences
+    torch.testing.assert_close(got, expected, **tol)
