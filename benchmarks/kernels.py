@@ -66,7 +66,7 @@ def run_paged(kind: str, inputs, block_m: int, splits: int, block: int | None = 
     out = torch.empty(q.shape, dtype=torch.float32, device="cuda")
     weights = layer_weights(kind)
     if weights is None:
-        return lambda: paged_flash_attention(q, kc, vc, work, out, block_n=block or 64, num_warps=num_warps,
+        return lambda: paged_flash_attention(q, kc, vc, work, out, block_n=block, num_warps=num_warps,
                                              decode_dot=decode_dot)
     params = layer_params(weights, "cuda")
     q_cache = qc if kind == "conv" else None
@@ -91,9 +91,9 @@ def sweep(batch: int, context: int, kinds: list[str]) -> list[dict]:
     return rows
 
 
-def decode_splits(batch: int, context: int, programs_per_seq: int, num_sms: int) -> int:
-    """The engine's rule (triton_attention._num_splits)."""
-    wanted = -(-4 * num_sms // (batch * programs_per_seq))
+def decode_splits(batch: int, context: int, num_sms: int) -> int:
+    """The engine's rule (triton_attention._num_splits), for every layer kind."""
+    wanted = -(-4 * num_sms // batch)
     return max(1, min(wanted, -(-context // 256), 16))
 
 
@@ -109,8 +109,7 @@ def decode_rows(batches, contexts, copy_bw: float, num_sms: int) -> list[dict]:
             kv_bytes = 2 * batch * context * HEADS * HEAD_DIM * 2
             result = dict(batch=batch, context=context, kv_bytes=kv_bytes)
             for kind in ("conv", "mixing", "plain"):
-                per_seq = 1 if kind != "plain" else HEADS
-                splits = decode_splits(batch, context, per_seq, num_sms)
+                splits = decode_splits(batch, context, num_sms)
                 ms = bench_ms(run_paged(kind, inputs, 1, splits))
                 result[kind] = dict(ms=ms, splits=splits, gbps=kv_bytes / ms / 1e6,
                                     copy_fraction=kv_bytes / (ms * 1e-3) / copy_bw)
