@@ -27,6 +27,7 @@ from mta_serve.dense_attention import MTAWeights, attention_probs
 from mta_serve.kernels.mta_attention import layer_params, mta_paged_attention
 from mta_serve.kernels.paged_flash import paged_flash_attention
 from mta_serve.kernels.work_items import build_work_items
+from mta_serve.triton_attention import decode_splits  # the engine's rule
 
 HEADS, HEAD_DIM, BLOCK = 16, 96, 16
 DTYPE = torch.bfloat16
@@ -89,12 +90,6 @@ def sweep(batch: int, context: int, kinds: list[str]) -> list[dict]:
         best = min((r for r in rows if r["kind"] == kind), key=lambda r: r["ms"])
         print(f"sweep b={batch} ctx={context} {kind}: best {best}", flush=True)
     return rows
-
-
-def decode_splits(batch: int, context: int, num_sms: int) -> int:
-    """The engine's rule (triton_attention._num_splits), for every layer kind."""
-    wanted = -(-4 * num_sms // batch)
-    return max(1, min(wanted, -(-context // 256), 16))
 
 
 def bench_ms(fn) -> float:
