@@ -27,7 +27,7 @@ from mta_serve.dense_attention import MTAWeights, attention_probs
 from mta_serve.kernels.mta_attention import layer_params, mta_paged_attention
 from mta_serve.kernels.paged_flash import paged_flash_attention
 from mta_serve.kernels.work_items import build_work_items
-from mta_serve.triton_attention import decode_splits  # the engine's rule
+from mta_serve.triton_attention import decode_splits, flash_splits  # the engine's rules
 
 HEADS, HEAD_DIM, BLOCK = 16, 96, 16
 DTYPE = torch.bfloat16
@@ -68,7 +68,7 @@ def run_paged(kind: str, inputs, block_m: int, splits: int, block: int | None = 
     weights = layer_weights(kind)
     if weights is None:
         return lambda: paged_flash_attention(q, kc, vc, work, out, block_n=block, num_warps=num_warps,
-                                             decode_dot=decode_dot)
+                                             decode_dot=decode_dot, num_splits=splits)
     params = layer_params(weights, "cuda")
     q_cache = qc if kind == "conv" else None
     return lambda: mta_paged_attention(q, q_cache, kc, vc, params, work, out, key_tile=block, num_warps=num_warps)
@@ -105,6 +105,8 @@ def decode_rows(batches, contexts, copy_bw: float, num_sms: int) -> list[dict]:
             result = dict(batch=batch, context=context, kv_bytes=kv_bytes)
             for kind in ("conv", "mixing", "plain"):
                 splits = decode_splits(batch, context, num_sms)
+                if kind == "plain":
+                    splits = flash_splits(splits, context)
                 ms = bench_ms(run_paged(kind, inputs, 1, splits))
                 result[kind] = dict(ms=ms, splits=splits, gbps=kv_bytes / ms / 1e6,
                                     copy_fraction=kv_bytes / (ms * 1e-3) / copy_bw)

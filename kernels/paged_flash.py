@@ -18,16 +18,17 @@ from .work_items import WorkItems, cache_slots, dot_width, qk_tile, split_key_ti
 
 def paged_flash_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, work: WorkItems,
                           out: torch.Tensor, block_n: int | None = None, num_warps: int = 4,
-                          decode_dot: bool = True) -> torch.Tensor:
+                          decode_dot: bool = True, num_splits: int | None = None) -> torch.Tensor:
     """q [N, H, d]; k_cache, v_cache [num_blocks, bs, G, d] already holding the step's tokens; writes the
     work items' rows of out [N, H, d].
 
     decode_dot: one-row tiles (decode) run as 16-row tl.dot tiles of which only the first row is real.
     The extra arithmetic is free in a bandwidth-bound kernel, and Triton software-pipelines the K/V loads of
     a loop that feeds tl.dot (a broadcast-sum loop waits on each tile's loads). block_n: keys per tile,
-    by default 128 for decode and 64 for prompt tiles (H200 sweep: benchmarks/kernels.py --sweep plain)."""
+    by default 128 for decode and 64 for prompt tiles (H200 sweep: benchmarks/kernels.py --sweep plain).
+    num_splits: key splits, by default work.num_splits."""
     n_heads, head_dim = q.shape[1], q.shape[2]
-    num_work, splits = work.work_seq.numel(), work.num_splits
+    num_work, splits = work.work_seq.numel(), num_splits or work.num_splits
     if num_work == 0:
         return out
     bm = max(work.block_m, 16) if work.block_m > 1 or decode_dot else 1
