@@ -13,7 +13,7 @@ sampled tokens), and `--profile-steps` more run under the PyTorch profiler. Per 
   - the kernels that take the most GPU time.
 
     python benchmarks/step_profile.py [--models configs/830m_mta.yaml configs/830m_baseline.yaml] \
-        [--batch 1 64] [--context 2048] [--steps 32] [--cuda-graphs on off] [--out FILE]
+        [--batch 1 64] [--context 2048] [--steps 32] [--cuda-graphs on off] [--overlap-steps on off] [--out FILE]
 """
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ from common import (ROOT, add_model_args, build_bench_model, copy_bandwidth, rel
                     write_result)
 from mta_serve.llm import LLM
 from mta_serve.sampling_params import SamplingParams
+
+OVERLAP = {"auto": None, "on": True, "off": False}  # SchedulerConfig.overlap_steps
 
 
 def fill(llm: LLM, batch: int, prompt_len: int, max_tokens: int, vocab: int, seed: int) -> None:
@@ -63,11 +65,14 @@ def time_steps(llm: LLM, steps: int, device: torch.device) -> tuple[list[float],
         runner.execute = timed_execute
     times = []
     try:
+        sync(device)
         for _ in range(steps):
+            # No synchronisation between steps: with overlap_steps a step() returns with the next step
+            # running on the device, and the time between returns is what a client sees per token.
             start = time.perf_counter()
             llm.engine.step()
-            sync(device)
             times.append(time.perf_counter() - start)
+        sync(device)
     finally:
         runner.__dict__.pop("execute", None)  # back to the class's method
     return times, [a.elapsed_time(b) * 1e-3 for a, b in spans]
@@ -96,9 +101,10 @@ def kernel_table(prof, steps: int, top: int) -> tuple[float, list[dict]]:
     return sum(r["us_per_step"] for r in rows) * 1e-6, rows[:top]
 
 
-def measure(path: str, batch: int, graphs: bool, args, device, bandwidth: float) -> dict:
+def measure(path: str, batch: int, graphs: bool, overlap: str, args, device, bandwidth: float) -> dict:
     cfg, model, weight_bytes, kv_per_token = build_bench_model(path, args.dtype, device)
-    options = dict(max_num_seqs=max(batch, 1), max_num_batched_tokens=args.max_num_batched_tokens)
+    options = dict(max_num_seqs=max(batch, 1), max_num_batched_tokens=args.max_num_batched_tokens,
+                   overlap_steps=OVERLAP[overlap])
     if not graphs:
         options["enforce_eager"] = True
     llm = LLM(model, **options)
@@ -111,7 +117,8 @@ def measure(path: str, batch: int, graphs: bool, args, device, bandwidth: float)
     prof = profile_steps(llm, args.profile_steps) if device.type == "cuda" and args.profile_steps else None
     mean_context = first_context + (args.steps - 1) / 2
     step_s = statistics.mean(times)
-    row = dict(config=path, batch=batch, cuda_graphs=llm.engine.runner.cuda_graphs, mean_context=mean_context,
+    row = dict(config=path, batch=batch, cuda_graphs=llm.engine.runner.cuda_graphs,
+               overlap_steps=llm.engine.overlap_steps, mean_context=mean_context,
                backend=llm.engine.runner.backend_name, step_ms=1e3 * step_s,
                step_p50_ms=1e3 * statistics.median(times), weight_bytes=weight_bytes,
                weight_bound_ms=1e3 * weight_bytes / bandwidth,
@@ -131,7 +138,7 @@ def measure(path: str, batch: int, graphs: bool, args, device, bandwidth: float)
 
 def describe(row: dict) -> str:
     text = (f"{Path(row['config']).stem} batch {row['batch']} ctx {row['mean_context']:.0f} graphs "
-            f"{'on' if row['cuda_graphs'] else 'off'}: step {row['step_ms']:.3f} ms (p50 {row['step_p50_ms']:.3f}), "
+            f"{'on' if row['cuda_graphs'] else 'off'} overlap {'on' if row.get('overlap_steps') else 'off'}: step {row['step_ms']:.3f} ms (p50 {row['step_p50_ms']:.3f}), "
             f"{row['step_over_weight_bound']:.2f}x weight bound, {row['step_over_roofline']:.2f}x roofline")
     if "forward_ms" in row:
         text += (f"; forward on the device {row['forward_ms']:.3f} ms, host {row['host_ms']:.3f} ms "
@@ -153,6 +160,8 @@ def main() -> int:
     p.add_argument("--profile-steps", type=int, default=8, help="steps recorded by the profiler, after the "
                    "timed ones (its overhead would distort their times)")
     p.add_argument("--cuda-graphs", nargs="+", choices=["on", "off"], default=["on"])
+    p.add_argument("--overlap-steps", nargs="+", choices=list(OVERLAP), default=["auto"],
+                   help="launch each step before the previous one's outputs are built (auto: on CUDA)")
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--top", type=int, default=8, help="kernels listed per row")
     p.add_argument("--seed", type=int, default=0)
@@ -167,8 +176,9 @@ def main() -> int:
     for path in args.models:
         for batch in args.batch:
             for graphs in args.cuda_graphs:
-                rows.append(measure(path, batch, graphs == "on", args, device, bandwidth))
-                print(describe(rows[-1]), flush=True)
+                for overlap in args.overlap_steps:
+                    rows.append(measure(path, batch, graphs == "on", overlap, args, device, bandwidth))
+                    print(describe(rows[-1]), flush=True)
     write_result(args.out, dict(**run_info(device, bandwidth), rows=rows))
     return 0
 

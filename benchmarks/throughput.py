@@ -125,10 +125,12 @@ def run_reference(model, prompts, outputs) -> dict:
 def bench_model(path: str, args, device: torch.device, bandwidth: float) -> dict:
     cfg, model, weight_bytes, kv_per_token = build_bench_model(path, args.dtype, device)
     llm = LLM(model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              attention_backend=args.backend, enforce_eager=args.enforce_eager)
+              attention_backend=args.backend, enforce_eager=args.enforce_eager,
+              overlap_steps={"auto": None, "on": True, "off": False}[args.overlap_steps])
     recorder = StepRecorder(llm, weight_bytes, kv_per_token, device)
     vocab = cfg.vocab_size
     result = dict(config=path, backend=llm.engine.runner.backend_name, cuda_graphs=llm.engine.runner.cuda_graphs,
+                  overlap_steps=llm.engine.overlap_steps,
                   weight_bytes=weight_bytes, kv_bytes_per_token=kv_per_token)
     prompts, outputs = workload(args.num_seqs, args.min_len, args.max_len, vocab, args.seed)
     result["workload_a"] = run_engine(llm, recorder, prompts, outputs, f"{Path(path).stem} (a)")
@@ -183,6 +185,8 @@ def main() -> int:
     add_model_args(p)
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    p.add_argument("--overlap-steps", choices=["auto", "on", "off"], default="auto",
+                   help="launch each step before the previous one's outputs are built (auto: on CUDA)")
     p.add_argument("--num-seqs", type=int, default=256)
     p.add_argument("--min-len", type=int, default=100)
     p.add_argument("--max-len", type=int, default=1024)

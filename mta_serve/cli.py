@@ -93,6 +93,9 @@ def serve_parser() -> argparse.ArgumentParser:
     e.add_argument("--gpu-memory-utilization", type=float, default=cache.gpu_memory_utilization,
                    help="fraction of GPU memory the weights, activations and KV cache may use")
     e.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+    e.add_argument("--no-overlap-steps", action="store_true",
+                   help="build each step's outputs before launching the next step (for debugging; by default "
+                   "on CUDA the next step runs on the GPU while the host streams the previous one's outputs)")
     return p
 
 
@@ -165,7 +168,8 @@ def build_engine(args: argparse.Namespace, model, tokenizer):
                         cpu_kv_cache_bytes=args.cpu_kv_cache_bytes, enable_prefix_caching=not args.no_prefix_caching,
                         attention_backend=args.backend, enforce_eager=args.enforce_eager)
     scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                max_chunk_tokens=args.max_chunk_tokens)
+                                max_chunk_tokens=args.max_chunk_tokens,
+                                overlap_steps=False if args.no_overlap_steps else None)
     return LLMEngine(model, tokenizer, cache, scheduler, seed=args.seed)
 
 

@@ -230,11 +230,14 @@ class CacheConfig:
 @dataclass(slots=True)
 class SchedulerConfig:
     """Continuous batching limits. `max_chunk_tokens` caps the tokens one request computes per step (chunked
-    prefill); None lets a prompt take the whole remaining token budget."""
+    prefill); None lets a prompt take the whole remaining token budget. `overlap_steps`: launch step N+1
+    before building step N's outputs (detokenization, stop strings, streaming), so that host work runs
+    while the device computes; None = on where the forward runs asynchronously (CUDA)."""
 
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_chunk_tokens: int | None = None
+    overlap_steps: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens"):
@@ -242,3 +245,5 @@ class SchedulerConfig:
             _require(_is_int(value) and value >= 1, name, value, "a positive integer")
         _require(self.max_chunk_tokens is None or (_is_int(self.max_chunk_tokens) and self.max_chunk_tokens >= 1),
                  "max_chunk_tokens", self.max_chunk_tokens, "null or a positive integer")
+        _require(self.overlap_steps is None or isinstance(self.overlap_steps, bool), "overlap_steps",
+                 self.overlap_steps, "null, true or false")

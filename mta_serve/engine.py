@@ -1,5 +1,13 @@
 """The engine: requests in, tokens out, one `step()` at a time (schedule -> run -> postprocess).
 
+With `overlap_steps` (the default on CUDA) a step is launched before the previous one's outputs are built:
+`step()` reads the tokens of the step in flight, schedules and launches the next step (the GPU computes
+it while the host goes on), then detokenizes, checks stop strings and returns the completed step's
+outputs, which the caller streams while the GPU is still busy. Scheduling needs the tokens just read, so
+it cannot overlap; everything after it does. A request that a stop string (or an abort) ends while it is
+in the step in flight has that step's token discarded; its freed blocks are handed out again only after
+that step has completed, since a step is scheduled only once the one before it has.
+
 Not thread-safe: one thread owns it (the server's engine loop, or `LLM.generate`).
 """
 from __future__ import annotations
@@ -14,7 +22,7 @@ from .kv_cache_manager import KVCacheManager
 from .model import MTATransformer
 from .model_runner import ModelRunner, StepLogits, num_cache_blocks
 from .request import Request, RequestStatus, TokenLogprob
-from .sampler import Sampler, logprob_record
+from .sampler import PendingSamples, Sampler, logprob_record
 from .sampling_params import SamplingParams, SamplingParamsError
 from .scheduler import Scheduler, ScheduledRequest
 from .tokenizer import IncrementalDetokenizer
@@ -41,6 +49,16 @@ class RequestOutput:
     num_cached_tokens: int = 0
     arrival_time: float = 0.0  # time.monotonic() when added
     first_scheduled_time: float | None = None  # when it started computing (queue time = this - arrival)
+
+
+@dataclass(slots=True)
+class _InFlight:
+    """A launched step: its forward and sampling are queued on the device."""
+
+    scheduled: list[ScheduledRequest]
+    logits: StepLogits
+    sampling: list[ScheduledRequest]  # the scheduled requests that sample, in the order of `samples`
+    samples: PendingSamples
 
 
 @dataclass(slots=True)
@@ -76,6 +94,9 @@ class LLMEngine:
                                   max_num_seqs=self.scheduler_config.max_num_seqs)
         self.sampler = Sampler(seed)
         self.requests: dict[str, _Tracked] = {}
+        overlap = self.scheduler_config.overlap_steps
+        self.overlap_steps = self.runner.device.type == "cuda" if overlap is None else overlap
+        self._in_flight: _InFlight | None = None
 
     # ---- requests ------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
@@ -128,28 +149,57 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     # ---- the step ------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Complete a step and return its outputs (with overlap_steps, after launching the next one)."""
+        if not self.overlap_steps:
+            return self._outputs(self._complete(self._launch()))
+        done = self._complete(self._in_flight or self._launch())
+        self._in_flight = self._launch()
+        return self._outputs(done)
+
+    def _launch(self) -> _InFlight | None:
+        """Schedule a step and queue its forward and sampling on the device."""
         batch = self.scheduler.schedule()
         if not batch.scheduled:
-            return []
+            return None
         logits = self.runner.execute(batch.scheduled)
-        return self._postprocess(batch.scheduled, logits)
+        sampling = [s for s in batch.scheduled if s.samples]
+        samples = self.sampler.sample_async(logits.sample_logits, [s.request for s in sampling])
+        return _InFlight(batch.scheduled, logits, sampling, samples)
 
-    def _postprocess(self, scheduled: list[ScheduledRequest], logits: StepLogits) -> list[RequestOutput]:
-        self._record_prompt_logprobs(scheduled, logits)
-        sampling = [s for s in scheduled if s.samples]
-        samples = self.sampler.sample(logits.sample_logits, [s.request for s in sampling])
-        self.scheduler.update(scheduled)
-        for s, (token, record) in zip(sampling, samples):
+    def _complete(self, step: _InFlight | None) -> list[ScheduledRequest]:
+        """Wait for a launched step's tokens and append them; a request they end (EOS, max_tokens) leaves
+        the scheduler now, so the next step does not compute it. Returns the step's live requests."""
+        if step is None:
+            return []
+        samples = step.samples.result()
+        live = [s for s in step.scheduled if self._is_live(s.request)]
+        self._record_prompt_logprobs(live, step.logits)
+        self.scheduler.update(live)
+        for s, (token, record) in zip(step.sampling, samples):
+            if not self._is_live(s.request):
+                continue  # ended (stop string, abort) while this step ran: its token is discarded
             s.request.append_output(token)
             if record is not None:
                 s.request.logprobs.append(record)
+            if s.request.status.finished:
+                self.scheduler.finish(s.request, s.request.status)
+        return live
+
+    def _is_live(self, request) -> bool:
+        tracked = self.requests.get(request.request_id)
+        return tracked is not None and tracked.request is request and not request.status.finished
+
+    def _outputs(self, done: list[ScheduledRequest]) -> list[RequestOutput]:
+        """Detokenize, apply stop strings and build the outputs of a completed step's requests."""
         outputs = []
-        for s in scheduled:
-            tracked = self.requests[s.request.request_id]
+        for s in done:
+            tracked = self.requests.get(s.request.request_id)
+            if tracked is None or tracked.request is not s.request:
+                continue  # aborted since
             if tracked.num_cached_tokens < 0:
                 tracked.num_cached_tokens = s.start  # the prefix-cache hit of its first step
             if s.samples:
@@ -160,7 +210,10 @@ class LLMEngine:
         for s in scheduled:
             if s.request.params.prompt_logprobs is not None and not s.request.prompt_logprobs:
                 s.request.prompt_logprobs.append(None)  # the first prompt token has no logprob
+        live = {s.request.request_id for s in scheduled}
         for request_id, (first, rows) in logits.prompt_logits.items():
+            if request_id not in live:
+                continue
             request = self.requests[request_id].request
             logprobs = torch.log_softmax(rows, dim=-1)
             for i in range(rows.shape[0]):

@@ -9,6 +9,8 @@ raw logits (the model's distribution).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .request import Request, TokenLogprob
@@ -19,16 +21,26 @@ class Sampler:
         self.seed = seed
         self._shared: dict[torch.device, torch.Generator] = {}  # per device, for requests without a seed
 
-    @torch.no_grad()
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> list[tuple[int, TokenLogprob | None]]:
         """logits [B, vocab] (fp32), one row per request -> (token id, logprob record if asked) per request."""
+        return self.sample_async(logits, requests).result()
+
+    @torch.no_grad()
+    def sample_async(self, logits: torch.Tensor, requests: list[Request]) -> "PendingSamples":
+        """Queue the batch's decision on the logits' device and the copy of its token ids to the host; the
+        host waits only in PendingSamples.result()."""
         tokens = torch.argmax(logits, dim=-1)  # [B]: plain greedy rows are done
         rest = [i for i, r in enumerate(requests) if not _plain_greedy(r)]
         if rest:
             rows = _on(logits.device, rest, torch.long)
             tokens[rows] = self._decide(logits[rows].float(), [requests[i] for i in rest])
-        token_ids = tokens.tolist()
-        return list(zip(token_ids, logprob_records(logits, token_ids, requests)))
+        if logits.device.type != "cuda":
+            return PendingSamples(tokens, None, logits, requests)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return PendingSamples(host, copied, logits, requests)
 
     def _decide(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         """logits [m, vocab] (a copy, changed in place) of requests with any parameter -> tokens [m]."""
@@ -67,6 +79,23 @@ class Sampler:
                 gen.manual_seed(self.seed)
             self._shared[device] = gen
         return self._shared[device]
+
+
+@dataclass(slots=True)
+class PendingSamples:
+    """A step's chosen tokens on their way to the host (the device may still be computing them)."""
+
+    tokens: torch.Tensor  # [B] int64: on the host (pinned, being filled) on CUDA, else the tokens themselves
+    copied: torch.cuda.Event | None  # recorded after the copy to the host was queued
+    logits: torch.Tensor  # [B, vocab] the sampled rows, for logprob records
+    requests: list[Request]
+
+    def result(self) -> list[tuple[int, TokenLogprob | None]]:
+        """(token id, logprob record if asked) per request, once the device has them."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        token_ids = self.tokens.tolist()
+        return list(zip(token_ids, logprob_records(self.logits, token_ids, self.requests)))
 
 
 def _request_generator(request: Request, device: torch.device) -> torch.Generator:

@@ -2,6 +2,8 @@
 
 Every scenario runs >= 8 concurrent greedy requests of mixed lengths and checks: the generated tokens equal
 the dense reference's greedy tokens, their logprobs match the reference's, and afterwards every block is free.
+Each runs with steps one after another and with overlap_steps (the next step launched before the previous
+one's outputs are built, as on CUDA), so preemption, chunking, prefix hits and aborts are checked under both.
 """
 from __future__ import annotations
 
@@ -53,9 +55,16 @@ def model_and_reference(request):
     return model, reference
 
 
-def make_engine(model, num_blocks=512, **scheduler) -> LLMEngine:
-    return LLMEngine(model, None, CacheConfig(block_size=BLOCK, num_blocks=num_blocks),
-                     SchedulerConfig(**scheduler))
+@pytest.fixture(params=[False, True], ids=["serial", "overlap"])
+def overlap(request) -> bool:
+    return request.param
+
+
+def make_engine(model, overlap: bool, num_blocks=512, **scheduler) -> LLMEngine:
+    engine = LLMEngine(model, None, CacheConfig(block_size=BLOCK, num_blocks=num_blocks),
+                       SchedulerConfig(overlap_steps=overlap, **scheduler))
+    assert engine.overlap_steps is overlap
+    return engine
 
 
 
@@ -78,9 +87,9 @@ def assert_all_free(engine) -> None:
     assert not engine.kv.block_tables and not engine.scheduler.running and not engine.scheduler.waiting
 
 
-def test_no_memory_pressure(model_and_reference):
+def test_no_memory_pressure(model_and_reference, overlap):
     model, reference = model_and_reference
-    engine = make_engine(model)
+    engine = make_engine(model, overlap)
     done = run_all(engine, PROMPTS, MAX_TOKENS)
     assert_exact(done, reference, PROMPTS, MAX_TOKENS)
     assert engine.scheduler.num_preemptions == 0
@@ -88,9 +97,9 @@ def test_no_memory_pressure(model_and_reference):
 
 
 @pytest.mark.parametrize("chunk,budget", [(7, 23), (3, 11)])
-def test_chunked_prefill_awkward_chunks(model_and_reference, chunk, budget):
+def test_chunked_prefill_awkward_chunks(model_and_reference, chunk, budget, overlap):
     model, reference = model_and_reference
-    engine = make_engine(model, max_chunk_tokens=chunk, max_num_batched_tokens=budget)
+    engine = make_engine(model, overlap, max_chunk_tokens=chunk, max_num_batched_tokens=budget)
     chunk_starts = set()
     original = engine.runner.execute
 
@@ -106,24 +115,24 @@ def test_chunked_prefill_awkward_chunks(model_and_reference, chunk, budget):
     assert_all_free(engine)
 
 
-def test_preemption_under_a_small_cache(model_and_reference):
+def test_preemption_under_a_small_cache(model_and_reference, overlap):
     model, reference = model_and_reference
     # The longest request needs ceil((30 + 11) / 4) = 11 blocks; 14 blocks force repeated preemptions.
-    engine = make_engine(model, num_blocks=14, max_chunk_tokens=5)
+    engine = make_engine(model, overlap, num_blocks=14, max_chunk_tokens=5)
     done = run_all(engine, PROMPTS, MAX_TOKENS)
     assert engine.scheduler.num_preemptions >= 2
     assert_exact(done, reference, PROMPTS, MAX_TOKENS)
     assert_all_free(engine)
 
 
-def test_prefix_cache_hits_on_and_off_block_boundaries(model_and_reference):
+def test_prefix_cache_hits_on_and_off_block_boundaries(model_and_reference, overlap):
     model, reference = model_and_reference
     shared_on, shared_off = _prompt(50, 8), _prompt(51, 11)  # 8 ends on a block boundary, 11 does not
     prompts = [shared_on + _prompt(60 + i, 1 + 2 * i) for i in range(4)]
     prompts += [shared_off + _prompt(70 + i, 2 + i) for i in range(4)]
     prompts[3] = list(shared_on)  # a prompt that is exactly a cached prefix
     max_tokens = [6, 8, 5, 7, 6, 9, 4, 7]
-    engine = make_engine(model)
+    engine = make_engine(model, overlap)
     run_all(engine, [prompts[0], prompts[4]], [3, 3])  # warm the cache with one of each prefix
     done = run_all(engine, prompts, max_tokens)
     outs = list(done.values())
@@ -134,9 +143,9 @@ def test_prefix_cache_hits_on_and_off_block_boundaries(model_and_reference):
     assert_all_free(engine)
 
 
-def test_aborts_mid_prefill_and_mid_decode(model_and_reference):
+def test_aborts_mid_prefill_and_mid_decode(model_and_reference, overlap):
     model, reference = model_and_reference
-    engine = make_engine(model, max_chunk_tokens=4)
+    engine = make_engine(model, overlap, max_chunk_tokens=4)
     aborted = {}
 
     def abort_some(e, step):

@@ -131,8 +131,9 @@ def test_new_step_shapes_compile_no_new_kernels():
 
 
 def test_cuda_sampler_decides_the_batch_on_the_device():
-    """A batch mixing every sampling parameter is decided without a host synchronisation (the only one is
-    the read-back of the token ids, outside _decide), and draws on CUDA follow the distribution."""
+    """A batch mixing every sampling parameter is decided, and its token ids queued for the host, without a
+    host synchronisation (the only wait is PendingSamples.result()), and draws on CUDA follow the
+    distribution."""
     from mta_serve.request import Request
     from mta_serve.sampler import Sampler
     from mta_serve.sampling_params import SamplingParams
@@ -150,10 +151,11 @@ def test_cuda_sampler_decides_the_batch_on_the_device():
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        tokens = sampler._decide(logits.clone(), requests)
+        pending = sampler.sample_async(logits.clone(), requests)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert tokens.shape == (len(kinds),) and tokens[0].item() == 3
+    tokens = [t for t, _ in pending.result()]
+    assert len(tokens) == len(kinds) and tokens[0] == 3
     probs = torch.tensor([0.4, 0.3, 0.2, 0.1])
     plain = [Request(f"p{i}", [1], SamplingParams(temperature=1.0)) for i in range(20000)]
     drawn = [t for t, _ in sampler.sample(torch.log(probs).cuda().repeat(len(plain), 1), plain)]
