@@ -45,15 +45,19 @@ def fill(llm: LLM, batch: int, prompt_len: int, max_tokens: int, vocab: int, see
         engine.step()
 
 
-def time_steps(llm: LLM, steps: int, device: torch.device) -> tuple[list[float], list[float]]:
-    """(wall seconds of each of `steps` decode steps, seconds of each step's forward on the device). The
+def time_steps(llm: LLM, steps: int, device: torch.device) -> tuple[list[float], list[float], list[int]]:
+    """(wall seconds of each of `steps` decode steps, seconds of each step's forward on the device, rows of
+    each launched step). The
     forward's device span runs from an event recorded when the runner starts the step to one recorded when
     it has enqueued the whole forward; everything else in the step's wall time is host work the GPU waits
     for (scheduling, input building, sampling read-back, postprocessing)."""
     runner = llm.engine.runner
-    execute, spans = runner.execute, []
+    execute, spans, rows = runner.execute, [], []
 
     def timed_execute(scheduled):
+        rows.append(len(scheduled))
+        if device.type != "cuda":
+            return execute(scheduled)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         out = execute(scheduled)
@@ -61,8 +65,7 @@ def time_steps(llm: LLM, steps: int, device: torch.device) -> tuple[list[float],
         spans.append((start, end))
         return out
 
-    if device.type == "cuda":
-        runner.execute = timed_execute
+    runner.execute = timed_execute
     times = []
     try:
         sync(device)
@@ -75,7 +78,7 @@ def time_steps(llm: LLM, steps: int, device: torch.device) -> tuple[list[float],
         sync(device)
     finally:
         runner.__dict__.pop("execute", None)  # back to the class's method
-    return times, [a.elapsed_time(b) * 1e-3 for a, b in spans]
+    return times, [a.elapsed_time(b) * 1e-3 for a, b in spans], rows
 
 
 def profile_steps(llm: LLM, steps: int):
@@ -101,6 +104,11 @@ def kernel_table(prof, steps: int, top: int) -> tuple[float, list[dict]]:
     return sum(r["us_per_step"] for r in rows) * 1e-6, rows[:top]
 
 
+def fill_margin(batch: int, args) -> int:
+    """More than the number of steps that prefill `batch` prompts."""
+    return -(-batch * args.context // args.max_num_batched_tokens) + 1
+
+
 def measure(path: str, batch: int, graphs: bool, overlap: str, args, device, bandwidth: float) -> dict:
     cfg, model, weight_bytes, kv_per_token = build_bench_model(path, args.dtype, device)
     options = dict(max_num_seqs=max(batch, 1), max_num_batched_tokens=args.max_num_batched_tokens,
@@ -109,11 +117,16 @@ def measure(path: str, batch: int, graphs: bool, overlap: str, args, device, ban
         options["enforce_eager"] = True
     llm = LLM(model, **options)
     decode_steps = args.warmup_steps + args.steps + args.profile_steps
-    prompt_len = args.context - decode_steps - 1  # prompt + outputs = context
-    fill(llm, batch, prompt_len, decode_steps + 1, cfg.vocab_size, args.seed)
+    # Requests admitted first decode while later prompts still prefill, so they run ahead by up to the
+    # number of fill steps: the margin keeps every request running until the last measured step.
+    margin = fill_margin(batch, args)
+    prompt_len = args.context - decode_steps - 1 - margin  # prompt + outputs = context
+    fill(llm, batch, prompt_len, decode_steps + 1 + margin, cfg.vocab_size, args.seed)
     time_steps(llm, args.warmup_steps, device)
-    first_context = prompt_len + 1 + args.warmup_steps  # keys the first timed step attends to
-    times, spans = time_steps(llm, args.steps, device)
+    first_context = prompt_len + 1 + args.warmup_steps  # keys the first timed step attends to (at least)
+    times, spans, rows = time_steps(llm, args.steps, device)
+    if min(rows) != batch or max(rows) != batch:
+        raise RuntimeError(f"timed steps ran {min(rows)}..{max(rows)} sequences, not {batch}")
     prof = profile_steps(llm, args.profile_steps) if device.type == "cuda" and args.profile_steps else None
     mean_context = first_context + (args.steps - 1) / 2
     step_s = statistics.mean(times)
@@ -167,8 +180,10 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "step_profile.json"))
     args = p.parse_args()
-    if args.context - args.steps - args.warmup_steps - args.profile_steps < 2:
-        p.error("--context must exceed --steps + --warmup-steps + --profile-steps + 1")
+    margin = fill_margin(max(args.batch), args)
+    if args.context - args.steps - args.warmup_steps - args.profile_steps - margin < 2:
+        p.error(f"--context must exceed --steps + --warmup-steps + --profile-steps + {margin + 1} (the steps "
+                "that fill the batch)")
     device = torch.device(args.device)
     bandwidth = copy_bandwidth(device)
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s on {args.device}", flush=True)
