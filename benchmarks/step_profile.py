@@ -68,7 +68,9 @@ def time_steps(llm: LLM, steps: int, device: torch.device) -> tuple[list[float],
     runner.execute = timed_execute
     times = []
     try:
-        sync(device)
+        # One untimed step first, so that with overlap_steps every timed step() completes a step launched
+        # inside the timing (and launches the next): no synchronisation here or between steps.
+        llm.engine.step()
         for _ in range(steps):
             # No synchronisation between steps: with overlap_steps a step() returns with the next step
             # running on the device, and the time between returns is what a client sees per token.
@@ -116,14 +118,14 @@ def measure(path: str, batch: int, graphs: bool, overlap: str, args, device, ban
     if not graphs:
         options["enforce_eager"] = True
     llm = LLM(model, **options)
-    decode_steps = args.warmup_steps + args.steps + args.profile_steps
+    decode_steps = args.warmup_steps + args.steps + args.profile_steps + 2  # + time_steps' untimed steps
     # Requests admitted first decode while later prompts still prefill, so they run ahead by up to the
     # number of fill steps: the margin keeps every request running until the last measured step.
     margin = fill_margin(batch, args)
     prompt_len = args.context - decode_steps - 1 - margin  # prompt + outputs = context
     fill(llm, batch, prompt_len, decode_steps + 1 + margin, cfg.vocab_size, args.seed)
     time_steps(llm, args.warmup_steps, device)
-    first_context = prompt_len + 1 + args.warmup_steps  # keys the first timed step attends to (at least)
+    first_context = prompt_len + 1 + args.warmup_steps + 2  # keys the first timed step attends to (at least)
     times, spans, rows = time_steps(llm, args.steps, device)
     if min(rows) != batch or max(rows) != batch:
         raise RuntimeError(f"timed steps ran {min(rows)}..{max(rows)} sequences, not {batch}")
@@ -181,9 +183,9 @@ def main() -> int:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "step_profile.json"))
     args = p.parse_args()
     margin = fill_margin(max(args.batch), args)
-    if args.context - args.steps - args.warmup_steps - args.profile_steps - margin < 2:
-        p.error(f"--context must exceed --steps + --warmup-steps + --profile-steps + {margin + 1} (the steps "
-                "that fill the batch)")
+    if args.context - args.steps - args.warmup_steps - args.profile_steps - margin < 4:
+        p.error(f"--context must exceed --steps + --warmup-steps + --profile-steps + {margin + 3} (the steps "
+                "that fill the batch and two untimed steps)")
     device = torch.device(args.device)
     bandwidth = copy_bandwidth(device)
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s on {args.device}", flush=True)

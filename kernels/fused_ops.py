@@ -32,7 +32,7 @@ def _rows_per_program(x: torch.Tensor) -> int:
 def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
                  scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """h, delta [N, dim] (delta None: nothing to add) -> (h + delta [N, dim], RMSNorm(h + delta) [N, dim])."""
-    x = h.reshape(-1, h.shape[-1])
+    x = h.reshape(-1, h.shape[-1]).contiguous()  # the kernel assumes rows of DIM values
     out_h = torch.empty_like(x) if delta is not None else x
     y = torch.empty_like(x)
     _launch_row_norm(x, delta, out_h, weight, y, eps, scale, norm=True, gate_w=None, gate_b=None)
@@ -44,7 +44,7 @@ def head_norm_gate(heads: torch.Tensor, dtype: torch.dtype, norm_weight: torch.T
     """heads [N, H, d] (any float dtype) -> [N, H * d] in `dtype`: cast, then group norm (norm_weight [d],
     None: no norm) and 1-d gate (gate_w [d], gate_b [1], None: no gate)."""
     n, n_heads, head_dim = heads.shape
-    x = heads.reshape(n * n_heads, head_dim)
+    x = heads.reshape(n * n_heads, head_dim).contiguous()
     y = torch.empty(x.shape, dtype=dtype, device=heads.device)
     _launch_row_norm(x, None, x, norm_weight, y, eps, scale, norm=norm_weight is not None, gate_w=gate_w,
                      gate_b=gate_b)

@@ -92,6 +92,14 @@ class DecodeGraphs:
             self._forward(size)
         return self.logits[:len(rows)]
 
+    def warm_up(self) -> None:
+        """One all-padding step of the smallest size, eagerly: compiles every kernel of the forward (the
+        fused ops' shapes are runtime arguments, so prompt steps reuse them) and touches only the scratch
+        block."""
+        self._fill([], self.sizes[0])
+        with torch.no_grad():
+            self._forward(self.sizes[0])
+
     def _fill(self, rows: list[DecodeRow], size: int) -> None:
         """Write the step's inputs (padding rows after the real ones) and copy them to the device at once."""
         if self.copied is not None:
@@ -111,7 +119,7 @@ class DecodeGraphs:
         end = o["tables"] + size * self.width
         self.inputs[:end].copy_(self.host[:end], non_blocking=True)
         if self.copied is not None:
-            self.copied.record()
+            self.copied.record(torch.cuda.current_stream(self.device))
 
     def _views(self, size: int):
         """(tokens, positions, ends, slots [size] int32, block tables [size, width] int32) of the input buffer."""

@@ -6,7 +6,9 @@ it while the host goes on), then detokenizes, checks stop strings and returns th
 outputs, which the caller streams while the GPU is still busy. Scheduling needs the tokens just read, so
 it cannot overlap; everything after it does. A request that a stop string (or an abort) ends while it is
 in the step in flight has that step's token discarded; its freed blocks are handed out again only after
-that step has completed, since a step is scheduled only once the one before it has.
+that step has completed, since a step is scheduled only once the one before it has. A sampled request
+discarded that way has still drawn its random number: with a fixed engine seed, requests without their own
+seed may then draw differently than without overlap (requests with a seed never do).
 
 Not thread-safe: one thread owns it (the server's engine loop, or `LLM.generate`).
 """
@@ -156,7 +158,8 @@ class LLMEngine:
         """Complete a step and return its outputs (with overlap_steps, after launching the next one)."""
         if not self.overlap_steps:
             return self._outputs(self._complete(self._launch()))
-        done = self._complete(self._in_flight or self._launch())
+        step, self._in_flight = self._in_flight, None  # completed at most once, even if a later part raises
+        done = self._complete(step or self._launch())
         self._in_flight = self._launch()
         return self._outputs(done)
 

@@ -207,12 +207,13 @@ class MTATransformer(nn.Module):
     def fuse_projections(self) -> None:
         """Concatenate each layer's wq|wk|wv and w1|w3 weights into one matrix, for one GEMM each in the
         fused forward; the original parameters become views of it, so no memory is added and the state
-        dict is unchanged. Idempotent."""
+        dict is unchanged. Idempotent; fuses again where a parameter no longer views its fused matrix (after
+        .to(), or a load_state_dict that assigns new tensors)."""
         for layer in self.layers:
             attn, ff = layer.attention, layer.feed_forward
-            if getattr(attn, "wqkv", None) is None:
+            if not _views_of(getattr(attn, "wqkv", None), [attn.wq, attn.wk, attn.wv]):
                 attn.wqkv = _concat_into_views([attn.wq, attn.wk, attn.wv])  # [(H + 2G) d, dim]
-            if getattr(ff, "w13", None) is None:
+            if not _views_of(getattr(ff, "w13", None), [ff.w1, ff.w3]):
                 ff.w13 = _concat_into_views([ff.w1, ff.w3])  # [2 hidden, dim]
 
     def dense_logits(self, tokens: torch.Tensor, cu_seqlens: list[int]) -> torch.Tensor:
@@ -240,6 +241,19 @@ class MTATransformer(nn.Module):
         tokens = torch.tensor([t for seq in sequences for t in seq], dtype=torch.long, device=device)
         logits = self.dense_logits(tokens, cu)
         return [logits[s:e] for s, e in zip(cu[:-1], cu[1:])]
+
+
+def _views_of(fused: torch.Tensor | None, linears: list[nn.Linear]) -> bool:
+    """Whether each linear's weight is still the matching rows of `fused`."""
+    if fused is None:
+        return False
+    first = 0
+    for lin in linears:
+        expected = fused[first:first + lin.weight.shape[0]]
+        if lin.weight.data_ptr() != expected.data_ptr() or lin.weight.shape != expected.shape:
+            return False
+        first += lin.weight.shape[0]
+    return True
 
 
 def _concat_into_views(linears: list[nn.Linear]) -> torch.Tensor:

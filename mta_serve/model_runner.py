@@ -90,6 +90,8 @@ class ModelRunner:
             self.backend.warm_up(model)  # compile the kernels now, not during the first requests
         self.graphs = DecodeGraphs(model, self.backend, max_num_seqs, scratch_block=num_blocks,
                                    capture=cuda_graphs and self.device.type == "cuda") if triton else None
+        if triton and self.device.type == "cuda" and not self.cuda_graphs:
+            self.graphs.warm_up()  # the capture compiles the fused forward's kernels; without it, do it now
 
     @property
     def cuda_graphs(self) -> bool:

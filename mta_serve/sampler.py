@@ -39,7 +39,7 @@ class Sampler:
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
         host.copy_(tokens, non_blocking=True)
         copied = torch.cuda.Event()
-        copied.record()
+        copied.record(torch.cuda.current_stream(logits.device))  # the logits' device, not the current one
         return PendingSamples(host, copied, logits, requests)
 
     def _decide(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:

@@ -84,7 +84,7 @@ class StepUploader:
                                          dtype=torch.int32)
         self.dev[:total].copy_(self.host[:total], non_blocking=True)
         if self.done is not None:
-            self.done.record()
+            self.done.record(torch.cuda.current_stream(self.device))
         return [part[:n] for part, n in zip(self.dev[:total].split(padded), sizes)]
 
 

@@ -99,3 +99,18 @@ def test_enforce_eager_is_validated_and_reaches_the_engine():
     assert args.enforce_eager
     engine = build_engine(args, _model(), None)
     assert engine.cache_config.enforce_eager and not engine.runner.cuda_graphs
+
+
+def test_warm_up_step_touches_only_the_scratch_block():
+    """The eager warm-up (run at engine start on CUDA when graphs are off, to compile the fused forward)
+    writes the scratch block and nothing a request could own."""
+    engine = _engine(_model(), "triton")
+    backend, scratch = engine.runner.backend, engine.runner.graphs.scratch_block
+    caches = [c for c in backend.k_cache + backend.v_cache + backend.q_cache if c is not None]
+    for cache in caches:
+        cache.normal_()
+    before = [c.clone() for c in caches]
+    engine.runner.graphs.warm_up()
+    for cache, old in zip(caches, before):
+        torch.testing.assert_close(cache[:scratch], old[:scratch], atol=0, rtol=0)
+    assert any(not torch.equal(c[scratch], o[scratch]) for c, o in zip(caches, before))

@@ -28,6 +28,16 @@ def _tol(dtype):
             torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2)}[dtype]
 
 
+def assert_rounded_like(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """Within one rounding step everywhere, and in 16-bit dtypes bit-equal almost everywhere: a kernel that
+    skips one of the reference's intermediate roundings differs in a large share of the elements (about a
+    quarter for a norm), a different summation order only where a value sits on a rounding boundary."""
+    torch.testing.assert_close(got, expected, **_tol(got.dtype))
+    if got.dtype != torch.float32:
+        differ = (got != expected).float().mean().item()
+        assert differ <= 0.01, f"{100 * differ:.1f} % of the elements differ from the reference"
+
+
 def _randn(*shape, dtype, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(device=DEVICE, dtype=dtype)
 
@@ -41,7 +51,7 @@ def test_add_rms_norm_matches_the_residual_add_and_rmsnorm(dtype, with_delta):
     new_h, y = fused_ops.add_rms_norm(h, delta if with_delta else None, norm.weight, norm.eps)
     expected_h = h + delta if with_delta else h
     torch.testing.assert_close(new_h, expected_h, atol=0, rtol=0)
-    torch.testing.assert_close(y, norm(expected_h), **_tol(dtype))
+    assert_rounded_like(y, norm(expected_h))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -59,7 +69,7 @@ def test_head_norm_gate_matches_group_norm_and_gate(dtype, gate, scale):
     out = fused_ops.head_norm_gate(heads, dtype, norm.weight, norm.eps, scale,
                                    lin.weight[0] if gate else None, lin.bias if gate else None)
     assert out.dtype == dtype and out.shape == (7, 96)
-    torch.testing.assert_close(out, expected.flatten(-2), **_tol(dtype))
+    assert_rounded_like(out, expected.flatten(-2))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -72,8 +82,8 @@ def test_rope_rotates_q_and_k_of_the_fused_projection(dtype):
     v_ref = qkv[:, (heads + kv_heads) * d:].unflatten(-1, (kv_heads, d)).clone()
     q, k, v = fused_ops.rope(qkv, cos, sin, heads, kv_heads, d)
     assert q.is_contiguous() and k.data_ptr() == qkv.data_ptr() + heads * d * qkv.element_size()
-    torch.testing.assert_close(q, q_ref, **_tol(dtype))
-    torch.testing.assert_close(k, k_ref, **_tol(dtype))
+    assert_rounded_like(q, q_ref)
+    assert_rounded_like(k, k_ref)
     torch.testing.assert_close(v, v_ref, atol=0, rtol=0)
 
 
@@ -81,7 +91,7 @@ def test_rope_rotates_q_and_k_of_the_fused_projection(dtype):
 def test_silu_mul_matches_the_mlp_activation(dtype):
     x13 = _randn(5, 2 * 48, dtype=dtype)
     expected = F.silu(x13[:, :48]) * x13[:, 48:]
-    torch.testing.assert_close(fused_ops.silu_mul(x13), expected, **_tol(dtype))
+    assert_rounded_like(fused_ops.silu_mul(x13), expected)
 
 
 @pytest.mark.parametrize("with_q", [False, True])
@@ -144,3 +154,16 @@ def test_fused_forward_equals_the_pytorch_forward(dtype, gate):
     tol = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=2e-2, rtol=2e-2),
            torch.bfloat16: dict(atol=1e-1, rtol=5e-2)}[dtype]  # bf16: 4 layers of one-ulp (2^-8) differences
     torch.testing.assert_close(got, expected, **tol)
+
+
+def test_fuse_projections_fuses_again_after_the_weights_move():
+    """After .to() the parameters are new tensors: fusing again must follow them, not keep stale weights."""
+    model = build_model(ModelConfig.from_yaml(TINY_CONFIG), seed=0, device=DEVICE)
+    model.fuse_projections()
+    model.half()
+    attn = model.layers[0].attention
+    assert attn.wqkv.dtype == torch.float32  # stale until fused again
+    model.fuse_projections()
+    assert attn.wqkv.dtype == torch.float16
+    assert attn.wk.weight.data_ptr() == attn.wqkv[attn.wq.weight.shape[0]:].data_ptr()
+    torch.testing.assert_close(attn.wqkv, torch.cat([attn.wq.weight, attn.wk.weight, attn.wv.weight]))

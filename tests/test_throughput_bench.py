@@ -45,8 +45,9 @@ def test_step_profile_runs_and_reports(tmp_path):
     rows = result["rows"]
     assert [r["batch"] for r in rows] == [1, 3] and result["copy_bandwidth_gbps"] > 0
     for row in rows:
-        # prompts of 40 - (1 + 5 + 2) - 1 - 2 = 29 tokens (2: the fill steps' margin, so that no request
-        # ends during the timed steps); the 5 timed steps attend to 31..35 keys
+        # prompts of 40 - (1 + 5 + 2 + 2) - 1 - 2 = 27 tokens (+ 2: an untimed step before the warm-up and
+        # the timed steps; 2: the fill steps' margin, so that no request ends during the timed steps); the
+        # 5 timed steps attend to 27 + 1 + 1 + 2 = 31 .. 35 keys
         assert row["step_ms"] > 0 and row["mean_context"] == 33
         assert abs(row["step_over_roofline"] - row["step_ms"] / row["roofline_ms"]) < 1e-9
         assert row["roofline_ms"] > row["weight_bound_ms"] > 0
