@@ -24,6 +24,7 @@ class KVCacheManager:
         self.pool = pool
         self.block_size = block_size
         self.block_tables: dict[str, list[Block]] = {}
+        self._block_ids: dict[str, list[int]] = {}  # the same tables as ids: read for every request every step
         self._hashes: dict[str, list[bytes]] = {}  # hashes of each request's full blocks, in order
         self.prefix_query_tokens = 0  # tokens of admitted requests that were looked up in the prefix cache
         self.prefix_hit_tokens = 0  # ... and that were found there
@@ -36,7 +37,8 @@ class KVCacheManager:
         return -(-num_tokens // self.block_size)
 
     def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self.block_tables.get(request_id, [])]
+        """The request's block table as block ids (the manager's own list: do not modify it)."""
+        return self._block_ids.get(request_id, [])
 
     def find_cached_prefix(self, request: Request) -> list[Block]:
         """Cached blocks matching the request's leading full blocks. At least one token is always left to
@@ -66,8 +68,12 @@ class KVCacheManager:
                 del self.block_tables[request.request_id]
             return False
         self.pool.touch(list(cached))
+        new = self.pool.allocate(max(need, 0))
         table.extend(cached)
-        table.extend(self.pool.allocate(max(need, 0)))
+        table.extend(new)
+        ids = self._block_ids.setdefault(request.request_id, [])
+        if cached or new:  # a decode step mostly allocates nothing: keep that path cheap
+            ids.extend([b.block_id for b in cached] + [b.block_id for b in new])
         self._cache_full_blocks(request, num_computed + num_new_tokens)
         return True
 
@@ -83,6 +89,7 @@ class KVCacheManager:
     def free(self, request_id: str) -> None:
         """Release a request's blocks, last block first, so the prefix blocks stay cached the longest."""
         table = self.block_tables.pop(request_id, [])
+        self._block_ids.pop(request_id, None)
         self._hashes.pop(request_id, None)
         self.pool.free(table[::-1])
 

@@ -79,15 +79,19 @@ def test_manager_block_tables_slots_and_reverse_free():
     r.num_computed_tokens = 10
     r.token_ids.append(99)
     assert kv.allocate(r, 1) and kv.block_ids("a") == [0, 1, 2]  # position 10 fits block 2
+    r.num_computed_tokens = 11
+    r.token_ids += [98, 97]
+    assert kv.allocate(r, 2) and kv.block_ids("a") == [0, 1, 2, 3]  # position 12 opens block 3
     kv.free("a")
-    assert list(kv.pool._free)[-3:] == [2, 1, 0]  # the prefix block is reused last
+    assert kv.block_ids("a") == [] and "a" not in kv.block_tables
+    assert list(kv.pool._free)[-4:] == [3, 2, 1, 0]  # the prefix block is reused last
 
 
 def test_manager_refuses_without_changing_anything():
     kv = KVCacheManager(BlockPool(2), block_size=4)
     r = _request("a", list(range(9)))
     assert not kv.allocate(r, 9)
-    assert kv.pool.num_free == 2 and "a" not in kv.block_tables
+    assert kv.pool.num_free == 2 and "a" not in kv.block_tables and kv.block_ids("a") == []
 
 
 def test_prefix_lookup_chains_hashes_and_leaves_a_token():

@@ -54,3 +54,18 @@ def test_step_profile_runs_and_reports(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_profile.py"), "--context", "5"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--context must exceed" in bad.stderr
+
+
+def test_host_overhead_runs_and_reports(tmp_path):
+    """benchmarks/host_overhead.py: the engine's host path of decode steps with the forward stubbed out;
+    its parts must fit inside the step."""
+    out = tmp_path / "host.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_overhead.py"), "--batch", "3",
+                           "--context", "64", "--steps", "20", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["batch"], r["overlap_steps"]) for r in rows] == [(3, False), (3, True)]
+    for row in rows:
+        assert 0 < row["launch_ms"] < row["step_ms"] and 0 < row["outputs_ms"] < row["step_ms"]
+        assert row["schedule_ms"] + row["runner_ms"] + row["sample_launch_ms"] <= row["launch_ms"]
