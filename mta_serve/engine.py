@@ -232,8 +232,7 @@ class LLMEngine:
         end = len(tracked.text) if finished else max(len(tracked.text) - tracked.holdback, tracked.num_emitted_chars)
         new_text = tracked.text[tracked.num_emitted_chars:end]
         tracked.num_emitted_chars = end
-        if finished:
-            self.scheduler.finish(request, request.status)
+        if finished:  # it left the scheduler where it ended (_complete, a stop string, an abort)
             del self.requests[request.request_id]
         return RequestOutput(
             request.request_id, request.prompt_token_ids, request.output_token_ids, new_ids,
@@ -256,7 +255,7 @@ class LLMEngine:
         stop_at = self._find_stop(tracked, before)
         if stop_at is not None:
             tracked.text = tracked.text[:stop_at]
-            tracked.request.status = RequestStatus.FINISHED_STOPPED
+            self.scheduler.finish(tracked.request, RequestStatus.FINISHED_STOPPED)
 
     @staticmethod
     def _find_stop(tracked: _Tracked, before: int) -> int | None:
