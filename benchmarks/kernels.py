@@ -9,7 +9,8 @@ Shapes are the 830M model's attention (16 heads x 96, G = H), bf16, paged with 1
 Achieved bandwidth = bytes that must move (K and V once, the queries, the output) / time; the copy
 bandwidth of a 2 GiB device-to-device copy is measured in the same run. Prints a table, writes JSON.
 
-    python benchmarks/kernels.py [--out benchmarks/results/kernels_h200.json] [--quick] [--sweep [KIND ...]] [--no-dense]
+    python benchmarks/kernels.py [--out benchmarks/results/kernels_h200.json] [--quick] [--sweep [KIND ...]] [--breakdown]
+        [--no-dense]
 """
 from __future__ import annotations
 
@@ -167,6 +168,37 @@ def prefill_rows(lengths, block_m: int, dense: bool) -> list[dict]:
     return rows
 
 
+def kernel_times(fn, calls: int = 5) -> dict[str, float]:
+    """Microseconds per call of each kernel `fn` launches, from the PyTorch profiler."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    times: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            times[event.name] = times.get(event.name, 0.0) + event.device_time / calls
+    return dict(sorted(times.items(), key=lambda kv: -kv[1]))
+
+
+def breakdown(num_sms: int, block_m: int) -> list[dict]:
+    """Per-kernel time of (a) and (b) at decode 64 x 2048 and prefill 8192."""
+    rows = []
+    for shape, (batch, context, new) in (("decode 64x2048", (64, 2048, 1)), ("prefill 8192", (1, 8192, 8192))):
+        inputs = paged_batch(batch, context, new)
+        splits = decode_splits(batch, context, num_sms) if new == 1 else 1
+        for kind in ("conv", "mixing"):
+            times = kernel_times(run_paged(kind, inputs, 1 if new == 1 else block_m, splits))
+            rows.append(dict(shape=shape, kind=kind, kernels_us=times))
+            print(f"breakdown {shape} {kind}: " + ", ".join(f"{k} {v:.0f} us" for k, v in times.items()),
+                  flush=True)
+        del inputs
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="benchmarks/results/kernels_h200.json")
@@ -175,6 +207,8 @@ def main() -> int:
     p.add_argument("--prefill-block-m", type=int, default=64)
     p.add_argument("--sweep", nargs="*", choices=["conv", "mixing", "plain"], default=None,
                    help="also sweep splits / tile / warps at batch 64 x 2048 for these layer kinds (all if none)")
+    p.add_argument("--breakdown", action="store_true", help="also time each kernel of (a) and (b) at decode "
+                   "64 x 2048 and prefill 8192 (PyTorch profiler)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py: error: needs a CUDA device", file=sys.stderr)
@@ -190,6 +224,7 @@ def main() -> int:
         command=" ".join(sys.argv), heads=HEADS, head_dim=HEAD_DIM, block_size=BLOCK, dtype="bfloat16",
         copy_bandwidth_gbps=copy_bw / 1e9,
         sweep=None if args.sweep is None else sweep(64, 2048, args.sweep or ["conv", "mixing", "plain"]),
+        breakdown=breakdown(num_sms, args.prefill_block_m) if args.breakdown else None,
         decode=decode_rows(batches, contexts, copy_bw, num_sms),
         prefill=prefill_rows([2048] if args.quick else [2048, 8192], args.prefill_block_m, not args.no_dense),
     )

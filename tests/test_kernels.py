@@ -129,6 +129,16 @@ def test_mta_kernel_prompt_groups_with_key_splits(splits):
     torch.testing.assert_close(out, reference, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("block_m", [1, 32])
+def test_mta_kernel_paper_conv_sizes_and_pre_conv_row_tiles(block_m):
+    """The paper's 6 x 11 pre- and post-conv. Decode rows need 11 score rows (one 16-row pre-conv tile);
+    32-row prompt groups need 42, more than one tile holds, so logit rows come from overlapping tiles."""
+    seqs = [(0, 45), (30, 70), (12, 13)] if block_m > 1 else LONG_DECODE
+    out, reference = run_mta(seqs, mta_weights(pre=(6, 11), post=(6, 11), wpsm=True, head_kernel=H), 4,
+                             torch.float32, block_m, 2)
+    torch.testing.assert_close(out, reference, atol=2e-5, rtol=1e-5)
+
+
 def test_mta_kernel_fp16():
     out, reference = run_mta(PREFILL, mta_weights(**VARIANTS["paper"]), 4, torch.float16, 4, 1)
     torch.testing.assert_close(out, reference.float(), atol=3e-3, rtol=1e-3)
