@@ -5,16 +5,15 @@ The spec's two-pass algorithm, each stage a simple kernel with full parallelism.
 consecutive query rows of one sequence (one row when decoding); for a group with rows [p0, p1) the stages
 keep, per head, the rows the convolutions need over the keys 0..p1-1:
 
-1. `_conv_scores_kernel` (item, head, key tile x row tile), for layers with the pre-conv: the pre-conv of
-   the masked raw scores of rows p0-W .. p1-1, with W = (c_q-1) + (c_q'-1), computed per key column of the
-   kernel from a shifted read of K, so that no score row is stored -> C [items, H, rows + c_q'-1, T];
-   `_scores_kernel`, for the other layers: the raw masked scores of the logit rows -> S of the same shape;
-2. `_logits_kernel` (item, split, row tile): pre-mix, masking -> L [items, H, rows + c_q'-1, T] and each
-   split's max and sum of exp; `_normalizers_kernel` combines the splits;
+1. `_scores_kernel` (item, head, key tile x row tile): raw masked scores of rows p0-W .. p1-1, with
+   W = (c_q-1) + (c_q'-1) -> S [items, H, rows + W, T];
+2. `_logits_kernel` (item, split, row tile): pre-conv over S (its key halo is a shifted read), pre-mix,
+   masking -> L [items, H, rows + c_q'-1, T] and each split's max and sum of exp;
+   `_normalizers_kernel` combines the splits;
 3. `_probs_kernel` (item, split, row tile): softmax rows -> post-conv -> post-mix -> P' [items, H, rows, T];
 4. `_pv_kernel` (item, head, split x row tile): P' @ V per split; `_sum_splits_kernel` writes the output.
 
-K is read once (c_k times, from cache, with the pre-conv; stage 1), V once (stage 4). The rows in between are fp32, so the result is the reference's
+K is read once (stage 1), V once (stage 4). The rows in between are fp32, so the result is the reference's
 up to summation order. Extra memory is O(items x heads x rows x context): for decode O(batch x heads x
 context); items run in waves whose buffers fit `budget_bytes`, so a long prompt never holds a T x T map
 and a large decode batch never more than the budget. The context length is a runtime argument: new lengths
@@ -93,13 +92,12 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     cq2, ck2 = (1, 1) if params.post_kernel is None else params.post_kernel.shape[1:]
     rows_o = work.block_m
     rows_s, rows_l = rows_o + cq - 1 + cq2 - 1, rows_o + cq2 - 1
-    conv_rows = _conv_tile_rows(rows_s, cq)
     decode = rows_o == 1
     # Measured on the H200 (benchmarks/kernels.py --sweep); prompt groups use narrow key tiles so that the
     # [heads, 16 rows, keys] head-mixing product fits in shared memory.
     bn = key_tile or (32 if not decode else 64 if (cq > 1 or cq2 > 1) else 128)
     length = triton.cdiv(max(max_len or 0, work.max_len), bn) * bn
-    per_item = 4 * n_heads * length * (2 * rows_l + rows_o)
+    per_item = 4 * n_heads * length * (rows_s + rows_l + rows_o)
     wave = max(1, min(num_items, budget_bytes // per_item))
     splits = work.num_splits if decode else prompt_splits or _prompt_splits(q.device, wave, rows_l, length, bn)
     dummy = torch.empty(1, dtype=torch.float32, device=q.device)
@@ -107,7 +105,7 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
         H=n_heads, GROUP=n_heads // k_cache.shape[2], D=head_dim, DP=dot_width(head_dim), BN=bn,
         NUM_TILES=length // bn,
         BLOCK_SIZE=k_cache.shape[1], HB=triton.next_power_of_2(n_heads), RO=rows_o, R=rows_s, RL=rows_l,
-        RT=1 if rows_l == 1 else max(16, min(32, triton.next_power_of_2(rows_l))), ST=conv_rows,
+        RT=1 if rows_s == 1 else max(16, min(32, triton.next_power_of_2(rows_s))),
         RLT=min(8, triton.next_power_of_2(rows_l)), RLP=triton.next_power_of_2(rows_l), OT=1 if decode else 16,
         SPLITS=splits,
         CQ=cq, CK=ck, PL=left_pad(params.pad_key, ck), CQ2=cq2, CK2=ck2, PL2=left_pad(params.pad_key, ck2),
@@ -117,7 +115,7 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     weights = dict(pre_w_ptr=_or(params.pre_kernel, dummy), post_w_ptr=_or(params.post_kernel, dummy),
                    pre_mix_ptr=_or(params.pre_mix, dummy), post_mix_ptr=_or(params.post_mix, dummy))
     f32 = dict(dtype=torch.float32, device=q.device)
-    scores = torch.empty(wave, n_heads, rows_l, length, **f32)  # S, or C (after the pre-conv)
+    scores = torch.empty(wave, n_heads, rows_s, length, **f32)
     logits = torch.empty(wave, n_heads, rows_l, length, **f32)
     probs = torch.empty(wave, n_heads, rows_o, length, **f32)
     stats = torch.empty(2, wave, splits, n_heads, rows_l, **f32)
@@ -131,12 +129,6 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
         _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, norms, partial, items, seq,
                 weights, c, 1.0 / math.sqrt(head_dim), num_warps)
     return out
-
-
-def _conv_tile_rows(rows_s: int, cq: int) -> int:
-    """Score rows per program of the pre-conv kernel (a power of two >= 16, tl.dot's least size): all of
-    them when they fit in 32, else tiles whose logit rows (the first rows - cq + 1) overlap by cq - 1."""
-    return max(16, triton.next_power_of_2(min(rows_s, max(32, 2 * cq))))
 
 
 def _prompt_splits(device: torch.device, items: int, rows_l: int, length: int, key_tile: int) -> int:
@@ -170,13 +162,8 @@ def _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, nor
     def run(kernel, grid, *tensors):
         kernel[grid](*tensors, num_warps=num_warps, **{k: every[k] for k in _named_args(kernel, every)})
 
-    if c["PRE_CONV"]:
-        row_tiles = triton.cdiv(c["RL"], c["ST"] - c["CQ"] + 1)
-        run(_conv_scores_kernel, (items, c["H"], key_tiles * row_tiles), q, q if q_cache is None else q_cache,
-            k_cache, scores)
-    else:
-        run(_scores_kernel, (items, c["H"], key_tiles * triton.cdiv(c["RL"], c["RT"])), q,
-            q if q_cache is None else q_cache, k_cache, scores)
+    run(_scores_kernel, (items, c["H"], key_tiles * triton.cdiv(c["R"], c["RT"])), q,
+        q if q_cache is None else q_cache, k_cache, scores)
     run(_logits_kernel, (items, c["SPLITS"], triton.cdiv(c["RL"], c["RLT"])), scores, logits, stats)
     run(_normalizers_kernel, (items, c["H"]), stats, norms)
     run(_probs_kernel, (items, c["SPLITS"], out_tiles), logits, norms, probs)
@@ -189,7 +176,7 @@ def _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, nor
 #   q_ptr [N, H, D] (cache dtype): the step's queries    qc_ptr [blocks, BLOCK_SIZE, H, D]: the query cache
 #   k_ptr, v_ptr [blocks, BLOCK_SIZE, H / GROUP, D]       bt_ptr [seqs, bt_stride] int32: block tables
 #   seq_start_ptr, seq_end_ptr, seq_row_ptr [seqs] int32  work_seq_ptr, work_first_ptr [all items] int32
-#   s_ptr [items, H, RL, LENGTH]: S or C                  l_ptr [items, H, RL, LENGTH]: logits
+#   s_ptr [items, H, R, LENGTH]: scores                   l_ptr [items, H, RL, LENGTH]: logits
 #   p_ptr [items, H, RO, LENGTH]: P'                      stats_ptr [2, items, SPLITS, H, RL]: max, sum exp
 #   norm_ptr [2, items, H, RL]: max, 1 / sum exp          part_ptr [items, SPLITS, H, RO, D]: partial P'V
 #   pre_w_ptr [H, CQ, CK], post_w_ptr [H, CQ2, CK2]       pre_mix_ptr, post_mix_ptr [H, H] (out, in)
@@ -202,41 +189,21 @@ def _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, nor
 def _scores_kernel(q_ptr, qc_ptr, k_ptr, s_ptr, sm_scale, item0, bt_ptr, bt_stride, seq_start_ptr, seq_end_ptr,
                    seq_row_ptr, work_seq_ptr, work_first_ptr, H: tl.constexpr, GROUP: tl.constexpr,
                    D: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr, NUM_TILES,
-                   BLOCK_SIZE: tl.constexpr, RO: tl.constexpr, RL: tl.constexpr, RT: tl.constexpr,
+                   BLOCK_SIZE: tl.constexpr, RO: tl.constexpr, R: tl.constexpr, RT: tl.constexpr,
                    QCACHE: tl.constexpr, FP32: tl.constexpr):
-    """S[i, h, r, j] = q . k / sqrt(d) of row first - (RL - RO) + r and key j, 0 unless 0 <= j <= row
-    (layers without the pre-conv, whose score rows are the logit rows)."""
+    """S[i, h, r, j] = q . k / sqrt(d) of row first - W + r and key j, 0 unless 0 <= j <= row."""
     LENGTH = NUM_TILES * BN  # row stride of the fp32 buffers; a product, so its divisibility is known
     b, h = tl.program_id(0), tl.program_id(1)
     key_tile, row_tile = tl.program_id(2) % NUM_TILES, tl.program_id(2) // NUM_TILES
     first, start, end, row0, last, bt = work_item(item0 + b, work_seq_ptr, work_first_ptr, seq_start_ptr,
                                                   seq_end_ptr, seq_row_ptr, bt_ptr, bt_stride, RO)
     r = row_tile * RT + tl.arange(0, RT)
-    rows = first - (RL - RO) + r  # positions
-    if key_tile * BN > tl.minimum(first - (RL - RO) + row_tile * RT + RT - 1, last):
+    rows = first - (R - RO) + r  # positions
+    if key_tile * BN > tl.minimum(first - (R - RO) + row_tile * RT + RT - 1, last):
         return  # above the diagonal: never read
     offs_d = tl.arange(0, DP)
     dmask = offs_d[None, :] < D
-    row_ok = (rows >= 0) & (rows <= last) & (r < RL)
-    q = _query_rows(q_ptr, qc_ptr, rows, row_ok, start, row0, bt, h, H, D, DP, BLOCK_SIZE, QCACHE)
-    keys = key_tile * BN + tl.arange(0, BN)
-    key_ok = keys <= last
-    k_slots = cache_slots(bt, keys, key_ok, BLOCK_SIZE)
-    k = tl.load(k_ptr + (k_slots * (H // GROUP) + h // GROUP)[:, None] * D + offs_d[None, :],
-                mask=key_ok[:, None] & dmask, other=0.0)
-    s = qk_tile(q, k, RT == 1, FP32)
-    s = tl.where((keys[None, :] <= rows[:, None]) & row_ok[:, None], s * sm_scale, 0.0)
-    tl.store(s_ptr + ((b * H + h) * RL + r).to(tl.int64)[:, None] * LENGTH + keys[None, :], s,
-             mask=(r[:, None] < RL) & key_ok[None, :])
-
-
-@triton.jit
-def _query_rows(q_ptr, qc_ptr, rows, row_ok, start, row0, bt, h, H: tl.constexpr, D: tl.constexpr,
-                DP: tl.constexpr, BLOCK_SIZE: tl.constexpr, QCACHE: tl.constexpr):
-    """Head h's queries of positions `rows` [RT] -> [RT, DP]: this step's from q, earlier ones from the
-    query cache, zero where not row_ok."""
-    offs_d = tl.arange(0, DP)
-    dmask = offs_d[None, :] < D
+    row_ok = (rows >= 0) & (rows <= last) & (r < R)
     new = row_ok & (rows >= start)
     q = tl.load(q_ptr + ((row0 + tl.where(new, rows - start, 0)) * H + h).to(tl.int64)[:, None] * D
                 + offs_d[None, :], mask=new[:, None] & dmask, other=0.0)
@@ -245,56 +212,15 @@ def _query_rows(q_ptr, qc_ptr, rows, row_ok, start, row0, bt, h, H: tl.constexpr
         q_slots = cache_slots(bt, rows, old, BLOCK_SIZE)
         q += tl.load(qc_ptr + (q_slots * H + h)[:, None] * D + offs_d[None, :], mask=old[:, None] & dmask,
                      other=0.0)
-    return q
-
-
-@triton.jit(do_not_specialize=["item0", "bt_stride", "NUM_TILES"])
-def _conv_scores_kernel(q_ptr, qc_ptr, k_ptr, s_ptr, pre_w_ptr, sm_scale, item0, bt_ptr, bt_stride,
-                        seq_start_ptr, seq_end_ptr, seq_row_ptr, work_seq_ptr, work_first_ptr, H: tl.constexpr,
-                        GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr, NUM_TILES,
-                        BLOCK_SIZE: tl.constexpr, RO: tl.constexpr, R: tl.constexpr, RL: tl.constexpr,
-                        ST: tl.constexpr, CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr,
-                        QCACHE: tl.constexpr, FP32: tl.constexpr):
-    """C[i, h, r, j]: the pre-conv of the masked scores (spec steps 0-2) of logit row first - (RL - RO) + r.
-
-    Each key column c of the kernel is a shifted read of K: S_c = Q K[j - PL + c]^T over a tile of ST score
-    rows, masked as the spec masks the unshifted scores. The query shifts are a banded [ST, ST] matrix
-    W_c[r, r + a] = theta[a, c] applied by tl.dot, so C = sum_c W_c S_c: no score row is stored, and each
-    is read from registers instead of 6 x 11 shifted fp32 reads. A program owns ST - (CQ - 1) logit rows.
-    """
-    LENGTH = NUM_TILES * BN  # row stride of the fp32 buffers; a product, so its divisibility is known
-    CT: tl.constexpr = ST - (CQ - 1)
-    b, h = tl.program_id(0), tl.program_id(1)
-    key_tile, row_tile = tl.program_id(2) % NUM_TILES, tl.program_id(2) // NUM_TILES
-    first, start, end, row0, last, bt = work_item(item0 + b, work_seq_ptr, work_first_ptr, seq_start_ptr,
-                                                  seq_end_ptr, seq_row_ptr, bt_ptr, bt_stride, RO)
-    if key_tile * BN > tl.minimum(first - (RL - RO) + row_tile * CT + CT - 1, last):
-        return  # above the diagonal of every owned row: never read
-    r = tl.arange(0, ST)
-    rows = first - (R - RO) + row_tile * CT + r  # positions of the score rows
-    row_ok = (rows >= 0) & (rows <= last) & (row_tile * CT + r < R)
-    q = _query_rows(q_ptr, qc_ptr, rows, row_ok, start, row0, bt, h, H, D, DP, BLOCK_SIZE, QCACHE)
-    a = r[None, :] - r[:, None]
-    band = (a >= 0) & (a < CQ) & (r[:, None] < CT)
-    offs_d = tl.arange(0, DP)
     keys = key_tile * BN + tl.arange(0, BN)
-    acc = tl.zeros((ST, BN), tl.float32)
-    for c in range(CK):
-        shifted = keys - PL + c
-        ok = (shifted >= 0) & (shifted <= last)
-        slots = cache_slots(bt, shifted, ok, BLOCK_SIZE)
-        k = tl.load(k_ptr + (slots * (H // GROUP) + h // GROUP)[:, None] * D + offs_d[None, :],
-                    mask=ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        s = qk_tile(q, k, False, FP32)
-        s = tl.where((shifted[None, :] <= rows[:, None]) & ok[None, :] & row_ok[:, None], s * sm_scale, 0.0)
-        w = tl.load(pre_w_ptr + h * (CQ * CK) + tl.where(band, a, 0) * CK + c, mask=band, other=0.0)
-        if FP32:
-            acc += tl.dot(w, s, input_precision="ieee")
-        else:  # ~fp32 accuracy on tensor cores (three tf32 products)
-            acc += tl.dot(w, s, input_precision="tf32x3")
-    out_rows = row_tile * CT + r
-    tl.store(s_ptr + ((b * H + h) * RL + out_rows).to(tl.int64)[:, None] * LENGTH + keys[None, :], acc,
-             mask=((r < CT) & (out_rows < RL))[:, None])
+    key_ok = keys <= last
+    k_slots = cache_slots(bt, keys, key_ok, BLOCK_SIZE)
+    k = tl.load(k_ptr + (k_slots * (H // GROUP) + h // GROUP)[:, None] * D + offs_d[None, :],
+                mask=key_ok[:, None] & dmask, other=0.0)
+    s = qk_tile(q, k, RT == 1, FP32)
+    s = tl.where((keys[None, :] <= rows[:, None]) & row_ok[:, None], s * sm_scale, 0.0)
+    tl.store(s_ptr + ((b * H + h) * R + r).to(tl.int64)[:, None] * LENGTH + keys[None, :], s,
+             mask=(r[:, None] < R) & key_ok[None, :])
 
 
 @triton.jit
@@ -307,13 +233,49 @@ def _mix(w_ptr, x, H: tl.constexpr, HB: tl.constexpr, RT: tl.constexpr, BN: tl.c
     return tl.sum(w[:, :, None, None] * x[None, :, :, :], axis=1)
 
 
+@triton.jit
+def _row_conv(x_ptr, w_ptr, b, out0, pos0, last, key0, H: tl.constexpr, HB: tl.constexpr, ROWS: tl.constexpr,
+              OUT: tl.constexpr, BN: tl.constexpr, CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr,
+              LENGTH, SOFTMAX: tl.constexpr, norm_ptr=None, inv_base=0):
+    """Key-query conv (spec steps 2 and 5) of output rows out0 .. out0 + OUT - 1 over keys key0 + [0, BN):
+    y[h, r, j] = sum_{a, c} w[h, a, c] x[h, out0 + r + a, j - PL + c] -> [HB, OUT, BN], where input row i
+    of x [items, H, ROWS, LENGTH] is position pos0 + i and reads 0 where its key is outside 0..position.
+
+    Each input row is loaded once per kernel column c and added to every output row it feeds (a rank-1
+    update with the weights w[h, i - r, c]), so a row is read CK times instead of CQ x CK times. With
+    SOFTMAX, x holds logits and each row is first normalized: exp(x - max) / sum from norm_ptr."""
+    heads = tl.arange(0, HB)[:, None]
+    r = tl.arange(0, OUT)[None, :]
+    keys = key0 + tl.arange(0, BN)[None, :]
+    y = tl.zeros((HB, OUT, BN), tl.float32)
+    for i in range(out0, out0 + OUT + CQ - 1):
+        a = i - out0 - r  # kernel row of input row i for each output row: [1, OUT]
+        row_base = x_ptr + ((b * H + heads) * ROWS + i).to(tl.int64) * LENGTH
+        row_ok = (heads < H) & (i < ROWS)
+        if SOFTMAX:
+            norm_offs = (b * H + heads) * ROWS + i
+            m = tl.load(norm_ptr + norm_offs, mask=row_ok, other=0.0)
+            inv = tl.load(norm_ptr + inv_base + norm_offs, mask=row_ok, other=0.0)
+        for c in range(CK):
+            shifted = keys - PL + c
+            ok = row_ok & (shifted >= 0) & (shifted <= tl.minimum(pos0 + i, last))
+            if SOFTMAX:
+                x = tl.exp(tl.load(row_base + shifted, mask=ok, other=float("-inf")) - m) * inv
+            else:
+                x = tl.load(row_base + shifted, mask=ok, other=0.0)
+            w = tl.load(w_ptr + heads * (CQ * CK) + a * CK + c, mask=(heads < H) & (a >= 0) & (a < CQ), other=0.0)
+            y += w[:, :, None] * x[:, None, :]
+    return y
+
+
 @triton.jit(do_not_specialize=["item0", "bt_stride", "NUM_TILES", "SPLITS"])
-def _logits_kernel(s_ptr, l_ptr, stats_ptr, pre_mix_ptr, item0, bt_ptr, bt_stride, seq_start_ptr, seq_end_ptr,
-                   seq_row_ptr, work_seq_ptr, work_first_ptr, H: tl.constexpr, BN: tl.constexpr, NUM_TILES,
-                   HB: tl.constexpr, RO: tl.constexpr, RL: tl.constexpr, RLT: tl.constexpr, SPLITS,
+def _logits_kernel(s_ptr, l_ptr, stats_ptr, pre_w_ptr, post_w_ptr, pre_mix_ptr, post_mix_ptr, item0, bt_ptr,
+                   bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr, work_seq_ptr, work_first_ptr,
+                   H: tl.constexpr, BN: tl.constexpr, NUM_TILES, HB: tl.constexpr, RO: tl.constexpr,
+                   R: tl.constexpr, RL: tl.constexpr, RLT: tl.constexpr, SPLITS,
+                   CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr, PRE_CONV: tl.constexpr,
                    PRE_MIX: tl.constexpr):
-    """L rows first - (c_q'-1) + r over this split's keys (steps 3-4 before the softmax: pre-mix of the
-    scores or their pre-conv, masking), with max and sum."""
+    """L rows first - (c_q'-1) + r over this split's keys (steps 2-4 before the softmax), with max and sum."""
     LENGTH = NUM_TILES * BN  # row stride of the fp32 buffers; a product, so its divisibility is known
     b, split, row_tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     first, start, end, row0, last, bt = work_item(item0 + b, work_seq_ptr, work_first_ptr, seq_start_ptr,
@@ -323,13 +285,17 @@ def _logits_kernel(s_ptr, l_ptr, stats_ptr, pre_mix_ptr, item0, bt_ptr, bt_strid
     r3 = row_tile * RLT + tl.arange(0, RLT)[None, :, None]
     j3 = tl.arange(0, BN)[None, None, :]
     rows = first - (RL - RO) + r3
-    s_base = s_ptr + ((b * H + h3) * RL + r3).to(tl.int64) * LENGTH
+    s_base = s_ptr + ((b * H + h3) * R + r3).to(tl.int64) * LENGTH
     m = tl.full((HB, RLT), float("-inf"), tl.float32)
     l = tl.zeros((HB, RLT), tl.float32)
     t0, t1 = split_key_tiles(tl.minimum(first - (RL - RO) + row_tile * RLT + RLT - 1, last), split, BN, SPLITS)
     for t in range(t0, t1):
         keys = t * BN + j3
-        x = tl.load(s_base + keys, mask=(h3 < H) & (r3 < RL) & (keys <= tl.minimum(rows, last)), other=0.0)
+        if PRE_CONV:
+            x = _row_conv(s_ptr, pre_w_ptr, b, row_tile * RLT, first - (R - RO), last, t * BN, H, HB, R, RLT, BN,
+                          CQ, CK, PL, LENGTH, False)
+        else:
+            x = tl.load(s_base + keys, mask=(h3 < H) & (r3 < R) & (keys <= tl.minimum(rows, last)), other=0.0)
         if PRE_MIX:
             x = _mix(pre_mix_ptr, x, H, HB, RLT, BN)
         x = tl.where((keys <= rows) & (rows >= 0) & (rows <= last) & (r3 < RL), x, float("-inf"))
@@ -389,22 +355,16 @@ def _probs_kernel(l_ptr, norm_ptr, p_ptr, pre_w_ptr, post_w_ptr, pre_mix_ptr, po
     t0, t1 = split_key_tiles(tl.minimum(first + row_tile * OT + OT - 1, last), split, BN, SPLITS)
     for t in range(t0, t1):
         keys = t * BN + j3
-        p = tl.zeros((HB, OT, BN), tl.float32)
-        for a in range(CQ2):
-            norm_offs = (b * H + h3) * RL + r3 + a
-            norm_ok = (h3 < H) & (r3 + a < RL)
-            m_a = tl.load(norm_ptr + norm_offs, mask=norm_ok, other=0.0)
-            inv_a = tl.load(norm_ptr + inv_base + norm_offs, mask=norm_ok, other=0.0)
-            l_base = l_ptr + ((b * H + h3) * RL + r3 + a).to(tl.int64) * LENGTH
-            for c in range(CK2):
-                shifted = keys - PL2 + c
-                ok = norm_ok & (shifted >= 0) & (shifted <= tl.minimum(rows - (CQ2 - 1) + a, last))
-                x = tl.load(l_base + shifted, mask=ok, other=float("-inf"))
-                if POST_CONV:
-                    w = tl.load(post_w_ptr + heads * (CQ2 * CK2) + (a * CK2 + c), mask=heads < H, other=0.0)
-                    p += w[:, None, None] * (tl.exp(x - m_a) * inv_a)
-                else:
-                    p += tl.exp(x - m_a) * inv_a
+        if POST_CONV:
+            p = _row_conv(l_ptr, post_w_ptr, b, row_tile * OT, first - (CQ2 - 1), last, t * BN, H, HB, RL, OT, BN,
+                          CQ2, CK2, PL2, LENGTH, True, norm_ptr, inv_base)
+        else:
+            norm_offs = (b * H + h3) * RL + r3
+            norm_ok = (h3 < H) & (r3 < RL)
+            x = tl.load(l_ptr + ((b * H + h3) * RL + r3).to(tl.int64) * LENGTH + keys,
+                        mask=norm_ok & (keys <= tl.minimum(rows, last)), other=float("-inf"))
+            p = tl.exp(x - tl.load(norm_ptr + norm_offs, mask=norm_ok, other=0.0)) * tl.load(
+                norm_ptr + inv_base + norm_offs, mask=norm_ok, other=0.0)
         p = tl.where((keys <= rows) & (rows <= last), p, 0.0)
         if POST_MIX:
             p = _mix(post_mix_ptr, p, H, HB, OT, BN)
