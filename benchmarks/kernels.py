@@ -81,7 +81,7 @@ def sweep(batch: int, context: int, kinds: list[str]) -> list[dict]:
     inputs = paged_batch(batch, context, 1)
     rows = []
     for kind in kinds:
-        for splits in (4, 8, 16):
+        for splits in (4, 8, 16, 32):
             for block in (32, 64, 128):
                 for warps in (4, 8):
                     for dot in (True, False) if kind == "plain" else (True,):
