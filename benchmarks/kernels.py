@@ -7,7 +7,8 @@ Shapes are the 830M model's attention (16 heads x 96, G = H), bf16, paged with 1
 - prefill of one whole prompt for (a), (b), (c) vs SDPA (flash, causal) and the dense reference
   (dense_attention.attention_probs, which materializes the T x T maps);
 Achieved bandwidth = bytes that must move (K and V once, the queries, the output) / time; the copy
-bandwidth of a 2 GiB device-to-device copy is measured in the same run. Prints a table, writes JSON.
+bandwidth of a 2 GiB device-to-device copy is measured in the same run. Kernel times are CUDA-graph replays
+(the kernels' device time, without Python's launch cost). Prints a table, writes JSON.
 
     python benchmarks/kernels.py [--out benchmarks/results/kernels_h200.json] [--quick] [--sweep [KIND ...]] [--breakdown]
         [--no-dense]
@@ -94,7 +95,10 @@ def sweep(batch: int, context: int, kinds: list[str]) -> list[dict]:
 
 
 def bench_ms(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+    """Device time per call, replayed from a CUDA graph as the engine runs decode steps: launched from
+    Python, a batch-1 or mixing-layer call measured the ~50 us launch cost of each of its kernels instead
+    (do_bench gave 0.45 ms for (b) at 64 x 2048 in one run and 0.30 ms in another)."""
+    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
 
 
 def decode_rows(batches, contexts, copy_bw: float, num_sms: int) -> list[dict]:
