@@ -74,7 +74,8 @@ def left_pad(pad_key: str, c_k: int) -> int:
 def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: torch.Tensor,
                        v_cache: torch.Tensor, params: MTALayerParams, work: WorkItems, out: torch.Tensor,
                        key_tile: int | None = None, num_warps: int = 4, budget_bytes: int = 512 << 20,
-                       max_len: int | None = None, prompt_splits: int | None = None) -> torch.Tensor:
+                       max_len: int | None = None, prompt_splits: int | None = None,
+                       stream_tile: int | None = None) -> torch.Tensor:
     """Rows of the work items (groups of work.block_m rows) into `out` [N, H, d] (spec steps 0-7).
 
     q [N, H, d]: the step's new queries; q_cache [num_blocks, bs, H, d] or None (no key-query conv);
@@ -82,7 +83,8 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     depend only on the number of work items and `max_len` (default: the longest sequence; pass a fixed
     bound such as the model's max_seq_len for launches that must keep their shapes, e.g. in a CUDA graph).
     Decode rows use work.num_splits key splits; prompt groups `prompt_splits`, by default enough to fill
-    the GPU. Nothing here synchronizes with the host.
+    the GPU. `key_tile` keys per tile in the conv and softmax kernels, `stream_tile` in the two that read
+    K and V (powers of two). Nothing here synchronizes with the host.
     """
     num_items = work.work_seq.numel()
     if num_items == 0:
@@ -96,14 +98,17 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     # Measured on the H200 (benchmarks/kernels.py --sweep); prompt groups use narrow key tiles so that the
     # [heads, 16 rows, keys] head-mixing product fits in shared memory.
     bn = key_tile or (32 if not decode else 64 if (cq > 1 or cq2 > 1) else 128)
-    length = triton.cdiv(max(max_len or 0, work.max_len), bn) * bn
+    # _scores_kernel and _pv_kernel stream K and V and keep no head or row tile of the convs, so decode
+    # rows use wide key tiles there (conv layer at 64 x 2048: _pv 213 us with 64-key tiles, 143 with 128).
+    stream = stream_tile or (128 if decode else bn)
+    length = triton.cdiv(max(max_len or 0, work.max_len), max(bn, stream)) * max(bn, stream)
     per_item = 4 * n_heads * length * (rows_s + rows_l + rows_o)
     wave = max(1, min(num_items, budget_bytes // per_item))
     splits = work.num_splits if decode else prompt_splits or _prompt_splits(q.device, wave, rows_l, length, bn)
     dummy = torch.empty(1, dtype=torch.float32, device=q.device)
     c = dict(
         H=n_heads, GROUP=n_heads // k_cache.shape[2], D=head_dim, DP=dot_width(head_dim), BN=bn,
-        NUM_TILES=length // bn,
+        NUM_TILES=length // bn, STREAM_BN=stream,
         BLOCK_SIZE=k_cache.shape[1], HB=triton.next_power_of_2(n_heads), RO=rows_o, R=rows_s, RL=rows_l,
         RT=1 if rows_s == 1 else max(16, min(32, triton.next_power_of_2(rows_s))),
         RLT=min(8, triton.next_power_of_2(rows_l)), RLP=triton.next_power_of_2(rows_l), OT=1 if decode else 16,
@@ -156,18 +161,19 @@ def _named_args(kernel, available: dict) -> tuple[str, ...]:
 
 def _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, norms, partial, items, seq,
             weights, c, sm_scale, num_warps):
-    key_tiles, out_tiles = c["NUM_TILES"], triton.cdiv(c["RO"], c["OT"])
+    out_tiles = triton.cdiv(c["RO"], c["OT"])
     every = dict(**seq, **weights, **c, sm_scale=sm_scale)
+    streaming = dict(every, BN=c["STREAM_BN"], NUM_TILES=c["NUM_TILES"] * c["BN"] // c["STREAM_BN"])
 
-    def run(kernel, grid, *tensors):
-        kernel[grid](*tensors, num_warps=num_warps, **{k: every[k] for k in _named_args(kernel, every)})
+    def run(kernel, grid, *tensors, args=every):
+        kernel[grid](*tensors, num_warps=num_warps, **{k: args[k] for k in _named_args(kernel, args)})
 
-    run(_scores_kernel, (items, c["H"], key_tiles * triton.cdiv(c["R"], c["RT"])), q,
-        q if q_cache is None else q_cache, k_cache, scores)
+    run(_scores_kernel, (items, c["H"], streaming["NUM_TILES"] * triton.cdiv(c["R"], c["RT"])), q,
+        q if q_cache is None else q_cache, k_cache, scores, args=streaming)
     run(_logits_kernel, (items, c["SPLITS"], triton.cdiv(c["RL"], c["RLT"])), scores, logits, stats)
     run(_normalizers_kernel, (items, c["H"]), stats, norms)
     run(_probs_kernel, (items, c["SPLITS"], out_tiles), logits, norms, probs)
-    run(_pv_kernel, (items, c["H"], c["SPLITS"] * out_tiles), probs, v_cache, partial)
+    run(_pv_kernel, (items, c["H"], c["SPLITS"] * out_tiles), probs, v_cache, partial, args=streaming)
     run(_sum_splits_kernel, (items, c["H"]), partial, out)
 
 
@@ -224,12 +230,18 @@ def _scores_kernel(q_ptr, qc_ptr, k_ptr, s_ptr, sm_scale, item0, bt_ptr, bt_stri
 
 
 @triton.jit
-def _mix(w_ptr, x, H: tl.constexpr, HB: tl.constexpr, RT: tl.constexpr, BN: tl.constexpr):
+def _mix(w_ptr, x, H: tl.constexpr, HB: tl.constexpr, RT: tl.constexpr, BN: tl.constexpr, FP32: tl.constexpr):
     """y[o] = sum_i W[o, i] x[i] over heads; x [HB, RT, BN], W [H, H] (out, in)."""
     o = tl.arange(0, HB)
     w = tl.load(w_ptr + o[:, None] * H + o[None, :], mask=(o[:, None] < H) & (o[None, :] < H), other=0.0)
     if HB >= 16:
-        return tl.reshape(tl.dot(w, tl.reshape(x, (HB, RT * BN)), input_precision="ieee"), (HB, RT, BN))
+        # fp32 models: exact fp32 products; 16-bit models: three tf32 tensor-core products (about fp32's
+        # accuracy, far above the model's) instead of the FMA loop of "ieee" (likewise in _pv_kernel).
+        if FP32:
+            y = tl.dot(w, tl.reshape(x, (HB, RT * BN)), input_precision="ieee")
+        else:
+            y = tl.dot(w, tl.reshape(x, (HB, RT * BN)), input_precision="tf32x3")
+        return tl.reshape(y, (HB, RT, BN))
     return tl.sum(w[:, :, None, None] * x[None, :, :, :], axis=1)
 
 
@@ -288,7 +300,7 @@ def _logits_kernel(s_ptr, l_ptr, stats_ptr, pre_w_ptr, post_w_ptr, pre_mix_ptr, 
                    H: tl.constexpr, BN: tl.constexpr, NUM_TILES, HB: tl.constexpr, RO: tl.constexpr,
                    R: tl.constexpr, RL: tl.constexpr, RLT: tl.constexpr, SPLITS,
                    CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr, PRE_CONV: tl.constexpr,
-                   PRE_MIX: tl.constexpr):
+                   PRE_MIX: tl.constexpr, FP32: tl.constexpr):
     """L rows first - (c_q'-1) + r over this split's keys (steps 2-4 before the softmax), with max and sum."""
     LENGTH = NUM_TILES * BN  # row stride of the fp32 buffers; a product, so its divisibility is known
     b, split, row_tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -311,7 +323,7 @@ def _logits_kernel(s_ptr, l_ptr, stats_ptr, pre_w_ptr, post_w_ptr, pre_mix_ptr, 
         else:
             x = tl.load(s_base + keys, mask=(h3 < H) & (r3 < R) & (keys <= tl.minimum(rows, last)), other=0.0)
         if PRE_MIX:
-            x = _mix(pre_mix_ptr, x, H, HB, RLT, BN)
+            x = _mix(pre_mix_ptr, x, H, HB, RLT, BN, FP32)
         x = tl.where((keys <= rows) & (rows >= 0) & (rows <= last) & (r3 < RL), x, float("-inf"))
         tl.store(l_ptr + ((b * H + h3) * RL + r3).to(tl.int64) * LENGTH + keys, x, mask=(h3 < H) & (r3 < RL))
         m_new = tl.maximum(m, tl.max(x, axis=2))
@@ -354,7 +366,8 @@ def _probs_kernel(l_ptr, norm_ptr, p_ptr, pre_w_ptr, post_w_ptr, pre_mix_ptr, po
                   bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr, work_seq_ptr, work_first_ptr,
                   H: tl.constexpr, BN: tl.constexpr, NUM_TILES, HB: tl.constexpr, RO: tl.constexpr,
                   RL: tl.constexpr, OT: tl.constexpr, SPLITS, CQ2: tl.constexpr,
-                  CK2: tl.constexpr, PL2: tl.constexpr, POST_CONV: tl.constexpr, POST_MIX: tl.constexpr):
+                  CK2: tl.constexpr, PL2: tl.constexpr, POST_CONV: tl.constexpr, POST_MIX: tl.constexpr,
+                  FP32: tl.constexpr):
     """P' rows first + r over this split's keys: normalized probabilities -> post-conv -> post-mix."""
     LENGTH = NUM_TILES * BN  # row stride of the fp32 buffers; a product, so its divisibility is known
     b, split, row_tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -388,7 +401,7 @@ def _probs_kernel(l_ptr, norm_ptr, p_ptr, pre_w_ptr, post_w_ptr, pre_mix_ptr, po
                     p += tl.exp(x - m) * inv
         p = tl.where((keys <= rows) & (rows <= last), p, 0.0)
         if POST_MIX:
-            p = _mix(post_mix_ptr, p, H, HB, OT, BN)
+            p = _mix(post_mix_ptr, p, H, HB, OT, BN, FP32)
         tl.store(p_ptr + ((b * H + h3) * RO + r3).to(tl.int64) * LENGTH + keys, p, mask=(h3 < H) & (r3 < RO))
 
 
@@ -396,7 +409,7 @@ def _probs_kernel(l_ptr, norm_ptr, p_ptr, pre_w_ptr, post_w_ptr, pre_mix_ptr, po
 def _pv_kernel(p_ptr, v_ptr, part_ptr, item0, bt_ptr, bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr,
                work_seq_ptr, work_first_ptr, H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
                DP: tl.constexpr, BN: tl.constexpr, NUM_TILES, BLOCK_SIZE: tl.constexpr,
-               RO: tl.constexpr, OT: tl.constexpr, SPLITS):
+               RO: tl.constexpr, OT: tl.constexpr, SPLITS, FP32: tl.constexpr):
     """This split's sum over keys of P'[h, row, j] v_j for one head and row tile."""
     LENGTH = NUM_TILES * BN  # row stride of the fp32 buffers; a product, so its divisibility is known
     b, h = tl.program_id(0), tl.program_id(1)
@@ -418,8 +431,10 @@ def _pv_kernel(p_ptr, v_ptr, part_ptr, item0, bt_ptr, bt_stride, seq_start_ptr, 
                     mask=key_ok[:, None] & dmask, other=0.0)
         if OT == 1:
             acc += tl.sum(tl.trans(p) * v.to(tl.float32), axis=0)[None, :]
-        else:
+        elif FP32:
             acc += tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(p, v.to(tl.float32), input_precision="tf32x3")
     tl.store(part_ptr + (((b * SPLITS + split) * H + h) * RO + r).to(tl.int64)[:, None] * D + offs_d[None, :],
              acc, mask=(r[:, None] < RO) & dmask)
 
