@@ -14,7 +14,8 @@ keep, per head, the rows the convolutions need over the keys 0..p1-1:
 4. `_pv_kernel` (item, head, split x row tile): P' @ V per split; `_sum_splits_kernel` writes the output.
 
 K is read once (stage 1), V once (stage 4). The rows in between are fp32, so the result is the reference's
-up to summation order. Extra memory is O(items x heads x rows x context): for decode O(batch x heads x
+up to summation order (for 16-bit models the head mixing and prompt P'V products are tf32x3 tensor-core
+dots, about fp32's accuracy). Extra memory is O(items x heads x rows x context): for decode O(batch x heads x
 context); items run in waves whose buffers fit `budget_bytes`, so a long prompt never holds a T x T map
 and a large decode batch never more than the budget. The context length is a runtime argument: new lengths
 do not compile new kernels.
