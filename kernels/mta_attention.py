@@ -100,7 +100,7 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     # [heads, 16 rows, keys] head-mixing product fits in shared memory.
     bn = key_tile or (32 if not decode else 64 if (cq > 1 or cq2 > 1) else 128)
     # _scores_kernel and _pv_kernel stream K and V and keep no head or row tile of the convs, so decode
-    # rows use wide key tiles there (conv layer at 64 x 2048: _pv 213 us with 64-key tiles, 143 with 128).
+    # rows use wide key tiles there (conv layer at 64 x 2048: _pv 213 us with 64-key tiles, 141 with 128).
     stream = stream_tile or (128 if decode else bn)
     length = triton.cdiv(max(max_len or 0, work.max_len), max(bn, stream)) * max(bn, stream)
     per_item = 4 * n_heads * length * (rows_s + rows_l + rows_o)
@@ -296,7 +296,7 @@ def _conv_column(row_base, w_ptr, heads, a, shifted, row_ok, pos, last, c, m, in
 
 
 @triton.jit(do_not_specialize=["item0", "bt_stride", "NUM_TILES", "SPLITS"])
-def _logits_kernel(s_ptr, l_ptr, stats_ptr, pre_w_ptr, post_w_ptr, pre_mix_ptr, post_mix_ptr, item0, bt_ptr,
+def _logits_kernel(s_ptr, l_ptr, stats_ptr, pre_w_ptr, pre_mix_ptr, item0, bt_ptr,
                    bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr, work_seq_ptr, work_first_ptr,
                    H: tl.constexpr, BN: tl.constexpr, NUM_TILES, HB: tl.constexpr, RO: tl.constexpr,
                    R: tl.constexpr, RL: tl.constexpr, RLT: tl.constexpr, SPLITS,
@@ -363,7 +363,7 @@ def _normalizers_kernel(stats_ptr, norm_ptr, item0, H: tl.constexpr, RL: tl.cons
 
 
 @triton.jit(do_not_specialize=["item0", "bt_stride", "NUM_TILES", "SPLITS"])
-def _probs_kernel(l_ptr, norm_ptr, p_ptr, pre_w_ptr, post_w_ptr, pre_mix_ptr, post_mix_ptr, item0, bt_ptr,
+def _probs_kernel(l_ptr, norm_ptr, p_ptr, post_w_ptr, post_mix_ptr, item0, bt_ptr,
                   bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr, work_seq_ptr, work_first_ptr,
                   H: tl.constexpr, BN: tl.constexpr, NUM_TILES, HB: tl.constexpr, RO: tl.constexpr,
                   RL: tl.constexpr, OT: tl.constexpr, SPLITS, CQ2: tl.constexpr,
