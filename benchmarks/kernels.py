@@ -2,7 +2,8 @@
 
 Shapes are the 830M model's attention (16 heads x 96, G = H), bf16, paged with 16-token blocks:
 - decode: batch x context for (a) a paper MTA-conv layer (6x11 pre and post conv, wpsm, all-head
-  head_kernel), (b) a mixing-only layer (wpsm + head_kernel), (c) plain attention (paged flash kernel), and
+  head_kernel; its decode rows read the previous logit rows from a ConvState, as in the engine), (b) a
+  mixing-only layer (wpsm + head_kernel), (c) plain attention (paged flash kernel), and
   (d) torch SDPA on contiguous K/V;
 - prefill of one whole prompt for (a), (b), (c) vs SDPA (flash, causal) and the dense reference
   (dense_attention.attention_probs, which materializes the T x T maps);
@@ -26,7 +27,7 @@ import triton.testing
 
 from common import commit, copy_bandwidth, write_result
 from mta_serve.dense_attention import MTAWeights, attention_probs
-from mta_serve.kernels.mta_attention import layer_params, mta_paged_attention
+from mta_serve.kernels.mta_attention import ConvState, layer_params, mta_paged_attention
 from mta_serve.kernels.paged_flash import paged_flash_attention
 from mta_serve.kernels.work_items import build_work_items
 from mta_serve.triton_attention import decode_splits, flash_splits  # the engine's rules
@@ -62,10 +63,15 @@ def paged_batch(batch: int, context: int, new_rows: int):
 
 
 def run_paged(kind: str, inputs, block_m: int, splits: int, block: int | None = None, num_warps: int = 4,
-              decode_dot: bool = True):
-    """The engine's kernel for this layer kind: paged flash for plain layers, the MTA row pipeline else."""
+              decode_dot: bool = True, conv_state: bool = True):
+    """The engine's kernel for this layer kind: paged flash for plain layers, the MTA row pipeline else
+    (for the conv layer with a ConvState slot per sequence, unless conv_state is False: decode rows then
+    recompute the previous logit rows)."""
     q, qc, kc, vc, tables, starts, ends, rows = inputs
-    work = build_work_items(tables, starts, ends, rows, block_m, splits, "cuda")
+    state = None
+    if kind == "conv" and conv_state:
+        state = ConvState.allocate(len(starts), HEADS, 6, max(ends), "cuda")
+    work = build_work_items(tables, starts, ends, rows, block_m, splits, "cuda", states=list(range(len(starts))))
     out = torch.empty(q.shape, dtype=torch.float32, device="cuda")
     weights = layer_weights(kind)
     if weights is None:
@@ -73,7 +79,8 @@ def run_paged(kind: str, inputs, block_m: int, splits: int, block: int | None = 
                                              decode_dot=decode_dot, num_splits=splits)
     params = layer_params(weights, "cuda")
     q_cache = qc if kind == "conv" else None
-    return lambda: mta_paged_attention(q, q_cache, kc, vc, params, work, out, key_tile=block, num_warps=num_warps)
+    return lambda: mta_paged_attention(q, q_cache, kc, vc, params, work, out, key_tile=block, num_warps=num_warps,
+                                       state=state)
 
 
 def sweep(batch: int, context: int, kinds: list[str]) -> list[dict]:
@@ -115,6 +122,9 @@ def decode_rows(batches, contexts, copy_bw: float, num_sms: int) -> list[dict]:
                 ms = bench_ms(run_paged(kind, inputs, 1, splits))
                 result[kind] = dict(ms=ms, splits=splits, gbps=kv_bytes / ms / 1e6,
                                     copy_fraction=kv_bytes / (ms * 1e-3) / copy_bw)
+            ms = bench_ms(run_paged("conv", inputs, 1, result["conv"]["splits"], conv_state=False))
+            result["conv_recompute"] = dict(ms=ms, gbps=kv_bytes / ms / 1e6,
+                                            copy_fraction=kv_bytes / (ms * 1e-3) / copy_bw)
             k = torch.randn(batch, HEADS, context, HEAD_DIM, dtype=DTYPE, device="cuda")
             v = torch.randn_like(k)
             q = torch.randn(batch, HEADS, 1, HEAD_DIM, dtype=DTYPE, device="cuda")
@@ -125,7 +135,7 @@ def decode_rows(batches, contexts, copy_bw: float, num_sms: int) -> list[dict]:
             rows.append(result)
             print(f"decode b={batch:4d} ctx={context:5d}  " + "  ".join(
                 f"{kind} {result[kind]['ms']:.3f} ms ({100 * result[kind]['copy_fraction']:.0f}% bw)"
-                for kind in ("conv", "mixing", "plain", "sdpa")), flush=True)
+                for kind in ("conv", "conv_recompute", "mixing", "plain", "sdpa")), flush=True)
     return rows
 
 
@@ -188,13 +198,15 @@ def kernel_times(fn, calls: int = 5) -> dict[str, float]:
 
 
 def breakdown(num_sms: int, block_m: int) -> list[dict]:
-    """Per-kernel time of (a) and (b) at decode 64 x 2048 and prefill 8192."""
+    """Per-kernel time of (a) and (b) at decode 64 x 2048 and prefill 8192; (a) at decode also without a
+    ConvState ("conv_recompute")."""
     rows = []
     for shape, (batch, context, new) in (("decode 64x2048", (64, 2048, 1)), ("prefill 8192", (1, 8192, 8192))):
         inputs = paged_batch(batch, context, new)
         splits = decode_splits(batch, context, num_sms) if new == 1 else 1
-        for kind in ("conv", "mixing"):
-            times = kernel_times(run_paged(kind, inputs, 1 if new == 1 else block_m, splits))
+        for kind in ("conv", "conv_recompute", "mixing") if new == 1 else ("conv", "mixing"):
+            times = kernel_times(run_paged(kind.split("_")[0], inputs, 1 if new == 1 else block_m, splits,
+                                           conv_state=kind == "conv"))
             rows.append(dict(shape=shape, kind=kind, kernels_us=times))
             print(f"breakdown {shape} {kind}: " + ", ".join(f"{k} {v:.0f} us" for k, v in times.items()),
                   flush=True)

@@ -13,8 +13,13 @@ keep, per head, the rows the convolutions need over the keys 0..p1-1:
 3. `_probs_kernel` (item, split, row tile): softmax rows -> post-conv -> post-mix -> P' [items, H, rows, T];
 4. `_pv_kernel` (item, head, split x row tile): P' @ V per split; `_sum_splits_kernel` writes the output.
 
+With a ConvState (layers with a post-conv over c_q' > 1 queries, as the engine runs them), prompt groups
+also keep each sequence's last c_q' logit rows and their normalizers in the sequence's state slot, and a
+decode row computes only its own logit row (from c_q score rows, not c_q + c_q' - 1) and reads the c_q' - 1
+rows before it from the slot: the paper's 6 x 11 layer then computes 1 pre-conv row instead of 6.
+
 K is read once (stage 1), V once (stage 4). The rows in between are fp32, so the result is the reference's
-up to summation order (for 16-bit models the head mixing and prompt P'V products are tf32x3 tensor-core
+up to summation order (for 16-bit models the post-softmax head mixing and prompt P'V products are tf32x3
 dots, about fp32's accuracy). Extra memory is O(items x heads x rows x context): for decode O(batch x heads x
 context); items run in waves whose buffers fit `budget_bytes`, so a long prompt never holds a T x T map
 and a large decode batch never more than the budget. The context length is a runtime argument: new lengths
@@ -70,13 +75,37 @@ def left_pad(pad_key: str, c_k: int) -> int:
     return {"both": (c_k - 1) // 2, "left": c_k - 1, "right": 0}[pad_key]
 
 
+RING_ALIGN = 128  # ConvState rows are a multiple of every key tile long
+
+
+@dataclass(slots=True)
+class ConvState:
+    """A post-conv layer's last c_q' logit rows of each sequence, kept across steps (the spec's "those rows
+    themselves"): a decode row then computes only its own logit row from c_q score rows and reads the
+    c_q' - 1 rows before it here, instead of recomputing them from 2 (c_q' - 1) more score rows. Slot s
+    keeps position p's row at row p % c_q'. A prompt launch writes the last c_q' rows of each of its
+    sequences; a decode launch reads them, so the caller must only put a sequence in a decode launch when
+    the previous step that computed it wrote its slot (kv_cache_manager tracks that)."""
+
+    logits: torch.Tensor  # [num_slots, H, c_q', length] fp32, length a multiple of RING_ALIGN
+    norms: torch.Tensor  # [2, num_slots, H, c_q'] fp32: each row's max and 1 / sum of exp
+
+    @classmethod
+    def allocate(cls, num_slots: int, n_heads: int, rows: int, max_len: int, device) -> "ConvState":
+        length = triton.cdiv(max_len, RING_ALIGN) * RING_ALIGN
+        return cls(torch.zeros(num_slots, n_heads, rows, length, dtype=torch.float32, device=device),
+                   torch.zeros(2, num_slots, n_heads, rows, dtype=torch.float32, device=device))
+
+    @staticmethod
+    def num_bytes(num_slots: int, n_heads: int, rows: int, max_len: int) -> int:
+        return 4 * num_slots * n_heads * rows * (triton.cdiv(max_len, RING_ALIGN) * RING_ALIGN + 2)
 
 
 def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: torch.Tensor,
                        v_cache: torch.Tensor, params: MTALayerParams, work: WorkItems, out: torch.Tensor,
                        key_tile: int | None = None, num_warps: int = 4, budget_bytes: int = 512 << 20,
                        max_len: int | None = None, prompt_splits: int | None = None,
-                       stream_tile: int | None = None) -> torch.Tensor:
+                       stream_tile: int | None = None, state: ConvState | None = None) -> torch.Tensor:
     """Rows of the work items (groups of work.block_m rows) into `out` [N, H, d] (spec steps 0-7).
 
     q [N, H, d]: the step's new queries; q_cache [num_blocks, bs, H, d] or None (no key-query conv);
@@ -85,7 +114,9 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     bound such as the model's max_seq_len for launches that must keep their shapes, e.g. in a CUDA graph).
     Decode rows use work.num_splits key splits; prompt groups `prompt_splits`, by default enough to fill
     the GPU. `key_tile` keys per tile in the conv and softmax kernels, `stream_tile` in the two that read
-    K and V (powers of two). Nothing here synchronizes with the host.
+    K and V (powers of two). With a `state` (post-conv layers; work.seq_state names each sequence's slot)
+    prompt groups also write their sequences' last logit rows there and decode rows read the rows before
+    theirs from it. Nothing here synchronizes with the host.
     """
     num_items = work.work_seq.numel()
     if num_items == 0:
@@ -94,8 +125,12 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     cq, ck = (1, 1) if params.pre_kernel is None else params.pre_kernel.shape[1:]
     cq2, ck2 = (1, 1) if params.post_kernel is None else params.post_kernel.shape[1:]
     rows_o = work.block_m
-    rows_s, rows_l = rows_o + cq - 1 + cq2 - 1, rows_o + cq2 - 1
     decode = rows_o == 1
+    ring = 0 if state is None or cq2 == 1 else 1 if decode else 2  # 1: decode rows read it; 2: prompts write it
+    if ring and work.seq_state is None:
+        raise ValueError("a ConvState needs work.seq_state, the state slot of each sequence")
+    # Decode rows that read the previous logit rows from the state compute only their own: c_q score rows.
+    rows_s, rows_l = (cq, 1) if ring == 1 else (rows_o + cq - 1 + cq2 - 1, rows_o + cq2 - 1)
     # Measured on the H200 (benchmarks/kernels.py --sweep); prompt groups use narrow key tiles so that the
     # [heads, 16 rows, keys] head-mixing product fits in shared memory.
     bn = key_tile or (32 if not decode else 64 if (cq > 1 or cq2 > 1) else 128)
@@ -103,7 +138,7 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     # rows use wide key tiles there (conv layer at 64 x 2048: _pv 213 us with 64-key tiles, 141 with 128).
     stream = stream_tile or (128 if decode else bn)
     length = triton.cdiv(max(max_len or 0, work.max_len), max(bn, stream)) * max(bn, stream)
-    per_item = 4 * n_heads * length * (rows_s + rows_l + rows_o)
+    per_item = 4 * n_heads * length * (rows_s + (0 if ring == 1 else rows_l) + rows_o)
     wave = max(1, min(num_items, budget_bytes // per_item))
     splits = work.num_splits if decode else prompt_splits or _prompt_splits(q.device, wave, rows_l, length, bn)
     dummy = torch.empty(1, dtype=torch.float32, device=q.device)
@@ -117,12 +152,13 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
         CQ=cq, CK=ck, PL=left_pad(params.pad_key, ck), CQ2=cq2, CK2=ck2, PL2=left_pad(params.pad_key, ck2),
         PRE_CONV=params.pre_kernel is not None, POST_CONV=params.post_kernel is not None,
         PRE_MIX=params.pre_mix is not None, POST_MIX=params.post_mix is not None,
-        QCACHE=q_cache is not None, FP32=q.dtype == torch.float32)
+        QCACHE=q_cache is not None, FP32=q.dtype == torch.float32, RING=ring)
     weights = dict(pre_w_ptr=_or(params.pre_kernel, dummy), post_w_ptr=_or(params.post_kernel, dummy),
-                   pre_mix_ptr=_or(params.pre_mix, dummy), post_mix_ptr=_or(params.post_mix, dummy))
+                   pre_mix_ptr=_or(params.pre_mix, dummy), post_mix_ptr=_or(params.post_mix, dummy),
+                   **_state_args(state if ring else None, work, bn, dummy))
     f32 = dict(dtype=torch.float32, device=q.device)
     scores = torch.empty(wave, n_heads, rows_s, length, **f32)
-    logits = torch.empty(wave, n_heads, rows_l, length, **f32)
+    logits = dummy if ring == 1 else torch.empty(wave, n_heads, rows_l, length, **f32)
     probs = torch.empty(wave, n_heads, rows_o, length, **f32)
     stats = torch.empty(2, wave, splits, n_heads, rows_l, **f32)
     norms = torch.empty(2, wave, n_heads, rows_l, **f32)
@@ -135,6 +171,16 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
         _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, norms, partial, items, seq,
                 weights, c, 1.0 / math.sqrt(head_dim), num_warps)
     return out
+
+
+def _state_args(state: ConvState | None, work: WorkItems, key_tile: int, dummy: torch.Tensor) -> dict:
+    """The kernels' ConvState arguments (placeholders without one)."""
+    if state is None:
+        return dict(seq_state_ptr=work.work_seq, ring_ptr=dummy, ring_norm_ptr=dummy, RING_TILES=1, NUM_SLOTS=1)
+    if state.logits.shape[-1] % key_tile:
+        raise ValueError(f"key_tile={key_tile} does not divide the ConvState rows ({state.logits.shape[-1]} keys)")
+    return dict(seq_state_ptr=work.seq_state, ring_ptr=state.logits, ring_norm_ptr=state.norms,
+                RING_TILES=state.logits.shape[-1] // key_tile, NUM_SLOTS=state.logits.shape[0])
 
 
 def _prompt_splits(device: torch.device, items: int, rows_l: int, length: int, key_tile: int) -> int:
@@ -249,10 +295,11 @@ def _mix(w_ptr, x, H: tl.constexpr, HB: tl.constexpr, RT: tl.constexpr, BN: tl.c
 @triton.jit
 def _row_conv(x_ptr, w_ptr, b, out0, pos0, last, key0, H: tl.constexpr, HB: tl.constexpr, ROWS: tl.constexpr,
               OUT: tl.constexpr, BN: tl.constexpr, CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr,
-              LENGTH, SOFTMAX: tl.constexpr, norm_ptr=None, inv_base=0):
+              LENGTH, SOFTMAX: tl.constexpr, norm_ptr=None, inv_base=0, RING: tl.constexpr = False):
     """Key-query conv (spec steps 2 and 5) of output rows out0 .. out0 + OUT - 1 over keys key0 + [0, BN):
     y[h, r, j] = sum_{a, c} w[h, a, c] x[h, out0 + r + a, j - PL + c] -> [HB, OUT, BN], where input row i
     of x [items, H, ROWS, LENGTH] is position pos0 + i and reads 0 where its key is outside 0..position.
+    With RING, x is a ConvState ([slots, H, ROWS, LENGTH], b the slot) keeping position p at row p % ROWS.
 
     Each input row is loaded once per kernel column c and added to every output row it feeds (a rank-1
     update with the weights w[h, i - r, c]), so a row is read CK times instead of CQ x CK times. With
@@ -263,11 +310,13 @@ def _row_conv(x_ptr, w_ptr, b, out0, pos0, last, key0, H: tl.constexpr, HB: tl.c
     y = tl.zeros((HB, OUT, BN), tl.float32)
     for i in range(out0, out0 + OUT + CQ - 1):
         a = i - out0 - r  # kernel row of input row i for each output row: [1, OUT]
-        row_base = x_ptr + ((b * H + heads) * ROWS + i).to(tl.int64) * LENGTH
-        row_ok = (heads < H) & (i < ROWS)
+        row = (pos0 + i + ROWS) % ROWS if RING else i  # pos0 + i > -ROWS: the window starts at most there
+        # (the position broadcast over heads first: Triton's interpreter rejects a scalar mask term)
+        row_ok = (heads < H) & (i < ROWS) & (heads * 0 + pos0 + i >= 0)
+        row_base = x_ptr + ((b * H + heads) * ROWS + row).to(tl.int64) * LENGTH
         m, inv = 0.0, 0.0
         if SOFTMAX:
-            norm_offs = (b * H + heads) * ROWS + i
+            norm_offs = (b * H + heads) * ROWS + row
             m = tl.load(norm_ptr + norm_offs, mask=row_ok, other=0.0)
             inv = tl.load(norm_ptr + inv_base + norm_offs, mask=row_ok, other=0.0)
         if OUT > 1:  # prompt tiles: unrolled (_logits_kernel at 8192 tokens: 31.7 -> 25.8 ms)
@@ -297,13 +346,16 @@ def _conv_column(row_base, w_ptr, heads, a, shifted, row_ok, pos, last, c, m, in
 
 @triton.jit(do_not_specialize=["item0", "bt_stride", "NUM_TILES", "SPLITS"])
 def _logits_kernel(s_ptr, l_ptr, stats_ptr, pre_w_ptr, pre_mix_ptr, item0, bt_ptr,
-                   bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr, work_seq_ptr, work_first_ptr,
-                   H: tl.constexpr, BN: tl.constexpr, NUM_TILES, HB: tl.constexpr, RO: tl.constexpr,
-                   R: tl.constexpr, RL: tl.constexpr, RLT: tl.constexpr, SPLITS,
-                   CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr, PRE_CONV: tl.constexpr,
-                   PRE_MIX: tl.constexpr, FP32: tl.constexpr):
-    """L rows first - (c_q'-1) + r over this split's keys (steps 2-4 before the softmax), with max and sum."""
+                   bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr, work_seq_ptr, work_first_ptr, seq_state_ptr,
+                   ring_ptr, RING_TILES, H: tl.constexpr, BN: tl.constexpr, NUM_TILES, HB: tl.constexpr,
+                   RO: tl.constexpr, R: tl.constexpr, RL: tl.constexpr, RLT: tl.constexpr, SPLITS,
+                   CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr, CQ2: tl.constexpr, PRE_CONV: tl.constexpr,
+                   PRE_MIX: tl.constexpr, RING: tl.constexpr):
+    """L rows first - (c_q'-1) + r over this split's keys (steps 2-4 before the softmax), with max and sum.
+    RING 1 (decode rows): the one row goes to the sequence's ConvState instead of l_ptr; RING 2 (prompt
+    groups): the sequence's last c_q' rows also go there."""
     LENGTH = NUM_TILES * BN  # row stride of the fp32 buffers; a product, so its divisibility is known
+    RING_LENGTH = RING_TILES * BN
     b, split, row_tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     first, start, end, row0, last, bt = work_item(item0 + b, work_seq_ptr, work_first_ptr, seq_start_ptr,
                                                   seq_end_ptr, seq_row_ptr, bt_ptr, bt_stride, RO)
@@ -312,7 +364,18 @@ def _logits_kernel(s_ptr, l_ptr, stats_ptr, pre_w_ptr, pre_mix_ptr, item0, bt_pt
     r3 = row_tile * RLT + tl.arange(0, RLT)[None, :, None]
     j3 = tl.arange(0, BN)[None, None, :]
     rows = first - (RL - RO) + r3
-    s_base = s_ptr + ((b * H + h3) * R + r3).to(tl.int64) * LENGTH
+    ok = (h3 < H) & (r3 < RL)
+    if RING == 0:
+        dst = l_ptr + ((b * H + h3) * RL + r3).to(tl.int64) * LENGTH
+    else:
+        slot = tl.load(seq_state_ptr + tl.load(work_seq_ptr + item0 + b))
+        ring_row = ring_ptr + ((slot * H + h3) * CQ2 + tl.where(rows < 0, 0, rows) % CQ2).to(tl.int64) * RING_LENGTH
+        if RING == 1:
+            dst = ring_row
+        else:
+            dst = l_ptr + ((b * H + h3) * RL + r3).to(tl.int64) * LENGTH
+            # the sequence's last rows (the scalar test broadcast first, for Triton's interpreter)
+            keep = ok & (rows > last - CQ2) & (rows >= 0) & (rows <= last) & (rows * 0 + last == end - 1)
     m = tl.full((HB, RLT), float("-inf"), tl.float32)
     l = tl.zeros((HB, RLT), tl.float32)
     t0, t1 = split_key_tiles(tl.minimum(first - (RL - RO) + row_tile * RLT + RLT - 1, last), split, BN, SPLITS)
@@ -322,26 +385,33 @@ def _logits_kernel(s_ptr, l_ptr, stats_ptr, pre_w_ptr, pre_mix_ptr, item0, bt_pt
             x = _row_conv(s_ptr, pre_w_ptr, b, row_tile * RLT, first - (R - RO), last, t * BN, H, HB, R, RLT, BN,
                           CQ, CK, PL, LENGTH, False)
         else:
-            x = tl.load(s_base + keys, mask=(h3 < H) & (r3 < R) & (keys <= tl.minimum(rows, last)), other=0.0)
+            x = tl.load(s_ptr + ((b * H + h3) * R + r3).to(tl.int64) * LENGTH + keys,
+                        mask=(h3 < H) & (r3 < R) & (keys <= tl.minimum(rows, last)), other=0.0)
         if PRE_MIX:
-            x = _mix(pre_mix_ptr, x, H, HB, RLT, BN, FP32)
+            # exact fp32 products: the tf32x3 tl.dot made this kernel slower on the H200 (a mixing layer's
+            # prefill at 8192 tokens: 2.2 -> 3.2 ms), unlike the post-mix in _probs_kernel
+            x = _mix(pre_mix_ptr, x, H, HB, RLT, BN, True)
         x = tl.where((keys <= rows) & (rows >= 0) & (rows <= last) & (r3 < RL), x, float("-inf"))
-        tl.store(l_ptr + ((b * H + h3) * RL + r3).to(tl.int64) * LENGTH + keys, x, mask=(h3 < H) & (r3 < RL))
+        tl.store(dst + keys, x, mask=ok)
+        if RING == 2:
+            tl.store(ring_row + keys, x, mask=keep)
         m_new = tl.maximum(m, tl.max(x, axis=2))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, :, None]), axis=2)
         m = m_new
     r2 = row_tile * RLT + tl.arange(0, RLT)[None, :]
     offs = ((b * SPLITS + split) * H + heads[:, None]) * RL + r2
-    ok = (heads[:, None] < H) & (r2 < RL)
-    tl.store(stats_ptr + offs, m, mask=ok)
-    tl.store(stats_ptr + tl.num_programs(0) * SPLITS * H * RL + offs, l, mask=ok)
+    ok2 = (heads[:, None] < H) & (r2 < RL)
+    tl.store(stats_ptr + offs, m, mask=ok2)
+    tl.store(stats_ptr + tl.num_programs(0) * SPLITS * H * RL + offs, l, mask=ok2)
 
 
 @triton.jit(do_not_specialize=["item0", "SPLITS"])
-def _normalizers_kernel(stats_ptr, norm_ptr, item0, H: tl.constexpr, RL: tl.constexpr, SPLITS,
-                        RLP: tl.constexpr):
-    """Per logit row: the max over splits and 1 / (sum of exp); rows without keys get (0, 0)."""
+def _normalizers_kernel(stats_ptr, norm_ptr, ring_norm_ptr, item0, work_seq_ptr, work_first_ptr, seq_end_ptr,
+                        seq_state_ptr, NUM_SLOTS, H: tl.constexpr, RO: tl.constexpr, RL: tl.constexpr, SPLITS,
+                        RLP: tl.constexpr, CQ2: tl.constexpr, RING: tl.constexpr):
+    """Per logit row: the max over splits and 1 / (sum of exp); rows without keys get (0, 0). Into the
+    ConvState as _logits_kernel writes its rows: RING 1, the decode row; RING 2, a sequence's last rows."""
     b, h = tl.program_id(0), tl.program_id(1)
     r = tl.arange(0, RLP)
     ok = r < RL
@@ -356,20 +426,33 @@ def _normalizers_kernel(stats_ptr, norm_ptr, item0, H: tl.constexpr, RL: tl.cons
         m_s = tl.load(stats_ptr + offs, mask=ok, other=float("-inf"))
         l += tl.where(m_s == float("-inf"), 0.0, tl.load(stats_ptr + sums + offs, mask=ok, other=0.0)
                       * tl.exp(m_s - m))
-    tl.store(norm_ptr + (b * H + h) * RL + r, m, mask=ok)
     inv_l = tl.where(l == 0.0, 0.0, 1.0 / tl.where(l == 0.0, 1.0, l))
-    tl.store(norm_ptr + tl.num_programs(0) * H * RL + (b * H + h) * RL + r, inv_l,
-             mask=ok)
+    if RING != 1:
+        tl.store(norm_ptr + (b * H + h) * RL + r, m, mask=ok)
+        tl.store(norm_ptr + tl.num_programs(0) * H * RL + (b * H + h) * RL + r, inv_l, mask=ok)
+    if RING != 0:
+        seq = tl.load(work_seq_ptr + item0 + b)
+        first = tl.load(work_first_ptr + item0 + b)
+        end = tl.load(seq_end_ptr + seq)
+        last = tl.minimum(first + RO, end) - 1
+        rows = first - (RL - RO) + r
+        keep = ok & (rows >= 0)
+        if RING == 2:
+            keep = keep & (rows > last - CQ2) & (rows <= last) & (rows * 0 + last == end - 1)
+        ring_offs = (tl.load(seq_state_ptr + seq) * H + h) * CQ2 + tl.where(rows < 0, 0, rows) % CQ2
+        tl.store(ring_norm_ptr + ring_offs, m, mask=keep)
+        tl.store(ring_norm_ptr + NUM_SLOTS * H * CQ2 + ring_offs, inv_l, mask=keep)
 
 
 @triton.jit(do_not_specialize=["item0", "bt_stride", "NUM_TILES", "SPLITS"])
 def _probs_kernel(l_ptr, norm_ptr, p_ptr, post_w_ptr, post_mix_ptr, item0, bt_ptr,
-                  bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr, work_seq_ptr, work_first_ptr,
-                  H: tl.constexpr, BN: tl.constexpr, NUM_TILES, HB: tl.constexpr, RO: tl.constexpr,
-                  RL: tl.constexpr, OT: tl.constexpr, SPLITS, CQ2: tl.constexpr,
-                  CK2: tl.constexpr, PL2: tl.constexpr, POST_CONV: tl.constexpr, POST_MIX: tl.constexpr,
-                  FP32: tl.constexpr):
-    """P' rows first + r over this split's keys: normalized probabilities -> post-conv -> post-mix."""
+                  bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr, work_seq_ptr, work_first_ptr, seq_state_ptr,
+                  ring_ptr, ring_norm_ptr, RING_TILES, NUM_SLOTS, H: tl.constexpr, BN: tl.constexpr, NUM_TILES,
+                  HB: tl.constexpr, RO: tl.constexpr, RL: tl.constexpr, OT: tl.constexpr, SPLITS,
+                  CQ2: tl.constexpr, CK2: tl.constexpr, PL2: tl.constexpr, POST_CONV: tl.constexpr,
+                  POST_MIX: tl.constexpr, FP32: tl.constexpr, RING: tl.constexpr):
+    """P' rows first + r over this split's keys: normalized probabilities -> post-conv -> post-mix. RING 1
+    (decode rows): the logit rows are the sequence's ConvState rows."""
     LENGTH = NUM_TILES * BN  # row stride of the fp32 buffers; a product, so its divisibility is known
     b, split, row_tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     first, start, end, row0, last, bt = work_item(item0 + b, work_seq_ptr, work_first_ptr, seq_start_ptr,
@@ -383,7 +466,11 @@ def _probs_kernel(l_ptr, norm_ptr, p_ptr, post_w_ptr, post_mix_ptr, item0, bt_pt
     t0, t1 = split_key_tiles(tl.minimum(first + row_tile * OT + OT - 1, last), split, BN, SPLITS)
     for t in range(t0, t1):
         keys = t * BN + j3
-        if POST_CONV:
+        if RING == 1:
+            p = _row_conv(ring_ptr, post_w_ptr, tl.load(seq_state_ptr + tl.load(work_seq_ptr + item0 + b)), 0,
+                          first - (CQ2 - 1), last, t * BN, H, HB, CQ2, OT, BN, CQ2, CK2, PL2, RING_TILES * BN, True,
+                          ring_norm_ptr, NUM_SLOTS * H * CQ2, True)
+        elif POST_CONV:
             p = _row_conv(l_ptr, post_w_ptr, b, row_tile * OT, first - (CQ2 - 1), last, t * BN, H, HB, RL, OT, BN,
                           CQ2, CK2, PL2, LENGTH, True, norm_ptr, inv_base)
         else:

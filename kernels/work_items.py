@@ -21,6 +21,7 @@ class WorkItems:
     block_m: int  # rows per tile (a power of two)
     num_splits: int  # key-range splits per tile (flash-decoding)
     max_len: int  # the longest sequence among the work items
+    seq_state: torch.Tensor | None = None  # [num_seqs] int32: each sequence's MTA state slot (ConvState)
 
 
 def tile_rows(starts: list[int], ends: list[int], block_m: int,
@@ -38,7 +39,8 @@ def tile_rows(starts: list[int], ends: list[int], block_m: int,
 
 
 def build_work_items(block_tables: torch.Tensor, starts: list[int], ends: list[int], rows: list[int],
-                     block_m: int, num_splits: int, device, only: list[int] | None = None) -> WorkItems:
+                     block_m: int, num_splits: int, device, only: list[int] | None = None,
+                     states: list[int] | None = None) -> WorkItems:
     """WorkItems of tile_rows(...), each array its own upload (tests and benchmarks; the engine packs a
     step's arrays into one upload, triton_attention.StepUploader)."""
     work_seq, work_first = tile_rows(starts, ends, block_m, only)
@@ -48,7 +50,8 @@ def build_work_items(block_tables: torch.Tensor, starts: list[int], ends: list[i
 
     chosen = range(len(starts)) if only is None else only
     return WorkItems(block_tables, i32(starts), i32(ends), i32(rows), i32(work_seq), i32(work_first),
-                     block_m, num_splits, max((ends[i] for i in chosen), default=0))
+                     block_m, num_splits, max((ends[i] for i in chosen), default=0),
+                     None if states is None else i32(states))
 
 
 def dot_width(head_dim: int) -> int:

@@ -3,9 +3,10 @@ kernels and MLP, the final norm and the logits) captured once per padded batch s
 
 A decode step has one query row per sequence, so its shapes depend only on the number of sequences. The
 step's integer inputs live in one persistent device buffer at fixed addresses (tokens, positions, sequence
-ends, cache slots, block tables), filled by one copy from a pinned host buffer; a batch of n sequences runs
-the graph of the smallest captured size >= n, the extra rows being padding sequences of one token that read
-and write only a scratch cache block no request owns. The kernels' buffers and grids are sized for the
+ends, cache slots, MTA state slots, block tables), filled by one copy from a pinned host buffer; a batch of
+n sequences runs the graph of the smallest captured size >= n, the extra rows being padding sequences of one
+token that read and write only a scratch cache block and a scratch state slot no request owns. Every real
+row's state slot must hold the rows of its step before (the runner sends other rows down the eager path). The kernels' buffers and grids are sized for the
 model's max_seq_len whatever the context, so one graph serves every context length (for a very long
 max_seq_len the MTA row buffers then run in several waves per layer). All graphs share one memory pool
 (they never run at the same time) and write their logits into one buffer (fp32 for bf16 and fp16 models).
@@ -47,6 +48,7 @@ class DecodeRow:
     position: int
     slot: int  # cache slot of the new token
     block_ids: list[int]  # its block table, at least ceil((position + 1) / block_size) entries
+    state_slot: int = 0  # its MTA state slot, holding the rows of the step before (kv_cache_manager)
 
 
 class DecodeGraphs:
@@ -62,8 +64,8 @@ class DecodeGraphs:
         self.scratch_block = scratch_block
         # Sections of the input buffer, each max_batch long (the tables max_batch x width), at fixed offsets.
         n = -(-max_batch // 4) * 4  # sections start 16-byte aligned, as Triton's compiled variants expect
-        self.offsets = dict(tokens=0, positions=n, ends=2 * n, slots=3 * n, tables=4 * n)
-        total = 4 * n + max_batch * self.width
+        self.offsets = dict(tokens=0, positions=n, ends=2 * n, slots=3 * n, states=4 * n, tables=5 * n)
+        total = 5 * n + max_batch * self.width
         pinned = self.device.type == "cuda"
         self.host = torch.zeros(total, dtype=torch.int32, pin_memory=pinned)  # [total] int32
         self.host_np = self.host.numpy()
@@ -108,8 +110,10 @@ class DecodeGraphs:
         h[o["tokens"]:o["tokens"] + n] = [r.token for r in rows]
         h[o["positions"]:o["positions"] + n] = [r.position for r in rows]
         h[o["slots"]:o["slots"] + n] = [r.slot for r in rows]
+        h[o["states"]:o["states"] + n] = [r.state_slot for r in rows]
         pad = slice(n, size)
-        for name, value in (("tokens", 0), ("positions", 0), ("slots", self.scratch_slot)):
+        for name, value in (("tokens", 0), ("positions", 0), ("slots", self.scratch_slot),
+                            ("states", self.backend.scratch_state)):
             h[o[name] + pad.start:o[name] + pad.stop] = value
         h[o["ends"]:o["ends"] + size] = h[o["positions"]:o["positions"] + size] + 1
         tables = h[o["tables"]:o["tables"] + size * self.width].reshape(size, self.width)
@@ -122,7 +126,8 @@ class DecodeGraphs:
             self.copied.record(torch.cuda.current_stream(self.device))
 
     def _views(self, size: int):
-        """(tokens, positions, ends, slots [size] int32, block tables [size, width] int32) of the input buffer."""
+        """(tokens, positions, ends, slots, state slots [size] int32, block tables [size, width] int32) of the
+        input buffer."""
         o = self.offsets
 
         def section(name, length):
@@ -130,12 +135,12 @@ class DecodeGraphs:
 
         tables = section("tables", size * self.width).view(size, self.width)
         return (section("tokens", size), section("positions", size), section("ends", size), section("slots", size),
-                tables)
+                section("states", size), tables)
 
     def _forward(self, size: int) -> None:
         """The step at `size` rows, reading only the fixed-address inputs: what the graph captures."""
-        tokens, positions, ends, slots, tables = self._views(size)
-        batch = self.backend.decode_batch(slots, tables, positions, ends, self.rows[:size])
+        tokens, positions, ends, slots, states, tables = self._views(size)
+        batch = self.backend.decode_batch(slots, tables, positions, ends, self.rows[:size], states)
 
         def attend(layer_id, attn, q, k, v):
             return self.backend.attend(batch, layer_id, attn, q, k, v)

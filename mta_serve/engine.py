@@ -89,7 +89,7 @@ class LLMEngine:
         self.num_blocks = num_cache_blocks(model, self.cache_config, warmup_tokens,
                                            self.scheduler_config.max_num_seqs)
         self.pool = BlockPool(self.num_blocks, self.cache_config.enable_prefix_caching)
-        self.kv = KVCacheManager(self.pool, self.cache_config.block_size)
+        self.kv = KVCacheManager(self.pool, self.cache_config.block_size, self.scheduler_config.max_num_seqs)
         self.scheduler = Scheduler(self.scheduler_config, self.kv)
         self.runner = ModelRunner(model, self.kv, self.num_blocks, self.cache_config.attention_backend,
                                   cuda_graphs=not self.cache_config.enforce_eager,

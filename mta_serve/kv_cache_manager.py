@@ -1,8 +1,14 @@
-"""Per-request block tables over the block pool, with hash-chained prefix caching.
+"""Per-request block tables over the block pool, with hash-chained prefix caching, and per-request MTA
+state slots.
 
 A block's hash covers its tokens and, through its parent's hash, every token before it. The cache holds per
 token exactly what depends only on that prefix (K, V and, for key-query-conv layers, the query), so a hit is
 exact however the prefix was computed: whole, in chunks, or after a preemption.
+
+A state slot holds what belongs to one request rather than to a prefix: the last logit rows of its
+post-conv layers (kernels.mta_attention.ConvState). A request gets one when the runner first asks and keeps
+it until its blocks are freed (finish, abort, preemption). The manager also records up to which position
+the slot's rows are current, so that only a request continuing exactly there reads them.
 """
 from __future__ import annotations
 
@@ -20,9 +26,13 @@ def block_hash(parent: bytes | None, tokens: list[int]) -> bytes:
 
 
 class KVCacheManager:
-    def __init__(self, pool: BlockPool, block_size: int):
+    def __init__(self, pool: BlockPool, block_size: int, num_state_slots: int = 256):
         self.pool = pool
         self.block_size = block_size
+        self.num_state_slots = num_state_slots  # at least the scheduler's max_num_seqs
+        self._free_states = list(range(num_state_slots - 1, -1, -1))
+        self._state_slots: dict[str, int] = {}
+        self._state_ends: dict[str, int] = {}  # request -> the sequence length its slot's rows belong to
         self.block_tables: dict[str, list[Block]] = {}
         self._block_ids: dict[str, list[int]] = {}  # the same tables as ids: read for every request every step
         self._hashes: dict[str, list[bytes]] = {}  # hashes of each request's full blocks, in order
@@ -92,6 +102,28 @@ class KVCacheManager:
         self._block_ids.pop(request_id, None)
         self._hashes.pop(request_id, None)
         self.pool.free(table[::-1])
+        self._state_ends.pop(request_id, None)
+        slot = self._state_slots.pop(request_id, None)
+        if slot is not None:
+            self._free_states.append(slot)
+
+    def state_slot(self, request_id: str) -> int:
+        """The request's state slot, assigned on first use."""
+        slot = self._state_slots.get(request_id)
+        if slot is None:
+            if not self._free_states:
+                raise RuntimeError(f"all {self.num_state_slots} MTA state slots are taken: more requests run at "
+                                   "once than the state slots the engine was built with (max_num_seqs)")
+            slot = self._state_slots[request_id] = self._free_states.pop()
+        return slot
+
+    def state_ready(self, request_id: str, start: int) -> bool:
+        """Whether the request's slot holds the rows of a step computing from position `start` on."""
+        return self._state_ends.get(request_id) == start
+
+    def state_written(self, request_id: str, end: int) -> None:
+        """A step computing the request up to length `end` has been queued; it writes the slot."""
+        self._state_ends[request_id] = end
 
     def slot(self, request_id: str, position: int) -> int:
         block = self.block_tables[request_id][position // self.block_size]

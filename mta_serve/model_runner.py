@@ -10,7 +10,7 @@ from .cuda_graphs import DecodeGraphs, DecodeRow, graph_pool_bytes
 from .kv_cache_manager import KVCacheManager
 from .model import MTATransformer
 from .paged_attention import TorchPagedAttention, cache_bytes_per_token
-from .triton_attention import SequenceSpec, TritonPagedAttention, triton_available
+from .triton_attention import SequenceSpec, TritonPagedAttention, conv_state_bytes, triton_available
 from .scheduler import ScheduledRequest
 
 
@@ -22,8 +22,9 @@ class StepLogits:
 
 def num_cache_blocks(model: MTATransformer, cache: CacheConfig, warmup_tokens: int, max_num_seqs: int) -> int:
     """Blocks that fit the memory budget: on CUDA, `gpu_memory_utilization` of the GPU minus what the weights,
-    the activations of a warm-up forward over `warmup_tokens` tokens and the decode graphs' memory pool
-    (captured after the cache is allocated) need; on CPU `cpu_kv_cache_bytes`."""
+    the activations of a warm-up forward over `warmup_tokens` tokens, the triton backend's MTA state slots
+    and the decode graphs' memory pool (captured after the cache is allocated) need; on CPU
+    `cpu_kv_cache_bytes`."""
     if cache.num_blocks is not None:
         return cache.num_blocks
     device = model.tok_embeddings.weight.device
@@ -31,8 +32,10 @@ def num_cache_blocks(model: MTATransformer, cache: CacheConfig, warmup_tokens: i
     if device.type == "cuda":
         budget = cache.gpu_memory_utilization * torch.cuda.mem_get_info(device)[1] - _cuda_peak_use(
             model, warmup_tokens, device)
-        if not cache.enforce_eager and resolve_backend(cache.attention_backend, device) == "triton":
-            budget -= graph_pool_bytes(model.cfg, max_num_seqs)
+        if resolve_backend(cache.attention_backend, device) == "triton":
+            budget -= conv_state_bytes(model.cfg, max_num_seqs)
+            if not cache.enforce_eager:
+                budget -= graph_pool_bytes(model.cfg, max_num_seqs)
     else:
         budget = cache.cpu_kv_cache_bytes
     if budget < per_block:
@@ -72,7 +75,9 @@ class ModelRunner:
     one row (decode) run as cuda_graphs.DecodeGraphs steps: padded to a fixed batch size over fixed-address
     inputs, replaying a captured CUDA graph on CUDA unless `cuda_graphs` is False (then the same padded
     step runs eagerly, so graphs on and off compute the same thing). The caches then hold one extra scratch
-    block (id num_blocks) for the padding rows."""
+    block (id num_blocks) for the padding rows. For models with a post-softmax conv, a decode row also needs
+    its request's state slot to be current (kv_cache_manager); a step with a row whose slot is not (the
+    first row after a prefix-cache hit or a preemption) runs eagerly, that row as a prompt group."""
 
     def __init__(self, model: MTATransformer, kv: KVCacheManager, num_blocks: int, backend: str = "auto",
                  cuda_graphs: bool = True, max_num_seqs: int = 256):
@@ -81,11 +86,14 @@ class ModelRunner:
         self.device = model.tok_embeddings.weight.device
         self.backend_name = resolve_backend(backend, self.device)
         triton = self.backend_name == "triton"
+        dtype = model.tok_embeddings.weight.dtype
         if triton:
             model.fuse_projections()  # the triton backend runs the fused forward (kernels.fused_ops)
-        kind = TritonPagedAttention if triton else TorchPagedAttention
-        self.backend = kind(model.cfg, num_blocks + triton, kv.block_size, model.tok_embeddings.weight.dtype,
-                            self.device)
+            self.backend = TritonPagedAttention(model.cfg, num_blocks + 1, kv.block_size, dtype, self.device,
+                                                num_state_slots=kv.num_state_slots)
+        else:
+            self.backend = TorchPagedAttention(model.cfg, num_blocks, kv.block_size, dtype, self.device)
+        self.uses_state = triton and self.backend.has_conv_state
         if triton and self.device.type == "cuda":
             self.backend.warm_up(model)  # compile the kernels now, not during the first requests
         self.graphs = DecodeGraphs(model, self.backend, max_num_seqs, scratch_block=num_blocks,
@@ -100,14 +108,18 @@ class ModelRunner:
 
     @torch.no_grad()
     def execute(self, scheduled: list[ScheduledRequest]) -> StepLogits:
+        ready = [not self.uses_state or self.kv.state_ready(s.request.request_id, s.start) for s in scheduled]
+        if self.uses_state:  # every scheduled request writes its state slot in this step
+            for s in scheduled:
+                self.kv.state_written(s.request.request_id, s.end)
         if (self.graphs is not None and len(scheduled) <= self.graphs.max_batch
-                and all(s.end - s.start == 1 for s in scheduled)):
+                and all(s.end - s.start == 1 for s in scheduled) and all(ready)):
             return self._execute_decode_graph(scheduled)
         tokens, positions, slots, specs = [], [], [], []
-        for s in scheduled:
+        for s, is_ready in zip(scheduled, ready):
             rid = s.request.request_id
-            specs.append(SequenceSpec(s.start, s.end, len(tokens),
-                                      self.kv.block_ids(rid)[:self.kv.blocks_for(s.end)]))
+            specs.append(SequenceSpec(s.start, s.end, len(tokens), self.kv.block_ids(rid)[:self.kv.blocks_for(s.end)],
+                                      self._state_slot(rid), is_ready))
             tokens.extend(s.request.token_ids[s.start:s.end])
             positions.extend(range(s.start, s.end))
             slots.extend(self.kv.slot(rid, p) for p in range(s.start, s.end))
@@ -124,13 +136,16 @@ class ModelRunner:
         for s in scheduled:
             rid = s.request.request_id
             rows.append(DecodeRow(s.request.token_ids[s.start], s.start, self.kv.slot(rid, s.start),
-                                  self.kv.block_ids(rid)[:self.kv.blocks_for(s.end)]))
+                                  self.kv.block_ids(rid)[:self.kv.blocks_for(s.end)], self._state_slot(rid)))
         logits = self.graphs.run(rows)  # a view of the graphs' output buffer, rewritten by the next step
 
         def logits_of(rows):  # a list index copies; a slice (prompt logprobs) must be copied explicitly
             return logits[rows] if isinstance(rows, list) else logits[rows].clone()
 
         return self._logits(scheduled, list(range(len(rows))), logits_of)
+
+    def _state_slot(self, request_id: str) -> int:
+        return self.kv.state_slot(request_id) if self.uses_state else 0
 
     def _logits(self, scheduled: list[ScheduledRequest], first_rows: list[int], logits_of) -> StepLogits:
         """first_rows[i]: the batch row of scheduled[i]'s first new token; logits_of(rows) -> [n, vocab]."""

@@ -25,6 +25,8 @@ class SequenceSpec:
     end: int
     row: int
     block_ids: list[int]  # its block table, at least ceil(end / block_size) entries
+    state_slot: int = 0  # its MTA state slot (kv_cache_manager)
+    state_ready: bool = False  # the slot holds the rows of the step before: a single row may run as a decode
 
 
 @dataclass(slots=True)
@@ -47,6 +49,22 @@ def flash_splits(num_splits: int, max_len: int) -> int:
     flash program serves one head, so heads already multiply its programs; 64-key splits made the 830M
     baseline's batch-1 step slower on the H200 (2.61 ms against 2.04 ms)."""
     return max(1, min(num_splits, -(-max_len // 256), 16))
+
+
+def conv_state_layers(cfg: ModelConfig) -> list[int]:
+    """Layers whose decode rows read earlier logit rows from a ConvState: a post-conv over several queries."""
+    post = cfg.mta.post_conv
+    return [i for i in range(cfg.n_layers) if post is not None and post[0] > 1 and cfg.mta.has_conv(i)]
+
+
+def conv_state_bytes(cfg: ModelConfig, num_slots: int) -> int:
+    """Device memory of the ConvStates of `num_slots` slots (plus the graphs' scratch slot)."""
+    from .kernels.mta_attention import ConvState
+
+    layers = conv_state_layers(cfg)
+    if not layers:
+        return 0
+    return len(layers) * ConvState.num_bytes(num_slots + 1, cfg.n_heads, cfg.mta.post_conv[0], cfg.max_seq_len)
 
 
 def triton_available(device: torch.device) -> bool:
@@ -92,10 +110,20 @@ class TritonPagedAttention(TorchPagedAttention):
     """Owns the caches like the torch backend (same layout, same writes); only the attention math differs."""
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device | str, prefill_block_m: int = 64):
+                 device: torch.device | str, prefill_block_m: int = 64, num_state_slots: int = 0):
+        from .kernels.mta_attention import ConvState
+
         super().__init__(cfg, num_blocks, block_size, dtype, device)
         self.device = torch.device(device)
         self.prefill_block_m = prefill_block_m
+        # Post-conv layers keep each request's last logit rows (slot num_state_slots: the graphs' padding rows).
+        # Without slots, decode rows recompute them.
+        self.scratch_state = num_state_slots
+        layers = set(conv_state_layers(cfg)) if num_state_slots else set()
+        self.conv_states = [ConvState.allocate(num_state_slots + 1, cfg.n_heads, cfg.mta.post_conv[0],
+                                               cfg.max_seq_len, self.device) if i in layers else None
+                            for i in range(cfg.n_layers)]
+        self.has_conv_state = bool(layers)
         self.num_sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
                         if self.device.type == "cuda" else 2)
         self._params: dict[int, object] = {}
@@ -110,31 +138,35 @@ class TritonPagedAttention(TorchPagedAttention):
         tables = [b for s in specs for b in s.block_ids + [0] * (width - len(s.block_ids))]
         starts, ends, rows = [s.start for s in specs], [s.end for s in specs], [s.row for s in specs]
         groups = []  # (block_m, splits, chosen sequences) per launch: decode rows, then prompt chunks
+        # A single row whose state slot is not current (a prefix-cache hit, a resumed request) runs as a
+        # prompt group: that computes the rows before it and writes the slot.
+        single = [s.end - s.start == 1 and (s.state_ready or not self.has_conv_state) for s in specs]
         for decode in (True, False):
-            chosen = [i for i, s in enumerate(specs) if (s.end - s.start == 1) == decode]
+            chosen = [i for i, s in enumerate(specs) if single[i] == decode]
             if chosen:
                 splits = self._num_splits(len(chosen), max(ends[i] for i in chosen)) if decode else 1
                 groups.append((1 if decode else self.prefill_block_m, splits, chosen))
         tiles = [tile_rows(starts, ends, block_m, chosen) for block_m, _, chosen in groups]
-        arrays = [tokens, positions, slots, tables, starts, ends, rows] + [a for pair in tiles for a in pair]
+        states = [s.state_slot for s in specs]
+        arrays = [tokens, positions, slots, tables, starts, ends, rows, states] + [a for pair in tiles for a in pair]
         views = self.uploader.upload(arrays)
-        tokens_t, positions_t, slots_t, tables_t, starts_t, ends_t, rows_t = views[:7]
+        tokens_t, positions_t, slots_t, tables_t, starts_t, ends_t, rows_t, states_t = views[:8]
         tables_t = tables_t.view(len(specs), width)
-        launches = [WorkItems(tables_t, starts_t, ends_t, rows_t, views[7 + 2 * k], views[8 + 2 * k], block_m,
-                              splits, max(ends[i] for i in chosen))
+        launches = [WorkItems(tables_t, starts_t, ends_t, rows_t, views[8 + 2 * k], views[9 + 2 * k], block_m,
+                              splits, max(ends[i] for i in chosen), states_t)
                     for k, (block_m, splits, chosen) in enumerate(groups)]
         return tokens_t, positions_t, TritonBatch(slots_t, launches)
 
     def decode_batch(self, slots: torch.Tensor, tables: torch.Tensor, positions: torch.Tensor, ends: torch.Tensor,
-                     rows: torch.Tensor) -> TritonBatch:
+                     rows: torch.Tensor, states: torch.Tensor) -> TritonBatch:
         """A decode step over fixed-address inputs (cuda_graphs): one row per sequence, launch shapes set by
-        the number of rows and the model's max_seq_len alone. slots, positions, ends, rows [n] int32;
-        tables [n, max_blocks] int32."""
+        the number of rows and the model's max_seq_len alone. slots, positions, ends, rows, states (state
+        slots, each current) [n] int32; tables [n, max_blocks] int32."""
         from .kernels.work_items import WorkItems
 
         max_len = self.cfg.max_seq_len
         work = WorkItems(tables, positions, ends, rows, rows, positions, 1,
-                         self._num_splits(rows.numel(), max_len), max_len)
+                         self._num_splits(rows.numel(), max_len), max_len, states)
         return TritonBatch(slots, [work])
 
     def _num_splits(self, num_sequences: int, max_len: int) -> int:
@@ -163,13 +195,15 @@ class TritonPagedAttention(TorchPagedAttention):
             splits = flash_splits(work.num_splits, work.max_len)
             paged_flash_attention(q, k_cache, v_cache, work, out, num_splits=splits)
         else:
-            mta_paged_attention(q, self.q_cache[layer_id], k_cache, v_cache, params, work, out)
+            mta_paged_attention(q, self.q_cache[layer_id], k_cache, v_cache, params, work, out,
+                                state=self.conv_states[layer_id])
 
     @torch.no_grad()
     def warm_up(self, model) -> int:
         """Run every kernel variant the model needs once — decode rows (one and several key splits) and a
         prompt chunk, per distinct layer kind — on throwaway inputs, so that no request waits for Triton's
-        compiler. Reads block 0 of the cache, writes nothing to it. Returns the number of layer kinds."""
+        compiler. Reads block 0 of the cache, writes nothing to it (only the scratch state slot). Returns the
+        number of layer kinds."""
         from .kernels.work_items import build_work_items
 
         cfg, kinds = self.cfg, set()
@@ -177,10 +211,12 @@ class TritonPagedAttention(TorchPagedAttention):
         tables = torch.zeros(2, -(-prompt_len // self.block_size), dtype=torch.int32, device=self.device)
         q = torch.zeros(prompt_len + 1, cfg.n_heads, cfg.head_dim, dtype=self.k_cache[0].dtype, device=self.device)
         out = torch.empty(q.shape, dtype=torch.promote_types(q.dtype, torch.float32), device=self.device)
-        # sequence 0: a whole prompt (two row groups); sequence 1: one decode row, keys in 1 and in 2 splits
+        # sequence 0: a whole prompt (two row groups); sequence 1: one decode row, keys in 1 and in 2 splits;
+        # both in the scratch state slot, which the prompt writes before the decode rows read it
         shapes = ((0, self.prefill_block_m, 1), (1, 1, 1), (1, 1, 2))
         launches = [build_work_items(tables, [0, prompt_len - 1], [prompt_len, prompt_len], [0, prompt_len],
-                                     block_m, splits, self.device, only=[seq]) for seq, block_m, splits in shapes]
+                                     block_m, splits, self.device, only=[seq], states=[self.scratch_state] * 2)
+                    for seq, block_m, splits in shapes]
         for layer_id, layer in enumerate(model.layers):
             params = self._layer_params(layer_id, layer.attention)
             kind = None if params is None else (

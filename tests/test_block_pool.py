@@ -115,3 +115,18 @@ def test_prompt_logprob_requests_never_hit():
     assert kv.allocate(_request("a", list(range(12))), 12)
     r = Request("b", list(range(12)) + [5], SamplingParams(prompt_logprobs=1))
     assert kv.find_cached_prefix(r) == []
+
+
+def test_state_slots_are_per_request_reused_after_free_and_current_only_where_written():
+    kv = KVCacheManager(BlockPool(8), block_size=4, num_state_slots=2)
+    a, b = kv.state_slot("a"), kv.state_slot("b")
+    assert {a, b} == {0, 1} and kv.state_slot("a") == a  # assigned once, kept
+    assert not kv.state_ready("a", 0)  # nothing written yet: not even at the start
+    kv.state_written("a", 7)
+    assert kv.state_ready("a", 7) and not kv.state_ready("a", 6) and not kv.state_ready("b", 7)
+    with pytest.raises(RuntimeError, match="MTA state slots"):
+        kv.state_slot("c")
+    kv.free("a")  # finish, abort or preemption: the slot and what it held go
+    assert kv.state_slot("c") == a and not kv.state_ready("c", 7)
+    kv.free("b")
+    assert kv.state_slot("a") == b and not kv.state_ready("a", 7)  # back after a preemption: starts over

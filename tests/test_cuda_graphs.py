@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import run_all
+from helpers import greedy, run_all
 from mta_serve.cli import build_engine, serve_parser
 from mta_serve.config import CacheConfig, ConfigError, ModelConfig, MTAConfig, SchedulerConfig
 from mta_serve.cuda_graphs import padded_sizes
@@ -114,3 +114,39 @@ def test_warm_up_step_touches_only_the_scratch_block():
     for cache, old in zip(caches, before):
         torch.testing.assert_close(cache[:scratch], old[:scratch], atol=0, rtol=0)
     assert any(not torch.equal(c[scratch], o[scratch]) for c, o in zip(caches, before))
+
+
+def test_single_row_after_a_prefix_hit_runs_as_a_prompt_group_then_decode_rows_read_the_state():
+    """A prompt whose blocks are cached but for its last token computes one row, but the request's state
+    slot (reused from an earlier request, holding its rows) is not current: that row must run as a prompt
+    group, which writes the slot; the decode rows after it read the slot in graph steps. Equal to the
+    torch backend."""
+    model = _model()
+    prompt, other = PROMPTS[0][:9], PROMPTS[2]
+    results = []
+    for backend in ("torch", "triton"):
+        engine = _engine(model, backend, max_num_seqs=1)
+        first = run_all(engine, [other, prompt], 6)  # r1 leaves two full blocks of `prompt` cached
+        launches = []
+        if backend == "triton":
+            prepare = engine.runner.backend.prepare
+
+            def spy(*args):
+                inputs = prepare(*args)
+                launches.append(inputs[2].launches)
+                return inputs
+
+            engine.runner.backend.prepare = spy
+            runs = engine.runner.graphs.num_runs
+        engine.add_request("again", prompt, greedy(5))
+        done = {}
+        while engine.has_unfinished_requests():
+            done.update({o.request_id: o for o in engine.step() if o.finished})
+        assert done["again"].num_cached_tokens == 8
+        if backend == "triton":
+            assert [[w.block_m for w in step] for step in launches] == [[engine.runner.backend.prefill_block_m]]
+            assert engine.runner.graphs.num_runs - runs == 4  # the other four rows
+        results.append((first, done["again"]))
+    for (first_ref, ref), (first_got, got) in zip(results[:1], results[1:]):
+        assert got.token_ids == ref.token_ids and first_got["r1"].token_ids == first_ref["r1"].token_ids
+        assert max(abs(a.logprob - b.logprob) for a, b in zip(ref.logprobs, got.logprobs)) < 1e-4

@@ -218,3 +218,39 @@ def test_mta_kernel_ten_heads_gqa_head_dim_96_nan_poisoned_cache(tile):
     mta_paged_attention(q, qc, kc, vc, layer_params(weights, DEVICE),
                         build_work_items(tables, starts, ends, rows, block_m, 2, DEVICE), out, key_tile=16)
     torch.testing.assert_close(out, reference, atol=3e-5, rtol=1e-5)
+
+
+def _step(qc, tables, block_size, steps):
+    """The step's q and (starts, ends, rows) for `steps` [(start, end)] over caches holding every position."""
+    q, rows = [], [0]
+    for table, (start, end) in zip(tables.cpu(), steps):
+        positions = torch.arange(start, end)
+        q.append(qc[table[positions // block_size].long().to(qc.device), positions.to(qc.device) % block_size])
+        rows.append(rows[-1] + end - start)
+    return torch.cat(q), [s for s, _ in steps], [e for _, e in steps], rows[:-1]
+
+
+@pytest.mark.parametrize("post", [(3, 3), (6, 11)])
+def test_mta_kernel_conv_state_carries_logit_rows_from_prompts_to_decode_rows(post):
+    """Prompt chunks (the second starting mid-block) write each sequence's last c_q' logit rows into its
+    ConvState slot; decode rows then read them instead of recomputing them, step after step. Slots are
+    shuffled, sequences shorter than the conv window included, a slot no sequence owns is NaN-poisoned."""
+    from mta_serve.kernels.mta_attention import ConvState
+
+    block_size, total = 4, [3, 9, 30]
+    weights = mta_weights(pre=(3, 5), post=post, wpsm=True, head_kernel=H)
+    _, qc, kc, vc, tables, _, _, _ = paged_inputs([(0, n + 4) for n in total], block_size, torch.float32)
+    params, slots = layer_params(weights, DEVICE), [2, 0, 3]
+    state = ConvState.allocate(4, H, post[0], 40, DEVICE)
+    state.logits[1], state.norms[:, 1] = float("nan"), float("nan")
+    chunks = [[(0, 2), (0, 5), (0, 17)], [(2, 3), (5, 9), (17, 30)]]
+    steps = [(8, c) for c in chunks] + [(1, [(n + i, n + i + 1) for n in total]) for i in range(4)]
+    for block_m, step in steps:  # 8-row prompt groups, then decode rows with their keys in 2 splits
+        q, starts, ends, rows = _step(qc, tables, block_size, step)
+        reference = paged_attention_reference(q, qc, kc, vc, _on_device(weights), tables, starts, ends, rows,
+                                              window(weights))
+        work = build_work_items(tables, starts, ends, rows, block_m, 2 if block_m == 1 else 1, DEVICE,
+                                states=slots)
+        out = torch.full(q.shape, float("nan"), device=DEVICE)
+        mta_paged_attention(q, qc, kc, vc, params, work, out, key_tile=16, state=state)
+        torch.testing.assert_close(out, reference, atol=2e-5, rtol=1e-5)

@@ -70,3 +70,27 @@ def test_flash_kernel_paper_shapes(dtype, shape, tile):
     reference = _reference(q, qc, kc, vc, MTAWeights(), tables, starts, ends, rows, 0)
     # the prefill tiles multiply probabilities rounded to the cache dtype by V, as flash attention does
     torch.testing.assert_close(out, reference, atol=1e-2 if tile == "prefill" else 2e-3, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_mta_conv_state_paper_shapes(dtype, shape):
+    """The engine's path for a paper conv layer: prompt chunks (a whole prompt, one after a cached prefix,
+    a short one) write each sequence's ConvState slot, then two decode steps read it."""
+    from mta_serve.kernels.mta_attention import ConvState
+    from test_kernels import _step
+
+    n_heads, _ = SHAPES[shape]
+    chunks = [(0, 1500), (3000, 3512), (0, 5)]
+    _, qc, kc, vc, tables, _, _, _ = _inputs([(0, end + 2) for _, end in chunks], SHAPES[shape], dtype)
+    weights = _weights("conv", n_heads)
+    params, state = layer_params(weights, "cuda"), ConvState.allocate(3, n_heads, 6, 3514, "cuda")
+    steps = [(64, chunks)] + [(1, [(end + i, end + i + 1) for _, end in chunks]) for i in range(2)]
+    for block_m, step in steps:
+        q, starts, ends, rows = _step(qc, tables, BLOCK, step)
+        work = build_work_items(tables, starts, ends, rows, block_m, 8 if block_m == 1 else 1, "cuda",
+                                states=[2, 0, 1])
+        out = torch.full(q.shape, float("nan"), device="cuda")
+        mta_paged_attention(q, qc, kc, vc, params, work, out, state=state)
+        reference = _reference(q, qc, kc, vc, weights, tables, starts, ends, rows, 10)
+        torch.testing.assert_close(out, reference, atol=2e-3, rtol=2e-3)
