@@ -70,7 +70,7 @@ def run_paged(kind: str, inputs, block_m: int, splits: int, block: int | None = 
     q, qc, kc, vc, tables, starts, ends, rows = inputs
     state = None
     if kind == "conv" and conv_state:
-        state = ConvState.allocate(len(starts), HEADS, 6, max(ends), "cuda")
+        state = ConvState.allocate(len(starts), HEADS, 6, 6, max(ends), "cuda")
     work = build_work_items(tables, starts, ends, rows, block_m, splits, "cuda", states=list(range(len(starts))))
     out = torch.empty(q.shape, dtype=torch.float32, device="cuda")
     weights = layer_weights(kind)

@@ -80,25 +80,31 @@ RING_ALIGN = 128  # ConvState rows are a multiple of every key tile long
 
 @dataclass(slots=True)
 class ConvState:
-    """A post-conv layer's last c_q' logit rows of each sequence, kept across steps (the spec's "those rows
-    themselves"): a decode row then computes only its own logit row from c_q score rows and reads the
-    c_q' - 1 rows before it here, instead of recomputing them from 2 (c_q' - 1) more score rows. Slot s
-    keeps position p's row at row p % c_q'. A prompt launch writes the last c_q' rows of each of its
-    sequences; a decode launch reads them, so the caller must only put a sequence in a decode launch when
-    the previous step that computed it wrote its slot (kv_cache_manager tracks that)."""
+    """A post-conv layer's last rows of each sequence, kept across steps (the spec's "those rows
+    themselves"): the last c_q' logit rows with their normalizers and, with a pre-conv over c_q > 1
+    queries, the last c_q score rows. A decode row then computes only its own score and logit rows and
+    reads the ones before it here, instead of recomputing c_q' - 1 logit rows from c_q + c_q' - 2 more score
+    rows. Slot s keeps position p's rows at row p % c_q' (logits) and p % c_q (scores). A prompt launch
+    writes the last rows of each of its sequences; a decode launch reads them, so the caller must only put
+    a sequence in a decode launch when the previous step that computed it wrote its slot (kv_cache_manager
+    tracks that)."""
 
     logits: torch.Tensor  # [num_slots, H, c_q', length] fp32, length a multiple of RING_ALIGN
     norms: torch.Tensor  # [2, num_slots, H, c_q'] fp32: each row's max and 1 / sum of exp
+    scores: torch.Tensor | None  # [num_slots, H, c_q, length] fp32, None without a pre-conv over c_q > 1
 
     @classmethod
-    def allocate(cls, num_slots: int, n_heads: int, rows: int, max_len: int, device) -> "ConvState":
+    def allocate(cls, num_slots: int, n_heads: int, c_q: int, c_q2: int, max_len: int, device) -> "ConvState":
         length = triton.cdiv(max_len, RING_ALIGN) * RING_ALIGN
-        return cls(torch.zeros(num_slots, n_heads, rows, length, dtype=torch.float32, device=device),
-                   torch.zeros(2, num_slots, n_heads, rows, dtype=torch.float32, device=device))
+        f32 = dict(dtype=torch.float32, device=device)
+        scores = torch.zeros(num_slots, n_heads, c_q, length, **f32) if c_q > 1 else None
+        return cls(torch.zeros(num_slots, n_heads, c_q2, length, **f32),
+                   torch.zeros(2, num_slots, n_heads, c_q2, **f32), scores)
 
     @staticmethod
-    def num_bytes(num_slots: int, n_heads: int, rows: int, max_len: int) -> int:
-        return 4 * num_slots * n_heads * rows * (triton.cdiv(max_len, RING_ALIGN) * RING_ALIGN + 2)
+    def num_bytes(num_slots: int, n_heads: int, c_q: int, c_q2: int, max_len: int) -> int:
+        length = triton.cdiv(max_len, RING_ALIGN) * RING_ALIGN
+        return 4 * num_slots * n_heads * (c_q2 * (length + 2) + (c_q * length if c_q > 1 else 0))
 
 
 def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: torch.Tensor,
@@ -129,8 +135,11 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     ring = 0 if state is None or cq2 == 1 else 1 if decode else 2  # 1: decode rows read it; 2: prompts write it
     if ring and work.seq_state is None:
         raise ValueError("a ConvState needs work.seq_state, the state slot of each sequence")
-    # Decode rows that read the previous logit rows from the state compute only their own: c_q score rows.
-    rows_s, rows_l = (cq, 1) if ring == 1 else (rows_o + cq - 1 + cq2 - 1, rows_o + cq2 - 1)
+    if ring and (state.logits.shape[2], 1 if state.scores is None else state.scores.shape[2]) != (cq2, cq):
+        raise ValueError(f"the ConvState keeps rows for convs over {state.logits.shape[2]} and "
+                         f"{1 if state.scores is None else state.scores.shape[2]} queries, the layer's are {cq2}, {cq}")
+    # Decode rows that read the previous rows from the state compute only their own score and logit rows.
+    rows_s, rows_l = (1, 1) if ring == 1 else (rows_o + cq - 1 + cq2 - 1, rows_o + cq2 - 1)
     # Measured on the H200 (benchmarks/kernels.py --sweep); prompt groups use narrow key tiles so that the
     # [heads, 16 rows, keys] head-mixing product fits in shared memory.
     bn = key_tile or (32 if not decode else 64 if (cq > 1 or cq2 > 1) else 128)
@@ -152,7 +161,7 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
         CQ=cq, CK=ck, PL=left_pad(params.pad_key, ck), CQ2=cq2, CK2=ck2, PL2=left_pad(params.pad_key, ck2),
         PRE_CONV=params.pre_kernel is not None, POST_CONV=params.post_kernel is not None,
         PRE_MIX=params.pre_mix is not None, POST_MIX=params.post_mix is not None,
-        QCACHE=q_cache is not None, FP32=q.dtype == torch.float32, RING=ring)
+        QCACHE=q_cache is not None, FP32=q.dtype == torch.float32, RING=ring, SRING=ring if cq > 1 else 0)
     weights = dict(pre_w_ptr=_or(params.pre_kernel, dummy), post_w_ptr=_or(params.post_kernel, dummy),
                    pre_mix_ptr=_or(params.pre_mix, dummy), post_mix_ptr=_or(params.post_mix, dummy),
                    **_state_args(state if ring else None, work, bn, dummy))
@@ -176,11 +185,13 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
 def _state_args(state: ConvState | None, work: WorkItems, key_tile: int, dummy: torch.Tensor) -> dict:
     """The kernels' ConvState arguments (placeholders without one)."""
     if state is None:
-        return dict(seq_state_ptr=work.work_seq, ring_ptr=dummy, ring_norm_ptr=dummy, RING_TILES=1, NUM_SLOTS=1)
+        return dict(seq_state_ptr=work.work_seq, ring_ptr=dummy, ring_norm_ptr=dummy, sring_ptr=dummy,
+                    RING_TILES=1, NUM_SLOTS=1)
     if state.logits.shape[-1] % key_tile:
         raise ValueError(f"key_tile={key_tile} does not divide the ConvState rows ({state.logits.shape[-1]} keys)")
     return dict(seq_state_ptr=work.seq_state, ring_ptr=state.logits, ring_norm_ptr=state.norms,
-                RING_TILES=state.logits.shape[-1] // key_tile, NUM_SLOTS=state.logits.shape[0])
+                sring_ptr=_or(state.scores, dummy), RING_TILES=state.logits.shape[-1] // key_tile,
+                NUM_SLOTS=state.logits.shape[0])
 
 
 def _prompt_splits(device: torch.device, items: int, rows_l: int, length: int, key_tile: int) -> int:
@@ -210,7 +221,8 @@ def _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, nor
             weights, c, sm_scale, num_warps):
     out_tiles = triton.cdiv(c["RO"], c["OT"])
     every = dict(**seq, **weights, **c, sm_scale=sm_scale)
-    streaming = dict(every, BN=c["STREAM_BN"], NUM_TILES=c["NUM_TILES"] * c["BN"] // c["STREAM_BN"])
+    streaming = dict(every, BN=c["STREAM_BN"], NUM_TILES=c["NUM_TILES"] * c["BN"] // c["STREAM_BN"],
+                     RING_TILES=every["RING_TILES"] * c["BN"] // c["STREAM_BN"])
 
     def run(kernel, grid, *tensors, args=every):
         kernel[grid](*tensors, num_warps=num_warps, **{k: args[k] for k in _named_args(kernel, args)})
@@ -240,11 +252,13 @@ def _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, nor
 
 @triton.jit(do_not_specialize=["item0", "bt_stride", "NUM_TILES"])
 def _scores_kernel(q_ptr, qc_ptr, k_ptr, s_ptr, sm_scale, item0, bt_ptr, bt_stride, seq_start_ptr, seq_end_ptr,
-                   seq_row_ptr, work_seq_ptr, work_first_ptr, H: tl.constexpr, GROUP: tl.constexpr,
-                   D: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr, NUM_TILES,
-                   BLOCK_SIZE: tl.constexpr, RO: tl.constexpr, R: tl.constexpr, RT: tl.constexpr,
-                   QCACHE: tl.constexpr, FP32: tl.constexpr):
-    """S[i, h, r, j] = q . k / sqrt(d) of row first - W + r and key j, 0 unless 0 <= j <= row."""
+                   seq_row_ptr, work_seq_ptr, work_first_ptr, seq_state_ptr, sring_ptr, RING_TILES,
+                   H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr,
+                   NUM_TILES, BLOCK_SIZE: tl.constexpr, RO: tl.constexpr, R: tl.constexpr, RT: tl.constexpr,
+                   CQ: tl.constexpr, QCACHE: tl.constexpr, FP32: tl.constexpr, SRING: tl.constexpr):
+    """S[i, h, r, j] = q . k / sqrt(d) of row first - W + r and key j, 0 unless 0 <= j <= row. SRING 1
+    (decode rows): the row goes to the sequence's ConvState scores instead; SRING 2 (prompt groups): the
+    sequence's last c_q rows also go there."""
     LENGTH = NUM_TILES * BN  # row stride of the fp32 buffers; a product, so its divisibility is known
     b, h = tl.program_id(0), tl.program_id(1)
     key_tile, row_tile = tl.program_id(2) % NUM_TILES, tl.program_id(2) // NUM_TILES
@@ -272,8 +286,17 @@ def _scores_kernel(q_ptr, qc_ptr, k_ptr, s_ptr, sm_scale, item0, bt_ptr, bt_stri
                 mask=key_ok[:, None] & dmask, other=0.0)
     s = qk_tile(q, k, RT == 1, FP32)
     s = tl.where((keys[None, :] <= rows[:, None]) & row_ok[:, None], s * sm_scale, 0.0)
-    tl.store(s_ptr + ((b * H + h) * R + r).to(tl.int64)[:, None] * LENGTH + keys[None, :], s,
-             mask=(r[:, None] < R) & key_ok[None, :])
+    mask = (r[:, None] < R) & key_ok[None, :]
+    if SRING != 0:
+        slot = tl.load(seq_state_ptr + tl.load(work_seq_ptr + item0 + b))
+        ring_rows = ((slot * H + h) * CQ + tl.where(rows < 0, 0, rows) % CQ).to(tl.int64)[:, None] * (RING_TILES * BN)
+    if SRING == 1:
+        tl.store(sring_ptr + ring_rows + keys[None, :], s, mask=mask)
+    else:
+        tl.store(s_ptr + ((b * H + h) * R + r).to(tl.int64)[:, None] * LENGTH + keys[None, :], s, mask=mask)
+    if SRING == 2:  # the sequence's last rows (the scalar test broadcast first, for Triton's interpreter)
+        keep = row_ok & (rows > last - CQ) & (rows * 0 + last == end - 1)
+        tl.store(sring_ptr + ring_rows + keys[None, :], s, mask=mask & keep[:, None])
 
 
 @triton.jit
@@ -347,13 +370,13 @@ def _conv_column(row_base, w_ptr, heads, a, shifted, row_ok, pos, last, c, m, in
 @triton.jit(do_not_specialize=["item0", "bt_stride", "NUM_TILES", "SPLITS"])
 def _logits_kernel(s_ptr, l_ptr, stats_ptr, pre_w_ptr, pre_mix_ptr, item0, bt_ptr,
                    bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr, work_seq_ptr, work_first_ptr, seq_state_ptr,
-                   ring_ptr, RING_TILES, H: tl.constexpr, BN: tl.constexpr, NUM_TILES, HB: tl.constexpr,
+                   ring_ptr, sring_ptr, RING_TILES, H: tl.constexpr, BN: tl.constexpr, NUM_TILES, HB: tl.constexpr,
                    RO: tl.constexpr, R: tl.constexpr, RL: tl.constexpr, RLT: tl.constexpr, SPLITS,
                    CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr, CQ2: tl.constexpr, PRE_CONV: tl.constexpr,
-                   PRE_MIX: tl.constexpr, RING: tl.constexpr):
+                   PRE_MIX: tl.constexpr, RING: tl.constexpr, SRING: tl.constexpr):
     """L rows first - (c_q'-1) + r over this split's keys (steps 2-4 before the softmax), with max and sum.
-    RING 1 (decode rows): the one row goes to the sequence's ConvState instead of l_ptr; RING 2 (prompt
-    groups): the sequence's last c_q' rows also go there."""
+    RING 1 (decode rows): the one row goes to the sequence's ConvState instead of l_ptr, and with SRING 1
+    its score rows come from there; RING 2 (prompt groups): the sequence's last c_q' rows also go there."""
     LENGTH = NUM_TILES * BN  # row stride of the fp32 buffers; a product, so its divisibility is known
     RING_LENGTH = RING_TILES * BN
     b, split, row_tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -381,7 +404,10 @@ def _logits_kernel(s_ptr, l_ptr, stats_ptr, pre_w_ptr, pre_mix_ptr, item0, bt_pt
     t0, t1 = split_key_tiles(tl.minimum(first - (RL - RO) + row_tile * RLT + RLT - 1, last), split, BN, SPLITS)
     for t in range(t0, t1):
         keys = t * BN + j3
-        if PRE_CONV:
+        if SRING == 1:
+            x = _row_conv(sring_ptr, pre_w_ptr, slot, 0, first - (CQ - 1), last, t * BN, H, HB, CQ, RLT, BN,
+                          CQ, CK, PL, RING_LENGTH, False, RING=True)
+        elif PRE_CONV:
             x = _row_conv(s_ptr, pre_w_ptr, b, row_tile * RLT, first - (R - RO), last, t * BN, H, HB, R, RLT, BN,
                           CQ, CK, PL, LENGTH, False)
         else:

@@ -52,7 +52,7 @@ def flash_splits(num_splits: int, max_len: int) -> int:
 
 
 def conv_state_layers(cfg: ModelConfig) -> list[int]:
-    """Layers whose decode rows read earlier logit rows from a ConvState: a post-conv over several queries."""
+    """Layers whose decode rows read earlier rows from a ConvState: those with a post-conv over several queries."""
     post = cfg.mta.post_conv
     return [i for i in range(cfg.n_layers) if post is not None and post[0] > 1 and cfg.mta.has_conv(i)]
 
@@ -64,7 +64,12 @@ def conv_state_bytes(cfg: ModelConfig, num_slots: int) -> int:
     layers = conv_state_layers(cfg)
     if not layers:
         return 0
-    return len(layers) * ConvState.num_bytes(num_slots + 1, cfg.n_heads, cfg.mta.post_conv[0], cfg.max_seq_len)
+    return len(layers) * ConvState.num_bytes(num_slots + 1, cfg.n_heads, *_conv_rows(cfg), cfg.max_seq_len)
+
+
+def _conv_rows(cfg: ModelConfig) -> tuple[int, int]:
+    """(c_q, c_q') of the model's key-query convs (1 for an absent one)."""
+    return tuple(1 if conv is None else conv[0] for conv in (cfg.mta.pre_conv, cfg.mta.post_conv))
 
 
 def triton_available(device: torch.device) -> bool:
@@ -120,9 +125,8 @@ class TritonPagedAttention(TorchPagedAttention):
         # Without slots, decode rows recompute them.
         self.scratch_state = num_state_slots
         layers = set(conv_state_layers(cfg)) if num_state_slots else set()
-        self.conv_states = [ConvState.allocate(num_state_slots + 1, cfg.n_heads, cfg.mta.post_conv[0],
-                                               cfg.max_seq_len, self.device) if i in layers else None
-                            for i in range(cfg.n_layers)]
+        self.conv_states = [ConvState.allocate(num_state_slots + 1, cfg.n_heads, *_conv_rows(cfg), cfg.max_seq_len,
+                                               self.device) if i in layers else None for i in range(cfg.n_layers)]
         self.has_conv_state = bool(layers)
         self.num_sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
                         if self.device.type == "cuda" else 2)

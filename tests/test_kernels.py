@@ -232,17 +232,18 @@ def _step(qc, tables, block_size, steps):
 
 @pytest.mark.parametrize("post", [(3, 3), (6, 11)])
 def test_mta_kernel_conv_state_carries_logit_rows_from_prompts_to_decode_rows(post):
-    """Prompt chunks (the second starting mid-block) write each sequence's last c_q' logit rows into its
-    ConvState slot; decode rows then read them instead of recomputing them, step after step. Slots are
-    shuffled, sequences shorter than the conv window included, a slot no sequence owns is NaN-poisoned."""
+    """Prompt chunks (the second starting mid-block) write each sequence's last c_q score rows and c_q'
+    logit rows into its ConvState slot; decode rows then read them instead of recomputing them, step after
+    step. Slots are shuffled, sequences shorter than the conv window included, a slot no sequence owns is
+    NaN-poisoned."""
     from mta_serve.kernels.mta_attention import ConvState
 
     block_size, total = 4, [3, 9, 30]
     weights = mta_weights(pre=(3, 5), post=post, wpsm=True, head_kernel=H)
     _, qc, kc, vc, tables, _, _, _ = paged_inputs([(0, n + 4) for n in total], block_size, torch.float32)
     params, slots = layer_params(weights, DEVICE), [2, 0, 3]
-    state = ConvState.allocate(4, H, post[0], 40, DEVICE)
-    state.logits[1], state.norms[:, 1] = float("nan"), float("nan")
+    state = ConvState.allocate(4, H, 3, post[0], 40, DEVICE)
+    state.logits[1], state.norms[:, 1], state.scores[1] = float("nan"), float("nan"), float("nan")
     chunks = [[(0, 2), (0, 5), (0, 17)], [(2, 3), (5, 9), (17, 30)]]
     steps = [(8, c) for c in chunks] + [(1, [(n + i, n + i + 1) for n in total]) for i in range(4)]
     for block_m, step in steps:  # 8-row prompt groups, then decode rows with their keys in 2 splits

@@ -84,7 +84,7 @@ def test_mta_conv_state_paper_shapes(dtype, shape):
     chunks = [(0, 1500), (3000, 3512), (0, 5)]
     _, qc, kc, vc, tables, _, _, _ = _inputs([(0, end + 2) for _, end in chunks], SHAPES[shape], dtype)
     weights = _weights("conv", n_heads)
-    params, state = layer_params(weights, "cuda"), ConvState.allocate(3, n_heads, 6, 3514, "cuda")
+    params, state = layer_params(weights, "cuda"), ConvState.allocate(3, n_heads, 6, 6, 3514, "cuda")
     steps = [(64, chunks)] + [(1, [(end + i, end + i + 1) for _, end in chunks]) for i in range(2)]
     for block_m, step in steps:
         q, starts, ends, rows = _step(qc, tables, BLOCK, step)
