@@ -2,8 +2,9 @@
 
 Shapes are the 830M model's attention (16 heads x 96, G = H), bf16, paged with 16-token blocks:
 - decode: batch x context for (a) a paper MTA-conv layer (6x11 pre and post conv, wpsm, all-head
-  head_kernel; its decode rows read the previous logit rows from a ConvState, as in the engine), (b) a
-  mixing-only layer (wpsm + head_kernel), (c) plain attention (paged flash kernel), and
+  head_kernel; its decode rows read the previous score and logit rows from a ConvState, as in the engine;
+  also without the state, "conv_recompute"), (b) a mixing-only layer (wpsm + head_kernel), (c) plain
+  attention (paged flash kernel), and
   (d) torch SDPA on contiguous K/V;
 - prefill of one whole prompt for (a), (b), (c) vs SDPA (flash, causal) and the dense reference
   (dense_attention.attention_probs, which materializes the T x T maps);
@@ -66,7 +67,7 @@ def run_paged(kind: str, inputs, block_m: int, splits: int, block: int | None = 
               decode_dot: bool = True, conv_state: bool = True):
     """The engine's kernel for this layer kind: paged flash for plain layers, the MTA row pipeline else
     (for the conv layer with a ConvState slot per sequence, unless conv_state is False: decode rows then
-    recompute the previous logit rows)."""
+    recompute the previous rows)."""
     q, qc, kc, vc, tables, starts, ends, rows = inputs
     state = None
     if kind == "conv" and conv_state:

@@ -14,9 +14,10 @@ keep, per head, the rows the convolutions need over the keys 0..p1-1:
 4. `_pv_kernel` (item, head, split x row tile): P' @ V per split; `_sum_splits_kernel` writes the output.
 
 With a ConvState (layers with a post-conv over c_q' > 1 queries, as the engine runs them), prompt groups
-also keep each sequence's last c_q' logit rows and their normalizers in the sequence's state slot, and a
-decode row computes only its own logit row (from c_q score rows, not c_q + c_q' - 1) and reads the c_q' - 1
-rows before it from the slot: the paper's 6 x 11 layer then computes 1 pre-conv row instead of 6.
+also keep each sequence's last c_q score rows and c_q' logit rows (with their normalizers) in the
+sequence's state slot, and a decode row computes only its own score and logit rows and reads the ones
+before them from the slot: the paper's 6 x 11 layer then computes 1 score row and 1 pre-conv row instead
+of 11 and 6.
 
 K is read once (stage 1), V once (stage 4). The rows in between are fp32, so the result is the reference's
 up to summation order (for 16-bit models the post-softmax head mixing and prompt P'V products are tf32x3
@@ -121,8 +122,8 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     Decode rows use work.num_splits key splits; prompt groups `prompt_splits`, by default enough to fill
     the GPU. `key_tile` keys per tile in the conv and softmax kernels, `stream_tile` in the two that read
     K and V (powers of two). With a `state` (post-conv layers; work.seq_state names each sequence's slot)
-    prompt groups also write their sequences' last logit rows there and decode rows read the rows before
-    theirs from it. Nothing here synchronizes with the host.
+    prompt groups also write their sequences' last score and logit rows there and decode rows read the
+    rows before theirs from it. Nothing here synchronizes with the host.
     """
     num_items = work.work_seq.numel()
     if num_items == 0:
@@ -135,9 +136,9 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     ring = 0 if state is None or cq2 == 1 else 1 if decode else 2  # 1: decode rows read it; 2: prompts write it
     if ring and work.seq_state is None:
         raise ValueError("a ConvState needs work.seq_state, the state slot of each sequence")
-    if ring and (state.logits.shape[2], 1 if state.scores is None else state.scores.shape[2]) != (cq2, cq):
-        raise ValueError(f"the ConvState keeps rows for convs over {state.logits.shape[2]} and "
-                         f"{1 if state.scores is None else state.scores.shape[2]} queries, the layer's are {cq2}, {cq}")
+    kept = ring and (1 if state.scores is None else state.scores.shape[2], state.logits.shape[2])
+    if ring and kept != (cq, cq2):
+        raise ValueError(f"the ConvState keeps {kept[0]} score and {kept[1]} logit rows; the layer needs {cq}, {cq2}")
     # Decode rows that read the previous rows from the state compute only their own score and logit rows.
     rows_s, rows_l = (1, 1) if ring == 1 else (rows_o + cq - 1 + cq2 - 1, rows_o + cq2 - 1)
     # Measured on the H200 (benchmarks/kernels.py --sweep); prompt groups use narrow key tiles so that the

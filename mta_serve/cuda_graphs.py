@@ -6,9 +6,10 @@ step's integer inputs live in one persistent device buffer at fixed addresses (t
 ends, cache slots, MTA state slots, block tables), filled by one copy from a pinned host buffer; a batch of
 n sequences runs the graph of the smallest captured size >= n, the extra rows being padding sequences of one
 token that read and write only a scratch cache block and a scratch state slot no request owns. Every real
-row's state slot must hold the rows of its step before (the runner sends other rows down the eager path). The kernels' buffers and grids are sized for the
-model's max_seq_len whatever the context, so one graph serves every context length (for a very long
-max_seq_len the MTA row buffers then run in several waves per layer). All graphs share one memory pool
+row's state slot must hold the rows of its step before (the runner sends other rows down the eager path).
+The kernels' buffers and grids are sized for the model's max_seq_len whatever the context, so one graph
+serves every context length (for a very long max_seq_len the MTA row buffers then run in several waves per
+layer). All graphs share one memory pool
 (they never run at the same time) and write their logits into one buffer (fp32 for bf16 and fp16 models).
 
 Without capture (no CUDA, or enforce_eager) the same padded, fixed-address step runs eagerly: the CPU tests

@@ -255,3 +255,20 @@ def test_mta_kernel_conv_state_carries_logit_rows_from_prompts_to_decode_rows(po
         out = torch.full(q.shape, float("nan"), device=DEVICE)
         mta_paged_attention(q, qc, kc, vc, params, work, out, key_tile=16, state=state)
         torch.testing.assert_close(out, reference, atol=2e-5, rtol=1e-5)
+
+
+def test_mta_kernel_conv_state_must_fit_the_layer():
+    from mta_serve.kernels.mta_attention import ConvState
+
+    q, qc, kc, vc, tables, starts, ends, rows = paged_inputs(DECODE, 4, torch.float32)
+    work = build_work_items(tables, starts, ends, rows, 1, 1, DEVICE, states=list(range(len(DECODE))))
+    params = layer_params(mta_weights(pre=(3, 5), post=(2, 3)), DEVICE)
+    out = torch.empty(q.shape, device=DEVICE)
+    with pytest.raises(ValueError, match="keeps 3 score and 3 logit rows; the layer needs 3, 2"):
+        mta_paged_attention(q, qc, kc, vc, params, work, out, state=ConvState.allocate(5, H, 3, 3, 32, DEVICE))
+    with pytest.raises(ValueError, match="key_tile=256 does not divide"):
+        mta_paged_attention(q, qc, kc, vc, params, work, out, key_tile=256,
+                            state=ConvState.allocate(5, H, 3, 2, 32, DEVICE))
+    with pytest.raises(ValueError, match="needs work.seq_state"):
+        mta_paged_attention(q, qc, kc, vc, params, build_work_items(tables, starts, ends, rows, 1, 1, DEVICE), out,
+                            state=ConvState.allocate(5, H, 3, 2, 32, DEVICE))
