@@ -9,8 +9,8 @@ token that read and write only a scratch cache block and a scratch state slot no
 row's state slot must hold the rows of its step before (the runner sends other rows down the eager path).
 The kernels' buffers and grids are sized for the model's max_seq_len whatever the context, so one graph
 serves every context length (for a very long max_seq_len the MTA row buffers then run in several waves per
-layer). All graphs share one memory pool
-(they never run at the same time) and write their logits into one buffer (fp32 for bf16 and fp16 models).
+layer). All graphs share one memory pool (they never run at the same time) and write their logits into one
+buffer (fp32 for bf16 and fp16 models).
 
 Without capture (no CUDA, or enforce_eager) the same padded, fixed-address step runs eagerly: the CPU tests
 check everything but the capture itself, and graphs on and off compute the same thing.

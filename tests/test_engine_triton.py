@@ -88,3 +88,23 @@ def test_step_uploader_round_trips_and_grows():
         views = uploader.upload(arrays)
         assert [v.cpu().tolist() for v in views] == arrays
         assert all(v.dtype == torch.int32 for v in views)
+
+
+def test_conv_states_are_allocated_for_post_conv_layers_and_budgeted_exactly():
+    """The engine sets aside conv_state_bytes before sizing the KV cache: it must be what the backend
+    allocates (max_num_seqs slots and the graphs' scratch slot, post-conv layers only)."""
+    from mta_serve.triton_attention import conv_state_bytes
+
+    cfg = ModelConfig(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, max_seq_len=50,
+                      mta=MTAConfig(pre_conv=[4, 5], post_conv=[3, 3], mta_layers=[0, 2], wpsm=True))
+    model = build_model(cfg, seed=3, mta_init="random", device="cuda" if torch.cuda.is_available() else "cpu")
+    engine = LLMEngine(model, None, CacheConfig(block_size=4, num_blocks=16, attention_backend="triton"),
+                       SchedulerConfig(max_num_seqs=5))
+    states = engine.runner.backend.conv_states
+    assert [s is not None for s in states] == [True, False, True]
+    tensors = [t for s in states if s is not None for t in (s.logits, s.norms, s.scores)]
+    allocated = sum(t.numel() * t.element_size() for t in tensors)
+    assert allocated == conv_state_bytes(cfg, 5) and states[0].logits.shape == (6, 4, 3, 128)
+    assert states[0].scores.shape == (6, 4, 4, 128)
+    plain = ModelConfig(dim=32, n_layers=2, n_heads=4, vocab_size=VOCAB, mta=MTAConfig(pre_conv=[2, 3], wpsm=True))
+    assert conv_state_bytes(plain, 5) == 0  # no post-conv: decode rows need no earlier rows
