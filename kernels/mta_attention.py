@@ -9,7 +9,7 @@ keep, per head, the rows the convolutions need over the keys 0..p1-1:
    W = (c_q-1) + (c_q'-1) -> S [items, H, rows + W, T];
 2. `_logits_kernel` (item, split, row tile): pre-conv over S (its key halo is a shifted read), pre-mix,
    masking -> L [items, H, rows + c_q'-1, T] and each split's max and sum of exp;
-   `_normalizers_kernel` combines the splits;
+   `_normalizers_kernel` combines the splits (decode rows with one logit row: `_probs_kernel` does);
 3. `_probs_kernel` (item, split, row tile): softmax rows -> post-conv -> post-mix -> P' [items, H, rows, T];
 4. `_pv_kernel` (item, head, split x row tile): P' @ V per split; `_sum_splits_kernel` writes the output.
 
@@ -162,7 +162,8 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
         CQ=cq, CK=ck, PL=left_pad(params.pad_key, ck), CQ2=cq2, CK2=ck2, PL2=left_pad(params.pad_key, ck2),
         PRE_CONV=params.pre_kernel is not None, POST_CONV=params.post_kernel is not None,
         PRE_MIX=params.pre_mix is not None, POST_MIX=params.post_mix is not None,
-        QCACHE=q_cache is not None, FP32=q.dtype == torch.float32, RING=ring, SRING=ring if cq > 1 else 0)
+        QCACHE=q_cache is not None, FP32=q.dtype == torch.float32, RING=ring, SRING=ring if cq > 1 else 0,
+        NORM_HERE=decode and rows_l == 1 and (ring == 1 or params.post_kernel is None))
     weights = dict(pre_w_ptr=_or(params.pre_kernel, dummy), post_w_ptr=_or(params.post_kernel, dummy),
                    pre_mix_ptr=_or(params.pre_mix, dummy), post_mix_ptr=_or(params.post_mix, dummy),
                    **_state_args(state if ring else None, work, bn, dummy))
@@ -231,8 +232,9 @@ def _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, nor
     run(_scores_kernel, (items, c["H"], streaming["NUM_TILES"] * triton.cdiv(c["R"], c["RT"])), q,
         q if q_cache is None else q_cache, k_cache, scores, args=streaming)
     run(_logits_kernel, (items, c["SPLITS"], triton.cdiv(c["RL"], c["RLT"])), scores, logits, stats)
-    run(_normalizers_kernel, (items, c["H"]), stats, norms)
-    run(_probs_kernel, (items, c["SPLITS"], out_tiles), logits, norms, probs)
+    if not c["NORM_HERE"]:
+        run(_normalizers_kernel, (items, c["H"]), stats, norms)
+    run(_probs_kernel, (items, c["SPLITS"], out_tiles), logits, norms, stats, probs)
     run(_pv_kernel, (items, c["H"], c["SPLITS"] * out_tiles), probs, v_cache, partial, args=streaming)
     run(_sum_splits_kernel, (items, c["H"]), partial, out)
 
@@ -320,7 +322,7 @@ def _mix(w_ptr, x, H: tl.constexpr, HB: tl.constexpr, RT: tl.constexpr, BN: tl.c
 def _row_conv(x_ptr, w_ptr, b, out0, pos0, last, key0, H: tl.constexpr, HB: tl.constexpr, ROWS: tl.constexpr,
               OUT: tl.constexpr, BN: tl.constexpr, CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr,
               LENGTH, SOFTMAX: tl.constexpr, norm_ptr=None, inv_base=0, RING: tl.constexpr = False,
-              COLUMNS_OUTER: tl.constexpr = False):
+              COLUMNS_OUTER: tl.constexpr = False, cur_m=None, cur_inv=None):
     """Key-query conv (spec steps 2 and 5) of output rows out0 .. out0 + OUT - 1 over keys key0 + [0, BN):
     y[h, r, j] = sum_{a, c} w[h, a, c] x[h, out0 + r + a, j - PL + c] -> [HB, OUT, BN], where input row i
     of x [items, H, ROWS, LENGTH] is position pos0 + i and reads 0 where its key is outside 0..position.
@@ -328,7 +330,8 @@ def _row_conv(x_ptr, w_ptr, b, out0, pos0, last, key0, H: tl.constexpr, HB: tl.c
 
     Each input row is loaded once per kernel column c and added to every output row it feeds (a rank-1
     update with the weights w[h, i - r, c]), so a row is read CK times instead of CQ x CK times. With
-    SOFTMAX, x holds logits and each row is first normalized: exp(x - max) / sum from norm_ptr.
+    SOFTMAX, x holds logits and each row is first normalized: exp(x - max) / sum from norm_ptr (with RING,
+    the last row's from cur_m, cur_inv [HB, 1] instead: it is the decode row being computed).
 
     COLUMNS_OUTER (one output row): a loop over the columns around the unrolled rows, so that a column's CQ
     loads are in flight at once. On the H200 it made the decode pre-conv faster at every batch (64 x 2048:
@@ -351,6 +354,9 @@ def _row_conv(x_ptr, w_ptr, b, out0, pos0, last, key0, H: tl.constexpr, HB: tl.c
         a = i - out0 - r  # kernel row of input row i for each output row: [1, OUT]
         row_base, row_ok, m, inv = _conv_input_row(x_ptr, norm_ptr, inv_base, b, heads, i, pos0, H, ROWS, LENGTH,
                                                    SOFTMAX, RING)
+        if SOFTMAX and RING:
+            m = tl.where(heads * 0 + i == out0 + OUT + CQ - 2, cur_m, m)
+            inv = tl.where(heads * 0 + i == out0 + OUT + CQ - 2, cur_inv, inv)
         if OUT > 1:  # prompt tiles: unrolled (_logits_kernel at 8192 tokens: 31.7 -> 25.8 ms)
             for c in tl.static_range(CK):
                 y += _conv_column(row_base, w_ptr, heads, a, keys - PL + c, row_ok, pos0 + i, last, c, m, inv,
@@ -458,53 +464,58 @@ def _logits_kernel(s_ptr, l_ptr, stats_ptr, pre_w_ptr, pre_mix_ptr, item0, bt_pt
     tl.store(stats_ptr + tl.num_programs(0) * SPLITS * H * RL + offs, l, mask=ok2)
 
 
+@triton.jit
+def _split_normalizers(stats_ptr, base, ok, split_stride, sums, SPLITS):
+    """(max, 1 / sum of exp) of logit rows over the key splits, from each split's max at stats_ptr + base +
+    s * split_stride and its sum of exp `sums` further; rows without keys get (0, 0)."""
+    m = tl.full(base.shape, float("-inf"), tl.float32)
+    for s in range(SPLITS):
+        m = tl.maximum(m, tl.load(stats_ptr + base + s * split_stride, mask=ok, other=float("-inf")))
+    m = tl.where(m == float("-inf"), 0.0, m)
+    l = tl.zeros(base.shape, tl.float32)
+    for s in range(SPLITS):
+        m_s = tl.load(stats_ptr + base + s * split_stride, mask=ok, other=float("-inf"))
+        l += tl.where(m_s == float("-inf"), 0.0,
+                      tl.load(stats_ptr + sums + base + s * split_stride, mask=ok, other=0.0) * tl.exp(m_s - m))
+    return m, tl.where(l == 0.0, 0.0, 1.0 / tl.where(l == 0.0, 1.0, l))
+
+
 @triton.jit(do_not_specialize=["item0", "SPLITS"])
 def _normalizers_kernel(stats_ptr, norm_ptr, ring_norm_ptr, item0, work_seq_ptr, work_first_ptr, seq_end_ptr,
                         seq_state_ptr, NUM_SLOTS, H: tl.constexpr, RO: tl.constexpr, RL: tl.constexpr, SPLITS,
                         RLP: tl.constexpr, CQ2: tl.constexpr, RING: tl.constexpr):
-    """Per logit row: the max over splits and 1 / (sum of exp); rows without keys get (0, 0). Into the
-    ConvState as _logits_kernel writes its rows: RING 1, the decode row; RING 2, a sequence's last rows."""
+    """Per logit row of one item and head: the max over splits and 1 / (sum of exp). RING 2 (prompt
+    groups): a sequence's last c_q' rows also go to its ConvState, as _logits_kernel writes them."""
     b, h = tl.program_id(0), tl.program_id(1)
     r = tl.arange(0, RLP)
     ok = r < RL
-    sums = tl.num_programs(0) * SPLITS * H * RL
-    m = tl.full((RLP,), float("-inf"), tl.float32)
-    for s in range(SPLITS):
-        m = tl.maximum(m, tl.load(stats_ptr + ((b * SPLITS + s) * H + h) * RL + r, mask=ok, other=float("-inf")))
-    m = tl.where(m == float("-inf"), 0.0, m)
-    l = tl.zeros((RLP,), tl.float32)
-    for s in range(SPLITS):
-        offs = ((b * SPLITS + s) * H + h) * RL + r
-        m_s = tl.load(stats_ptr + offs, mask=ok, other=float("-inf"))
-        l += tl.where(m_s == float("-inf"), 0.0, tl.load(stats_ptr + sums + offs, mask=ok, other=0.0)
-                      * tl.exp(m_s - m))
-    inv_l = tl.where(l == 0.0, 0.0, 1.0 / tl.where(l == 0.0, 1.0, l))
-    if RING != 1:
-        tl.store(norm_ptr + (b * H + h) * RL + r, m, mask=ok)
-        tl.store(norm_ptr + tl.num_programs(0) * H * RL + (b * H + h) * RL + r, inv_l, mask=ok)
-    if RING != 0:
+    m, inv_l = _split_normalizers(stats_ptr, (b * SPLITS * H + h) * RL + r, ok, H * RL,
+                                  tl.num_programs(0) * SPLITS * H * RL, SPLITS)
+    tl.store(norm_ptr + (b * H + h) * RL + r, m, mask=ok)
+    tl.store(norm_ptr + tl.num_programs(0) * H * RL + (b * H + h) * RL + r, inv_l, mask=ok)
+    if RING == 2:
         seq = tl.load(work_seq_ptr + item0 + b)
         first = tl.load(work_first_ptr + item0 + b)
         end = tl.load(seq_end_ptr + seq)
         last = tl.minimum(first + RO, end) - 1
         rows = first - (RL - RO) + r
-        keep = ok & (rows >= 0)
-        if RING == 2:
-            keep = keep & (rows > last - CQ2) & (rows <= last) & (rows * 0 + last == end - 1)
+        keep = ok & (rows >= 0) & (rows > last - CQ2) & (rows <= last) & (rows * 0 + last == end - 1)
         ring_offs = (tl.load(seq_state_ptr + seq) * H + h) * CQ2 + tl.where(rows < 0, 0, rows) % CQ2
         tl.store(ring_norm_ptr + ring_offs, m, mask=keep)
         tl.store(ring_norm_ptr + NUM_SLOTS * H * CQ2 + ring_offs, inv_l, mask=keep)
 
 
 @triton.jit(do_not_specialize=["item0", "bt_stride", "NUM_TILES", "SPLITS"])
-def _probs_kernel(l_ptr, norm_ptr, p_ptr, post_w_ptr, post_mix_ptr, item0, bt_ptr,
+def _probs_kernel(l_ptr, norm_ptr, stats_ptr, p_ptr, post_w_ptr, post_mix_ptr, item0, bt_ptr,
                   bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr, work_seq_ptr, work_first_ptr, seq_state_ptr,
                   ring_ptr, ring_norm_ptr, RING_TILES, NUM_SLOTS, H: tl.constexpr, BN: tl.constexpr, NUM_TILES,
                   HB: tl.constexpr, RO: tl.constexpr, RL: tl.constexpr, OT: tl.constexpr, SPLITS,
                   CQ2: tl.constexpr, CK2: tl.constexpr, PL2: tl.constexpr, POST_CONV: tl.constexpr,
-                  POST_MIX: tl.constexpr, FP32: tl.constexpr, RING: tl.constexpr):
+                  POST_MIX: tl.constexpr, FP32: tl.constexpr, RING: tl.constexpr, NORM_HERE: tl.constexpr):
     """P' rows first + r over this split's keys: normalized probabilities -> post-conv -> post-mix. RING 1
-    (decode rows): the logit rows are the sequence's ConvState rows."""
+    (decode rows): the logit rows are the sequence's ConvState rows. NORM_HERE (decode rows with one logit
+    row of their own): the row's normalizers come from the splits' stats here, not from _normalizers_kernel
+    (one launch fewer per layer and step); with RING 1 split 0 also keeps them in the ConvState."""
     LENGTH = NUM_TILES * BN  # row stride of the fp32 buffers; a product, so its divisibility is known
     b, split, row_tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     first, start, end, row0, last, bt = work_item(item0 + b, work_seq_ptr, work_first_ptr, seq_start_ptr,
@@ -515,13 +526,24 @@ def _probs_kernel(l_ptr, norm_ptr, p_ptr, post_w_ptr, post_mix_ptr, item0, bt_pt
     j3 = tl.arange(0, BN)[None, None, :]
     rows = first + r3
     inv_base = tl.num_programs(0) * H * RL
+    cur_m = tl.zeros((HB, 1), tl.float32)
+    cur_inv = tl.zeros((HB, 1), tl.float32)
+    if NORM_HERE:
+        hs = tl.arange(0, HB)[:, None]
+        cur_m, cur_inv = _split_normalizers(stats_ptr, (b * SPLITS * H + hs) * RL, hs < H, H * RL,
+                                            tl.num_programs(0) * SPLITS * H * RL, SPLITS)
+        if RING == 1:  # for the steps after this one
+            slot = tl.load(seq_state_ptr + tl.load(work_seq_ptr + item0 + b))
+            offs = (slot * H + hs) * CQ2 + first % CQ2
+            tl.store(ring_norm_ptr + offs, cur_m, mask=(hs < H) & (hs * 0 + split == 0))
+            tl.store(ring_norm_ptr + NUM_SLOTS * H * CQ2 + offs, cur_inv, mask=(hs < H) & (hs * 0 + split == 0))
     t0, t1 = split_key_tiles(tl.minimum(first + row_tile * OT + OT - 1, last), split, BN, SPLITS)
     for t in range(t0, t1):
         keys = t * BN + j3
         if RING == 1:
             p = _row_conv(ring_ptr, post_w_ptr, tl.load(seq_state_ptr + tl.load(work_seq_ptr + item0 + b)), 0,
                           first - (CQ2 - 1), last, t * BN, H, HB, CQ2, OT, BN, CQ2, CK2, PL2, RING_TILES * BN, True,
-                          ring_norm_ptr, NUM_SLOTS * H * CQ2, True)
+                          ring_norm_ptr, NUM_SLOTS * H * CQ2, True, cur_m=cur_m, cur_inv=cur_inv)
         elif POST_CONV:
             p = _row_conv(l_ptr, post_w_ptr, b, row_tile * OT, first - (CQ2 - 1), last, t * BN, H, HB, RL, OT, BN,
                           CQ2, CK2, PL2, LENGTH, True, norm_ptr, inv_base)
@@ -533,8 +555,11 @@ def _probs_kernel(l_ptr, norm_ptr, p_ptr, post_w_ptr, post_mix_ptr, item0, bt_pt
             for a in range(1):
                 norm_offs = (b * H + h3) * RL + r3
                 norm_ok = (h3 < H) & (r3 < RL)
-                m = tl.load(norm_ptr + norm_offs, mask=norm_ok, other=0.0)
-                inv = tl.load(norm_ptr + inv_base + norm_offs, mask=norm_ok, other=0.0)
+                if NORM_HERE:
+                    m, inv = cur_m[:, :, None], cur_inv[:, :, None]
+                else:
+                    m = tl.load(norm_ptr + norm_offs, mask=norm_ok, other=0.0)
+                    inv = tl.load(norm_ptr + inv_base + norm_offs, mask=norm_ok, other=0.0)
                 for c in range(1):
                     x = tl.load(l_ptr + ((b * H + h3) * RL + r3).to(tl.int64) * LENGTH + keys,
                                 mask=norm_ok & (keys <= tl.minimum(rows, last)), other=float("-inf"))
