@@ -136,9 +136,11 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     ring = 0 if state is None or cq2 == 1 else 1 if decode else 2  # 1: decode rows read it; 2: prompts write it
     if ring and work.seq_state is None:
         raise ValueError("a ConvState needs work.seq_state, the state slot of each sequence")
-    kept = ring and (1 if state.scores is None else state.scores.shape[2], state.logits.shape[2])
-    if ring and kept != (cq, cq2):
-        raise ValueError(f"the ConvState keeps {kept[0]} score and {kept[1]} logit rows; the layer needs {cq}, {cq2}")
+    if ring:
+        kept = (1 if state.scores is None else state.scores.shape[2], state.logits.shape[2])
+        if kept != (cq, cq2):
+            raise ValueError(f"the ConvState keeps {kept[0]} score and {kept[1]} logit rows; "
+                             f"the layer needs {cq}, {cq2}")
     # Decode rows that read the previous rows from the state compute only their own score and logit rows.
     rows_s, rows_l = (1, 1) if ring == 1 else (rows_o + cq - 1 + cq2 - 1, rows_o + cq2 - 1)
     # Measured on the H200 (benchmarks/kernels.py --sweep); prompt groups use narrow key tiles so that the
@@ -291,15 +293,34 @@ def _scores_kernel(q_ptr, qc_ptr, k_ptr, s_ptr, sm_scale, item0, bt_ptr, bt_stri
     s = tl.where((keys[None, :] <= rows[:, None]) & row_ok[:, None], s * sm_scale, 0.0)
     mask = (r[:, None] < R) & key_ok[None, :]
     if SRING != 0:
-        slot = tl.load(seq_state_ptr + tl.load(work_seq_ptr + item0 + b))
-        ring_rows = ((slot * H + h) * CQ + tl.where(rows < 0, 0, rows) % CQ).to(tl.int64)[:, None] * (RING_TILES * BN)
+        ring_rows = _ring_row(_item_slot(seq_state_ptr, work_seq_ptr, item0 + b), h, rows, H, CQ)[:, None]
+        ring_ptrs = sring_ptr + ring_rows * (RING_TILES * BN) + keys[None, :]
     if SRING == 1:
-        tl.store(sring_ptr + ring_rows + keys[None, :], s, mask=mask)
+        tl.store(ring_ptrs, s, mask=mask)
     else:
         tl.store(s_ptr + ((b * H + h) * R + r).to(tl.int64)[:, None] * LENGTH + keys[None, :], s, mask=mask)
-    if SRING == 2:  # the sequence's last rows (the scalar test broadcast first, for Triton's interpreter)
-        keep = row_ok & (rows > last - CQ) & (rows * 0 + last == end - 1)
-        tl.store(sring_ptr + ring_rows + keys[None, :], s, mask=mask & keep[:, None])
+    if SRING == 2:
+        tl.store(ring_ptrs, s, mask=mask & _sequence_tail(rows, last, end, CQ)[:, None])
+
+
+@triton.jit
+def _item_slot(seq_state_ptr, work_seq_ptr, w):
+    """The ConvState slot of work item w's sequence."""
+    return tl.load(seq_state_ptr + tl.load(work_seq_ptr + w))
+
+
+@triton.jit
+def _ring_row(slot, heads, rows, H: tl.constexpr, ROWS: tl.constexpr):
+    """Row index (int64) of positions `rows` (negative ones clamped to 0) and `heads` in a ConvState tensor
+    [slots, H, ROWS, ...], which keeps position p at row p % ROWS."""
+    return ((slot * H + heads) * ROWS + tl.where(rows < 0, 0, rows) % ROWS).to(tl.int64)
+
+
+@triton.jit
+def _sequence_tail(rows, last, end, N: tl.constexpr):
+    """Which of `rows` are among the last N positions of a sequence whose work item ends it (last = end - 1):
+    what prompt groups write to the ConvState. The scalar test is broadcast first, for Triton's interpreter."""
+    return (rows >= 0) & (rows > last - N) & (rows <= last) & (rows * 0 + last == end - 1)
 
 
 @triton.jit
@@ -423,14 +444,13 @@ def _logits_kernel(s_ptr, l_ptr, stats_ptr, pre_w_ptr, pre_mix_ptr, item0, bt_pt
     if RING == 0:
         dst = l_ptr + ((b * H + h3) * RL + r3).to(tl.int64) * LENGTH
     else:
-        slot = tl.load(seq_state_ptr + tl.load(work_seq_ptr + item0 + b))
-        ring_row = ring_ptr + ((slot * H + h3) * CQ2 + tl.where(rows < 0, 0, rows) % CQ2).to(tl.int64) * RING_LENGTH
+        slot = _item_slot(seq_state_ptr, work_seq_ptr, item0 + b)
+        ring_row = ring_ptr + _ring_row(slot, h3, rows, H, CQ2) * RING_LENGTH
         if RING == 1:
             dst = ring_row
         else:
             dst = l_ptr + ((b * H + h3) * RL + r3).to(tl.int64) * LENGTH
-            # the sequence's last rows (the scalar test broadcast first, for Triton's interpreter)
-            keep = ok & (rows > last - CQ2) & (rows >= 0) & (rows <= last) & (rows * 0 + last == end - 1)
+            keep = ok & _sequence_tail(rows, last, end, CQ2)
     m = tl.full((HB, RLT), float("-inf"), tl.float32)
     l = tl.zeros((HB, RLT), tl.float32)
     t0, t1 = split_key_tiles(tl.minimum(first - (RL - RO) + row_tile * RLT + RLT - 1, last), split, BN, SPLITS)
@@ -499,8 +519,8 @@ def _normalizers_kernel(stats_ptr, norm_ptr, ring_norm_ptr, item0, work_seq_ptr,
         end = tl.load(seq_end_ptr + seq)
         last = tl.minimum(first + RO, end) - 1
         rows = first - (RL - RO) + r
-        keep = ok & (rows >= 0) & (rows > last - CQ2) & (rows <= last) & (rows * 0 + last == end - 1)
-        ring_offs = (tl.load(seq_state_ptr + seq) * H + h) * CQ2 + tl.where(rows < 0, 0, rows) % CQ2
+        keep = ok & _sequence_tail(rows, last, end, CQ2)
+        ring_offs = _ring_row(tl.load(seq_state_ptr + seq), h, rows, H, CQ2)
         tl.store(ring_norm_ptr + ring_offs, m, mask=keep)
         tl.store(ring_norm_ptr + NUM_SLOTS * H * CQ2 + ring_offs, inv_l, mask=keep)
 
@@ -528,22 +548,23 @@ def _probs_kernel(l_ptr, norm_ptr, stats_ptr, p_ptr, post_w_ptr, post_mix_ptr, i
     inv_base = tl.num_programs(0) * H * RL
     cur_m = tl.zeros((HB, 1), tl.float32)
     cur_inv = tl.zeros((HB, 1), tl.float32)
+    if RING == 1:
+        slot = _item_slot(seq_state_ptr, work_seq_ptr, item0 + b)
     if NORM_HERE:
         hs = tl.arange(0, HB)[:, None]
         cur_m, cur_inv = _split_normalizers(stats_ptr, (b * SPLITS * H + hs) * RL, hs < H, H * RL,
                                             tl.num_programs(0) * SPLITS * H * RL, SPLITS)
         if RING == 1:  # for the steps after this one
-            slot = tl.load(seq_state_ptr + tl.load(work_seq_ptr + item0 + b))
-            offs = (slot * H + hs) * CQ2 + first % CQ2
+            offs = _ring_row(slot, hs, first, H, CQ2)
             tl.store(ring_norm_ptr + offs, cur_m, mask=(hs < H) & (hs * 0 + split == 0))
             tl.store(ring_norm_ptr + NUM_SLOTS * H * CQ2 + offs, cur_inv, mask=(hs < H) & (hs * 0 + split == 0))
     t0, t1 = split_key_tiles(tl.minimum(first + row_tile * OT + OT - 1, last), split, BN, SPLITS)
     for t in range(t0, t1):
         keys = t * BN + j3
         if RING == 1:
-            p = _row_conv(ring_ptr, post_w_ptr, tl.load(seq_state_ptr + tl.load(work_seq_ptr + item0 + b)), 0,
-                          first - (CQ2 - 1), last, t * BN, H, HB, CQ2, OT, BN, CQ2, CK2, PL2, RING_TILES * BN, True,
-                          ring_norm_ptr, NUM_SLOTS * H * CQ2, True, cur_m=cur_m, cur_inv=cur_inv)
+            p = _row_conv(ring_ptr, post_w_ptr, slot, 0, first - (CQ2 - 1), last, t * BN, H, HB, CQ2, OT, BN, CQ2,
+                          CK2, PL2, RING_TILES * BN, True, ring_norm_ptr, NUM_SLOTS * H * CQ2, True, cur_m=cur_m,
+                          cur_inv=cur_inv)
         elif POST_CONV:
             p = _row_conv(l_ptr, post_w_ptr, b, row_tile * OT, first - (CQ2 - 1), last, t * BN, H, HB, RL, OT, BN,
                           CQ2, CK2, PL2, LENGTH, True, norm_ptr, inv_base)
