@@ -36,8 +36,10 @@ def test_overload_rounds_account_for_every_request(server):
         assert result.outcomes["rejected_429"] > 0 and result.outcomes["client_abort"] > 0
         assert result.outcomes["completed"] > 0
         completed = after["stop"] + after["length"] - before["stop"] - before["length"]
-        assert completed == result.outcomes["completed"]  # nothing lost, nothing finished twice
-        assert after["abort"] - before["abort"] <= result.outcomes["client_abort"]
+        aborted = after["abort"] - before["abort"]
+        # nothing lost, nothing finished twice (a client leaving as its last token arrives is an abort to it
+        # and a completion to the server: CI once saw 200 server completions for 199 client ones)
+        assert load_test.accounted(result.outcomes, completed, aborted), (completed, aborted, result.outcomes)
         assert after["running"] == after["waiting"] == after["kv_usage"] == 0
         assert result.health_checks > 0 and result.health_failures == 0
         resident.append(load_test.resident_bytes(server.proc.pid))
