@@ -2,8 +2,8 @@
 mid-stream, more clients than the queue admits. Every request must end as exactly one of: completed (a
 finish_reason, a usage chunk and [DONE], as many text chunks as completion tokens), aborted by its own
 client, or rejected with 429. Afterwards the server must be idle (no running or waiting request, no KV
-block in use), its finished-request counters must account for what the clients saw (`accounted`), /health must have answered
-200 throughout, and its resident memory must stay flat across rounds.
+block in use), its finished-request counters must account for what the clients saw (`accounted`), /health
+must have answered 200 throughout, and its resident memory must stay flat across rounds.
 
     python benchmarks/load_test.py --url http://127.0.0.1:8000 --model NAME [--clients 512] \
         [--rounds 20] [--disconnect 0.25] [--max-tokens 32] [--pid SERVER_PID] [--out FILE]
