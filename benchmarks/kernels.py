@@ -31,7 +31,7 @@ from mta_serve.dense_attention import MTAWeights, attention_probs
 from mta_serve.kernels.mta_attention import ConvState, layer_params, mta_paged_attention
 from mta_serve.kernels.paged_flash import paged_flash_attention
 from mta_serve.kernels.work_items import build_work_items
-from mta_serve.triton_attention import decode_splits, flash_splits  # the engine's rules
+from mta_serve.triton_attention import decode_splits, flash_splits, mixing_splits  # the engine's rules
 
 HEADS, HEAD_DIM, BLOCK = 16, 96, 16
 DTYPE = torch.bfloat16
@@ -102,6 +102,13 @@ def sweep(batch: int, context: int, kinds: list[str]) -> list[dict]:
     return rows
 
 
+def engine_splits(kind: str, batch: int, context: int, num_sms: int) -> int:
+    """The key splits the engine gives decode rows of this layer kind."""
+    splits = decode_splits(batch, context, num_sms)
+    return {"conv": splits, "mixing": mixing_splits(splits),
+            "plain": flash_splits(batch, context, HEADS, num_sms)}[kind]
+
+
 def bench_ms(fn) -> float:
     """Device time per call, replayed from a CUDA graph as the engine runs decode steps: launched from
     Python, a batch-1 or mixing-layer call measured the ~50 us launch cost of each of its kernels instead
@@ -117,9 +124,7 @@ def decode_rows(batches, contexts, copy_bw: float, num_sms: int) -> list[dict]:
             kv_bytes = 2 * batch * context * HEADS * HEAD_DIM * 2
             result = dict(batch=batch, context=context, kv_bytes=kv_bytes)
             for kind in ("conv", "mixing", "plain"):
-                splits = decode_splits(batch, context, num_sms)
-                if kind == "plain":
-                    splits = flash_splits(splits, context)
+                splits = engine_splits(kind, batch, context, num_sms)
                 ms = bench_ms(run_paged(kind, inputs, 1, splits))
                 result[kind] = dict(ms=ms, splits=splits, gbps=kv_bytes / ms / 1e6,
                                     copy_fraction=kv_bytes / (ms * 1e-3) / copy_bw)
@@ -204,8 +209,8 @@ def breakdown(num_sms: int, block_m: int) -> list[dict]:
     rows = []
     for shape, (batch, context, new) in (("decode 64x2048", (64, 2048, 1)), ("prefill 8192", (1, 8192, 8192))):
         inputs = paged_batch(batch, context, new)
-        splits = decode_splits(batch, context, num_sms) if new == 1 else 1
         for kind in ("conv", "conv_recompute", "mixing") if new == 1 else ("conv", "mixing"):
+            splits = engine_splits(kind.split("_")[0], batch, context, num_sms) if new == 1 else 1
             times = kernel_times(run_paged(kind.split("_")[0], inputs, 1 if new == 1 else block_m, splits,
                                            conv_state=kind == "conv"))
             rows.append(dict(shape=shape, kind=kind, kernels_us=times))

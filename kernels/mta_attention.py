@@ -5,13 +5,13 @@ The spec's two-pass algorithm, each stage a simple kernel with full parallelism.
 consecutive query rows of one sequence (one row when decoding); for a group with rows [p0, p1) the stages
 keep, per head, the rows the convolutions need over the keys 0..p1-1:
 
-1. `_scores_kernel` (item, head, key tile x row tile): raw masked scores of rows p0-W .. p1-1, with
+1. `_scores_kernel` (item x head, key tile x row tile): raw masked scores of rows p0-W .. p1-1, with
    W = (c_q-1) + (c_q'-1) -> S [items, H, rows + W, T];
 2. `_logits_kernel` (item, split, row tile): pre-conv over S (its key halo is a shifted read), pre-mix,
    masking -> L [items, H, rows + c_q'-1, T] and each split's max and sum of exp;
    `_normalizers_kernel` combines the splits (decode rows with one logit row: `_probs_kernel` does);
 3. `_probs_kernel` (item, split, row tile): softmax rows -> post-conv -> post-mix -> P' [items, H, rows, T];
-4. `_pv_kernel` (item, head, split x row tile): P' @ V per split; `_sum_splits_kernel` writes the output.
+4. `_pv_kernel` (item x head, split x row tile): P' @ V per split; `_sum_splits_kernel` writes the output.
 
 With a ConvState (layers with a post-conv over c_q' > 1 queries, as the engine runs them), prompt groups
 also keep each sequence's last c_q score rows and c_q' logit rows (with their normalizers) in the
@@ -112,16 +112,17 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
                        v_cache: torch.Tensor, params: MTALayerParams, work: WorkItems, out: torch.Tensor,
                        key_tile: int | None = None, num_warps: int = 4, budget_bytes: int = 512 << 20,
                        max_len: int | None = None, prompt_splits: int | None = None,
-                       stream_tile: int | None = None, state: ConvState | None = None) -> torch.Tensor:
+                       stream_tile: int | None = None, state: ConvState | None = None,
+                       num_splits: int | None = None) -> torch.Tensor:
     """Rows of the work items (groups of work.block_m rows) into `out` [N, H, d] (spec steps 0-7).
 
     q [N, H, d]: the step's new queries; q_cache [num_blocks, bs, H, d] or None (no key-query conv);
     k_cache, v_cache [num_blocks, bs, G, d], already holding the step's tokens. Buffer sizes and grids
     depend only on the number of work items and `max_len` (default: the longest sequence; pass a fixed
     bound such as the model's max_seq_len for launches that must keep their shapes, e.g. in a CUDA graph).
-    Decode rows use work.num_splits key splits; prompt groups `prompt_splits`, by default enough to fill
-    the GPU. `key_tile` keys per tile in the conv and softmax kernels, `stream_tile` in the two that read
-    K and V (powers of two). With a `state` (post-conv layers; work.seq_state names each sequence's slot)
+    Decode rows use `num_splits` key splits (default work.num_splits); prompt groups `prompt_splits`, by
+    default enough to fill the GPU. `key_tile` keys per tile in the conv and softmax kernels, `stream_tile` in the two that read
+    K and V (powers of two; by default 128, and `key_tile` for prompt groups' P'V). With a `state` (post-conv layers; work.seq_state names each sequence's slot)
     prompt groups also write their sequences' last score and logit rows there and decode rows read the
     rows before theirs from it. Nothing here synchronizes with the host.
     """
@@ -148,15 +149,22 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     bn = key_tile or (32 if not decode else 64 if (cq > 1 or cq2 > 1) else 128)
     # _scores_kernel and _pv_kernel stream K and V and keep no head or row tile of the convs, so decode
     # rows use wide key tiles there (conv layer at 64 x 2048: _pv 213 us with 64-key tiles, 141 with 128).
-    stream = stream_tile or (128 if decode else bn)
-    length = triton.cdiv(max(max_len or 0, work.max_len), max(bn, stream)) * max(bn, stream)
+    # Prompt groups' _scores_kernel too (H200, prefill at 8192 tokens: 2.25 -> 1.56 ms for a mixing layer
+    # with 128-key tiles rather than 32), but not their _pv_kernel (4.97 -> 7.25 ms).
+    scores_tile = stream_tile or 128
+    pv_tile = stream_tile or (128 if decode else bn)
+    widest = max(bn, scores_tile, pv_tile)
+    length = triton.cdiv(max(max_len or 0, work.max_len), widest) * widest
     per_item = 4 * n_heads * length * (rows_s + (0 if ring == 1 else rows_l) + rows_o)
     wave = max(1, min(num_items, budget_bytes // per_item))
-    splits = work.num_splits if decode else prompt_splits or _prompt_splits(q.device, wave, rows_l, length, bn)
+    if decode:
+        splits = num_splits or work.num_splits
+    else:
+        splits = prompt_splits or _prompt_splits(q.device, wave, rows_l, length, bn)
     dummy = torch.empty(1, dtype=torch.float32, device=q.device)
     c = dict(
         H=n_heads, GROUP=n_heads // k_cache.shape[2], D=head_dim, DP=dot_width(head_dim), BN=bn,
-        NUM_TILES=length // bn, STREAM_BN=stream,
+        NUM_TILES=length // bn, SCORES_BN=scores_tile, PV_BN=pv_tile,
         BLOCK_SIZE=k_cache.shape[1], HB=triton.next_power_of_2(n_heads), RO=rows_o, R=rows_s, RL=rows_l,
         RT=1 if rows_s == 1 else max(16, min(32, triton.next_power_of_2(rows_s))),
         RLT=min(8, triton.next_power_of_2(rows_l)), RLP=triton.next_power_of_2(rows_l), OT=1 if decode else 16,
@@ -168,7 +176,7 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
         NORM_HERE=decode and rows_l == 1 and (ring == 1 or params.post_kernel is None))
     weights = dict(pre_w_ptr=_or(params.pre_kernel, dummy), post_w_ptr=_or(params.post_kernel, dummy),
                    pre_mix_ptr=_or(params.pre_mix, dummy), post_mix_ptr=_or(params.post_mix, dummy),
-                   **_state_args(state if ring else None, work, bn, dummy))
+                   **_state_args(state if ring else None, work, bn, widest, dummy))
     f32 = dict(dtype=torch.float32, device=q.device)
     scores = torch.empty(wave, n_heads, rows_s, length, **f32)
     logits = dummy if ring == 1 else torch.empty(wave, n_heads, rows_l, length, **f32)
@@ -186,13 +194,15 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     return out
 
 
-def _state_args(state: ConvState | None, work: WorkItems, key_tile: int, dummy: torch.Tensor) -> dict:
-    """The kernels' ConvState arguments (placeholders without one)."""
+def _state_args(state: ConvState | None, work: WorkItems, key_tile: int, widest: int, dummy: torch.Tensor) -> dict:
+    """The kernels' ConvState arguments (placeholders without one); RING_TILES counts key_tile-key tiles,
+    and every kernel's tile (at most `widest` keys) must divide the rows."""
     if state is None:
         return dict(seq_state_ptr=work.work_seq, ring_ptr=dummy, ring_norm_ptr=dummy, sring_ptr=dummy,
                     RING_TILES=1, NUM_SLOTS=1)
-    if state.logits.shape[-1] % key_tile:
-        raise ValueError(f"key_tile={key_tile} does not divide the ConvState rows ({state.logits.shape[-1]} keys)")
+    if state.logits.shape[-1] % widest:
+        raise ValueError(f"key tiles of {widest} keys do not divide the ConvState rows "
+                         f"({state.logits.shape[-1]} keys)")
     return dict(seq_state_ptr=work.seq_state, ring_ptr=state.logits, ring_norm_ptr=state.norms,
                 sring_ptr=_or(state.scores, dummy), RING_TILES=state.logits.shape[-1] // key_tile,
                 NUM_SLOTS=state.logits.shape[0])
@@ -225,19 +235,23 @@ def _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, nor
             weights, c, sm_scale, num_warps):
     out_tiles = triton.cdiv(c["RO"], c["OT"])
     every = dict(**seq, **weights, **c, sm_scale=sm_scale)
-    streaming = dict(every, BN=c["STREAM_BN"], NUM_TILES=c["NUM_TILES"] * c["BN"] // c["STREAM_BN"],
-                     RING_TILES=every["RING_TILES"] * c["BN"] // c["STREAM_BN"])
+
+    def streaming(tile):  # the arguments with `tile`-key tiles
+        return dict(every, BN=tile, NUM_TILES=c["NUM_TILES"] * c["BN"] // tile,
+                    RING_TILES=every["RING_TILES"] * c["BN"] // tile)
 
     def run(kernel, grid, *tensors, args=every):
         kernel[grid](*tensors, num_warps=num_warps, **{k: args[k] for k in _named_args(kernel, args)})
 
-    run(_scores_kernel, (items, c["H"], streaming["NUM_TILES"] * triton.cdiv(c["R"], c["RT"])), q,
-        q if q_cache is None else q_cache, k_cache, scores, args=streaming)
+    # heads fastest in the grid of the kernels that stream K or V, as in paged_flash
+    scores_args = streaming(c["SCORES_BN"])
+    run(_scores_kernel, (items * c["H"], scores_args["NUM_TILES"] * triton.cdiv(c["R"], c["RT"])), q,
+        q if q_cache is None else q_cache, k_cache, scores, args=scores_args)
     run(_logits_kernel, (items, c["SPLITS"], triton.cdiv(c["RL"], c["RLT"])), scores, logits, stats)
     if not c["NORM_HERE"]:
         run(_normalizers_kernel, (items, c["H"]), stats, norms)
     run(_probs_kernel, (items, c["SPLITS"], out_tiles), logits, norms, stats, probs)
-    run(_pv_kernel, (items, c["H"], c["SPLITS"] * out_tiles), probs, v_cache, partial, args=streaming)
+    run(_pv_kernel, (items * c["H"], c["SPLITS"] * out_tiles), probs, v_cache, partial, args=streaming(c["PV_BN"]))
     run(_sum_splits_kernel, (items, c["H"]), partial, out)
 
 
@@ -265,8 +279,8 @@ def _scores_kernel(q_ptr, qc_ptr, k_ptr, s_ptr, sm_scale, item0, bt_ptr, bt_stri
     (decode rows): the row goes to the sequence's ConvState scores instead; SRING 2 (prompt groups): the
     sequence's last c_q rows also go there."""
     LENGTH = NUM_TILES * BN  # row stride of the fp32 buffers; a product, so its divisibility is known
-    b, h = tl.program_id(0), tl.program_id(1)
-    key_tile, row_tile = tl.program_id(2) % NUM_TILES, tl.program_id(2) // NUM_TILES
+    b, h = tl.program_id(0) // H, tl.program_id(0) % H
+    key_tile, row_tile = tl.program_id(1) % NUM_TILES, tl.program_id(1) // NUM_TILES
     first, start, end, row0, last, bt = work_item(item0 + b, work_seq_ptr, work_first_ptr, seq_start_ptr,
                                                   seq_end_ptr, seq_row_ptr, bt_ptr, bt_stride, RO)
     r = row_tile * RT + tl.arange(0, RT)
@@ -598,8 +612,8 @@ def _pv_kernel(p_ptr, v_ptr, part_ptr, item0, bt_ptr, bt_stride, seq_start_ptr, 
                RO: tl.constexpr, OT: tl.constexpr, SPLITS, FP32: tl.constexpr):
     """This split's sum over keys of P'[h, row, j] v_j for one head and row tile."""
     LENGTH = NUM_TILES * BN  # row stride of the fp32 buffers; a product, so its divisibility is known
-    b, h = tl.program_id(0), tl.program_id(1)
-    split, row_tile = tl.program_id(2) % SPLITS, tl.program_id(2) // SPLITS
+    b, h = tl.program_id(0) // H, tl.program_id(0) % H
+    split, row_tile = tl.program_id(1) % SPLITS, tl.program_id(1) // SPLITS
     first, start, end, row0, last, bt = work_item(item0 + b, work_seq_ptr, work_first_ptr, seq_start_ptr,
                                                   seq_end_ptr, seq_row_ptr, bt_ptr, bt_stride, RO)
     r = row_tile * OT + tl.arange(0, OT)

@@ -37,7 +37,7 @@ def paged_flash_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     stats = torch.empty(2, num_work, splits, n_heads, bm, dtype=torch.float32, device=q.device)
     meta = dict(H=n_heads, GROUP=n_heads // k_cache.shape[2], D=head_dim, DP=dot_width(head_dim),
                 BM=bm, SPLITS=splits)
-    _flash_kernel[(num_work, splits, n_heads)](
+    _flash_kernel[(num_work * n_heads, splits)](
         q, k_cache, v_cache, work.block_tables, work.block_tables.stride(0), work.seq_start, work.seq_end,
         work.seq_row, work.work_seq, work.work_first, partial, stats, num_work, 1.0 / math.sqrt(head_dim),
         BLOCK_SIZE=k_cache.shape[1], BN=block_n, TILE=work.block_m, FP32=q.dtype == torch.float32, **meta,
@@ -54,8 +54,10 @@ def _flash_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, bt_stride, seq_start_ptr, seq_end
                   BLOCK_SIZE: tl.constexpr, BN: tl.constexpr, TILE: tl.constexpr, FP32: tl.constexpr,
                   H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr,
                   SPLITS):
-    """One (tile, split, head): online softmax over the split's keys; rows [BM] (>= TILE, padded for dot)."""
-    w, split, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """One (tile, split, head): online softmax over the split's keys; rows [BM] (>= TILE, padded for dot).
+    Heads vary fastest in the grid, so the programs running together read all heads of the same keys:
+    whole 3 KB cache rows rather than 192-byte pieces of many (H200, 256 x 2048: 0.912 -> 0.852 ms)."""
+    w, h, split = tl.program_id(0) // H, tl.program_id(0) % H, tl.program_id(1)
     first, start, end, row0, last_row, bt = work_item(w, work_seq_ptr, work_first_ptr, seq_start_ptr, seq_end_ptr,
                                                       seq_row_ptr, bt_ptr, bt_stride, TILE)
     rows = first + tl.arange(0, BM)

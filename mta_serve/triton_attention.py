@@ -44,11 +44,21 @@ def decode_splits(num_sequences: int, max_len: int, num_sms: int) -> int:
     return max(1, min(wanted, -(-max_len // 64), 32))
 
 
-def flash_splits(num_splits: int, max_len: int) -> int:
-    """Key splits for plain layers: decode_splits' count, but splits of >= 256 keys and at most 16. A paged
-    flash program serves one head, so heads already multiply its programs; 64-key splits made the 830M
-    baseline's batch-1 step slower on the H200 (2.61 ms against 2.04 ms)."""
-    return max(1, min(num_splits, -(-max_len // 256), 16))
+def flash_splits(num_sequences: int, max_len: int, num_heads: int, num_sms: int) -> int:
+    """Key splits of decode rows in plain layers: enough (sequence, head, split) programs for about ten per
+    SM (a paged flash program serves one head), splits of >= 256 keys, at most 16. On the H200 (830M heads)
+    this took 64 x 2048 from 0.230 ms (8 splits, the earlier rule: decode_splits' count capped alike) to
+    0.220 (2) and 16 x 8192 from 0.223 (16) to 0.210 (6); 64-key splits made the 830M baseline's batch-1
+    step slower (2.61 ms against 2.04 ms)."""
+    wanted = -(-10 * num_sms // (num_sequences * num_heads))
+    return max(1, min(wanted, -(-max_len // 256), 16))
+
+
+def mixing_splits(num_splits: int) -> int:
+    """Key splits of decode rows in MTA layers without a key-query conv: half of decode_splits' count. Their
+    programs do less work per key than a conv layer's, for which decode_splits' count was best (H200, 830M
+    heads, mixing layer: 1 x 2048 0.022 -> 0.018 ms, 16 x 2048 0.087 -> 0.081, 64 x 2048 0.259 -> 0.253)."""
+    return max(1, num_splits // 2)
 
 
 def conv_state_layers(cfg: ModelConfig) -> list[int]:
@@ -195,12 +205,16 @@ class TritonPagedAttention(TorchPagedAttention):
         from .kernels.paged_flash import paged_flash_attention
 
         k_cache, v_cache = self.k_cache[layer_id], self.v_cache[layer_id]
+        decode = work.block_m == 1
         if params is None:
-            splits = flash_splits(work.num_splits, work.max_len)
+            splits = 1 if not decode else flash_splits(work.work_seq.numel(), work.max_len, self.cfg.n_heads,
+                                                       self.num_sms)
             paged_flash_attention(q, k_cache, v_cache, work, out, num_splits=splits)
         else:
+            convs = params.pre_kernel is not None or params.post_kernel is not None
+            splits = mixing_splits(work.num_splits) if decode and not convs else None
             mta_paged_attention(q, self.q_cache[layer_id], k_cache, v_cache, params, work, out,
-                                state=self.conv_states[layer_id])
+                                state=self.conv_states[layer_id], num_splits=splits)
 
     @torch.no_grad()
     def warm_up(self, model) -> int:

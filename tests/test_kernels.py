@@ -266,9 +266,10 @@ def test_mta_kernel_conv_state_must_fit_the_layer():
     out = torch.empty(q.shape, device=DEVICE)
     with pytest.raises(ValueError, match="keeps 3 score and 3 logit rows; the layer needs 3, 2"):
         mta_paged_attention(q, qc, kc, vc, params, work, out, state=ConvState.allocate(5, H, 3, 3, 32, DEVICE))
-    with pytest.raises(ValueError, match="key_tile=256 does not divide"):
-        mta_paged_attention(q, qc, kc, vc, params, work, out, key_tile=256,
-                            state=ConvState.allocate(5, H, 3, 2, 32, DEVICE))
+    for tiles in (dict(key_tile=256), dict(stream_tile=256)):
+        with pytest.raises(ValueError, match="tiles of 256 keys do not divide"):
+            mta_paged_attention(q, qc, kc, vc, params, work, out, state=ConvState.allocate(5, H, 3, 2, 32, DEVICE),
+                                **tiles)
     with pytest.raises(ValueError, match="needs work.seq_state"):
         mta_paged_attention(q, qc, kc, vc, params, build_work_items(tables, starts, ends, rows, 1, 1, DEVICE), out,
                             state=ConvState.allocate(5, H, 3, 2, 32, DEVICE))
