@@ -69,6 +69,11 @@ class KVCacheManager:
     def allocate(self, request: Request, num_new_tokens: int, cached: list[Block] = ()) -> bool:
         """Make room for `num_new_tokens` more tokens after the computed ones (and the `cached` hits of a
         new request). False, changing nothing, when too few blocks are free."""
+        table = self.block_tables.get(request.request_id)
+        end = request.num_computed_tokens + num_new_tokens
+        if not cached and table is not None and self.blocks_for(end) <= len(table):
+            self._cache_full_blocks(request, end)  # a decode step, mostly: nothing to allocate
+            return True
         table = self.block_tables.setdefault(request.request_id, [])
         num_computed = request.num_computed_tokens + len(cached) * self.block_size
         need = self.blocks_for(num_computed + num_new_tokens) - len(table) - len(cached)
@@ -81,18 +86,20 @@ class KVCacheManager:
         new = self.pool.allocate(max(need, 0))
         table.extend(cached)
         table.extend(new)
-        ids = self._block_ids.setdefault(request.request_id, [])
-        if cached or new:  # a decode step mostly allocates nothing: keep that path cheap
-            ids.extend([b.block_id for b in cached] + [b.block_id for b in new])
+        self._block_ids.setdefault(request.request_id, []).extend([b.block_id for b in cached] +
+                                                                  [b.block_id for b in new])
         self._cache_full_blocks(request, num_computed + num_new_tokens)
         return True
 
     def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
         """Index the blocks that are full once `num_tokens` tokens are computed (their tokens are known)."""
         hashes = self._hashes.setdefault(request.request_id, [])
-        table = self.block_tables[request.request_id]
         bs = self.block_size
-        for i in range(len(hashes), min(num_tokens, request.num_tokens) // bs):
+        full = min(num_tokens, request.num_tokens) // bs
+        if len(hashes) >= full:
+            return
+        table = self.block_tables[request.request_id]
+        for i in range(len(hashes), full):
             hashes.append(block_hash(hashes[-1] if hashes else None, request.token_ids[i * bs:(i + 1) * bs]))
             self.pool.cache(table[i], hashes[-1])
 

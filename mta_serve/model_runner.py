@@ -136,7 +136,7 @@ class ModelRunner:
         for s in scheduled:
             rid = s.request.request_id
             rows.append(DecodeRow(s.request.token_ids[s.start], s.start, self.kv.slot(rid, s.start),
-                                  self.kv.block_ids(rid)[:self.kv.blocks_for(s.end)], self._state_slot(rid)))
+                                  self.kv.block_ids(rid), self._state_slot(rid)))
         logits = self.graphs.run(rows)  # a view of the graphs' output buffer, rewritten by the next step
 
         def logits_of(rows):  # a list index copies; a slice (prompt logprobs) must be copied explicitly

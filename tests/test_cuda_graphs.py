@@ -9,7 +9,7 @@ import torch
 from helpers import greedy, run_all
 from mta_serve.cli import build_engine, serve_parser
 from mta_serve.config import CacheConfig, ConfigError, ModelConfig, MTAConfig, SchedulerConfig
-from mta_serve.cuda_graphs import padded_sizes
+from mta_serve.cuda_graphs import DecodeRow, padded_sizes
 from mta_serve.engine import LLMEngine
 from mta_serve.model import build_model
 from mta_serve.sampling_params import SamplingParams
@@ -37,6 +37,28 @@ def test_padded_sizes():
     assert padded_sizes(6) == [1, 2, 4, 6]
     assert padded_sizes(64)[-3:] == [32, 48, 64]
     assert padded_sizes(1000)[-2:] == [896, 1000]
+
+
+def test_graph_block_tables_follow_rows_that_grow_change_owner_or_turn_to_padding():
+    """The graph inputs keep last step's block tables and rewrite a row only where it changed: a request's
+    table that grew (the manager's list, appended to), a row now holding another request, a padding row."""
+    graphs = _engine(_model(), "triton").runner.graphs
+    a, b, c = [3, 4], [5], [7, 8]
+
+    def tables(rows, size):
+        graphs._fill([DecodeRow(0, 0, 0, ids) for ids in rows], size)
+        return graphs._views(size)[5].tolist()
+
+    t = tables([a, b], 2)
+    assert t[0][:2] == [3, 4] and t[1][:1] == [5]
+    a.append(6)  # a's next block; row 1 now holds c
+    t = tables([a, c], 2)
+    assert t[0][:3] == [3, 4, 6] and t[1][:2] == [7, 8]
+    t = tables([c], 2)  # row 1 is padding
+    assert t[0][:2] == [7, 8] and t[1][0] == graphs.scratch_block
+    a.append(9)
+    t = tables([c, a], 2)
+    assert t[0][:2] == [7, 8] and t[1][:4] == [3, 4, 6, 9]
 
 
 def test_decode_steps_run_padded_and_equal_the_torch_backend():
