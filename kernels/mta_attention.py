@@ -121,10 +121,11 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     depend only on the number of work items and `max_len` (default: the longest sequence; pass a fixed
     bound such as the model's max_seq_len for launches that must keep their shapes, e.g. in a CUDA graph).
     Decode rows use `num_splits` key splits (default work.num_splits); prompt groups `prompt_splits`, by
-    default enough to fill the GPU. `key_tile` keys per tile in the conv and softmax kernels, `stream_tile` in the two that read
-    K and V (powers of two; by default 128, and `key_tile` for prompt groups' P'V). With a `state` (post-conv layers; work.seq_state names each sequence's slot)
-    prompt groups also write their sequences' last score and logit rows there and decode rows read the
-    rows before theirs from it. Nothing here synchronizes with the host.
+    default enough to fill the GPU. `key_tile` keys per tile in the conv and softmax kernels, `stream_tile`
+    in the two that read K and V (powers of two; by default 128, and `key_tile` for prompt groups' P'V).
+    With a `state` (post-conv layers; work.seq_state names each sequence's slot) prompt groups also write
+    their sequences' last score and logit rows there and decode rows read the rows before theirs from it.
+    Nothing here synchronizes with the host.
     """
     num_items = work.work_seq.numel()
     if num_items == 0:
