@@ -87,6 +87,22 @@ def test_manager_block_tables_slots_and_reverse_free():
     assert list(kv.pool._free)[-4:] == [3, 2, 1, 0]  # the prefix block is reused last
 
 
+def test_blocks_filled_by_decode_steps_are_cached_for_later_prompts():
+    """A decode step whose token lands in an already allocated block allocates nothing, but once the block
+    is full it is indexed all the same, so a later prompt extending the generated text hits it."""
+    kv = KVCacheManager(BlockPool(8), block_size=4)
+    r = _request("a", list(range(6)))
+    assert kv.allocate(r, 6) and kv.pool.num_cached == 1
+    r.num_computed_tokens = 6
+    for token in (50, 51):  # positions 6 and 7: block 1 fills without a new block
+        r.token_ids.append(token)
+        assert kv.allocate(r, 1) and kv.block_ids("a") == [0, 1]
+        r.num_computed_tokens += 1
+    assert kv.pool.num_cached == 2
+    later = _request("b", list(range(6)) + [50, 51, 9])
+    assert ids(kv.find_cached_prefix(later)) == [0, 1]
+
+
 def test_manager_refuses_without_changing_anything():
     kv = KVCacheManager(BlockPool(2), block_size=4)
     r = _request("a", list(range(9)))
