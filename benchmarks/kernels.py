@@ -13,7 +13,7 @@ bandwidth of a 2 GiB device-to-device copy is measured in the same run. Kernel t
 (the kernels' device time, without Python's launch cost). Prints a table, writes JSON.
 
     python benchmarks/kernels.py [--out benchmarks/results/kernels_h200.json] [--quick] [--sweep [KIND ...]] [--breakdown]
-        [--no-dense]
+        [--split-sweep] [--no-dense]
 """
 from __future__ import annotations
 
@@ -99,6 +99,28 @@ def sweep(batch: int, context: int, kinds: list[str]) -> list[dict]:
                                          **(dict(decode_dot=dot) if kind == "plain" else {})))
         best = min((r for r in rows if r["kind"] == kind), key=lambda r: r["ms"])
         print(f"sweep b={batch} ctx={context} {kind}: best {best}", flush=True)
+    return rows
+
+
+SPLIT_COUNTS = (1, 2, 3, 4, 6, 8, 12, 16, 32)
+
+
+def split_sweep(batches, contexts, num_sms: int) -> list[dict]:
+    """Decode time of each layer kind at every key-split count of SPLIT_COUNTS and at the engine's rule
+    (what decode_splits, mixing_splits and flash_splits rest on)."""
+    rows = []
+    for batch in batches:
+        for context in contexts:
+            inputs = paged_batch(batch, context, 1)
+            for kind in ("conv", "mixing", "plain"):
+                rule = engine_splits(kind, batch, context, num_sms)
+                ms = {s: bench_ms(run_paged(kind, inputs, 1, s)) for s in sorted(set(SPLIT_COUNTS) | {rule})}
+                best = min(ms, key=ms.get)
+                rows.append(dict(kind=kind, batch=batch, context=context, rule=rule, best=best, ms=ms))
+                print(f"splits {kind} b={batch} ctx={context}: rule {rule} {ms[rule]:.4f} ms, best {best} "
+                      f"{ms[best]:.4f} ms", flush=True)
+            del inputs
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -231,6 +253,8 @@ def main() -> int:
                    help="also sweep splits / tile / warps at batch 64 x 2048 for these layer kinds (all if none)")
     p.add_argument("--breakdown", action="store_true", help="also time each kernel of (a) and (b) at decode "
                    "64 x 2048 and prefill 8192 (PyTorch profiler)")
+    p.add_argument("--split-sweep", action="store_true", help="also time every key-split count of (a), (b) "
+                   "and (c) at each decode shape, against the engine's rules")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py: error: needs a CUDA device", file=sys.stderr)
@@ -247,6 +271,7 @@ def main() -> int:
         copy_bandwidth_gbps=copy_bw / 1e9,
         sweep=None if args.sweep is None else sweep(64, 2048, args.sweep or ["conv", "mixing", "plain"]),
         breakdown=breakdown(num_sms, args.prefill_block_m) if args.breakdown else None,
+        split_sweep=split_sweep(batches, contexts, num_sms) if args.split_sweep else None,
         decode=decode_rows(batches, contexts, copy_bw, num_sms),
         prefill=prefill_rows([2048] if args.quick else [2048, 8192], args.prefill_block_m, not args.no_dense),
     )
