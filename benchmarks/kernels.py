@@ -12,8 +12,8 @@ Achieved bandwidth = bytes that must move (K and V once, the queries, the output
 bandwidth of a 2 GiB device-to-device copy is measured in the same run. Kernel times are CUDA-graph replays
 (the kernels' device time, without Python's launch cost). Prints a table, writes JSON.
 
-    python benchmarks/kernels.py [--out benchmarks/results/kernels_h200.json] [--quick] [--sweep [KIND ...]] [--breakdown]
-        [--split-sweep] [--no-dense]
+    python benchmarks/kernels.py [--out benchmarks/results/kernels_h200.json] [--quick] [--sweep [KIND ...]]
+        [--breakdown] [--split-sweep] [--no-dense]
 """
 from __future__ import annotations
 
