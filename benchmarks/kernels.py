@@ -7,7 +7,8 @@ Shapes are the 830M model's attention (16 heads x 96, G = H), bf16, paged with 1
   attention (paged flash kernel), and
   (d) torch SDPA on contiguous K/V;
 - prefill of one whole prompt for (a), (b), (c) vs SDPA (flash, causal) and the dense reference
-  (dense_attention.attention_probs, which materializes the T x T maps);
+  (dense_attention.attention_probs, which materializes the T x T maps), and (b) also through the fused
+  two-pass prompt kernel (kernels/mixing_prefill.py, "mixing_fused": the fastest of FUSED_CONFIGS);
 Achieved bandwidth = bytes that must move (K and V once, the queries, the output) / time; the copy
 bandwidth of a 2 GiB device-to-device copy is measured in the same run. Kernel times are CUDA-graph replays
 (the kernels' device time, without Python's launch cost). Prints a table, writes JSON.
@@ -28,6 +29,7 @@ import triton.testing
 
 from common import commit, copy_bandwidth, write_result
 from mta_serve.dense_attention import MTAWeights, attention_probs
+from mta_serve.kernels.mixing_prefill import mixing_prefill_attention
 from mta_serve.kernels.mta_attention import ConvState, layer_params, mta_paged_attention
 from mta_serve.kernels.paged_flash import paged_flash_attention
 from mta_serve.kernels.work_items import build_work_items
@@ -67,14 +69,19 @@ def run_paged(kind: str, inputs, block_m: int, splits: int, block: int | None = 
               decode_dot: bool = True, conv_state: bool = True):
     """The engine's kernel for this layer kind: paged flash for plain layers, the MTA row pipeline else
     (for the conv layer with a ConvState slot per sequence, unless conv_state is False: decode rows then
-    recompute the previous rows)."""
+    recompute the previous rows); "mixing_fused": the mixing layer's prompt groups through the fused
+    two-pass kernel (kernels/mixing_prefill.py, not yet the engine's)."""
     q, qc, kc, vc, tables, starts, ends, rows = inputs
     state = None
     if kind == "conv" and conv_state:
         state = ConvState.allocate(len(starts), HEADS, 6, 6, max(ends), "cuda")
     work = build_work_items(tables, starts, ends, rows, block_m, splits, "cuda", states=list(range(len(starts))))
     out = torch.empty(q.shape, dtype=torch.float32, device="cuda")
-    weights = layer_weights(kind)
+    weights = layer_weights(kind.split("_")[0])
+    if kind == "mixing_fused":
+        params = layer_params(weights, "cuda")
+        return lambda: mixing_prefill_attention(q, kc, vc, params, work, out, key_tile=block or 32,
+                                                num_splits=splits, num_warps=num_warps)
     if weights is None:
         return lambda: paged_flash_attention(q, kc, vc, work, out, block_n=block, num_warps=num_warps,
                                              decode_dot=decode_dot, num_splits=splits)
@@ -176,6 +183,27 @@ def peak_bytes(fn) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
+FUSED_CONFIGS = ((16, 32, 4), (16, 32, 8), (16, 64, 8), (32, 32, 8))  # (rows, keys per tile, warps)
+
+
+def fused_prefill(inputs, length: int) -> dict:
+    """The fastest of FUSED_CONFIGS for the mixing layer's fused prefill kernel, each with enough key splits
+    for four (group, split) programs per SM; a config Triton cannot fit on the device is recorded as such."""
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    configs = []
+    for rows, keys, warps in FUSED_CONFIGS:
+        splits = max(1, min(16, -(-4 * num_sms // -(-length // rows)), length // (4 * keys)))
+        try:
+            ms = bench_ms(run_paged("mixing_fused", inputs, rows, splits, keys, warps))
+        except triton.runtime.errors.OutOfResources as exc:
+            configs.append(dict(rows=rows, keys=keys, warps=warps, splits=splits, error=str(exc)))
+            continue
+        configs.append(dict(rows=rows, keys=keys, warps=warps, splits=splits, ms=ms))
+    timed = [c for c in configs if "ms" in c]
+    best = min(timed, key=lambda c: c["ms"]) if timed else {}
+    return dict(ms=best.get("ms", float("nan")), best=best, configs=configs)
+
+
 def prefill_rows(lengths, block_m: int, dense: bool) -> list[dict]:
     rows = []
     for length in lengths:
@@ -184,6 +212,7 @@ def prefill_rows(lengths, block_m: int, dense: bool) -> list[dict]:
         for kind in ("conv", "mixing", "plain"):
             fn = run_paged(kind, inputs, block_m if kind != "plain" else 64, 1)
             result[kind] = dict(ms=bench_ms(fn), peak_extra_bytes=peak_bytes(fn))
+        result["mixing_fused"] = fused_prefill(inputs, length)
         q, k, v = (torch.randn(1, HEADS, length, HEAD_DIM, dtype=DTYPE, device="cuda") for _ in range(3))
         result["sdpa_flash"] = dict(ms=bench_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)))
         if dense:

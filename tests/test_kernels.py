@@ -273,3 +273,50 @@ def test_mta_kernel_conv_state_must_fit_the_layer():
     with pytest.raises(ValueError, match="needs work.seq_state"):
         mta_paged_attention(q, qc, kc, vc, params, build_work_items(tables, starts, ends, rows, 1, 1, DEVICE), out,
                             state=ConvState.allocate(5, H, 3, 2, 32, DEVICE))
+
+
+@pytest.mark.parametrize("variant", ["talking_heads", "wposm_only", "plain"])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_mixing_prefill_kernel_matches_reference(variant, splits):
+    """The fused two-pass prompt kernel for layers without a conv: 16-row groups over prompts and chunks
+    (rows past a sequence's end in its last group), keys in 16-key tiles and 1 or 3 splits, GQA."""
+    from mta_serve.kernels.mixing_prefill import mixing_prefill_attention
+
+    seqs = PREFILL + [(30, 53)]
+    weights = mta_weights(**VARIANTS[variant])
+    q, qc, kc, vc, tables, starts, ends, rows = paged_inputs(seqs, 4, torch.float32)
+    reference = paged_attention_reference(q, None, kc, vc, _on_device(weights), tables, starts, ends, rows, 0)
+    out = torch.full(q.shape, float("nan"), device=DEVICE)
+    mixing_prefill_attention(q, kc, vc, layer_params(weights, DEVICE),
+                             build_work_items(tables, starts, ends, rows, 16, 1, DEVICE), out, key_tile=16,
+                             num_splits=splits)
+    torch.testing.assert_close(out, reference, atol=2e-5, rtol=1e-5)
+
+
+def test_mixing_prefill_kernel_16_heads_fp16():
+    """16 heads, so that both head mixings are tl.dot products, in fp16 (the interpreter's bf16 is wrong)."""
+    from mta_serve.kernels.mixing_prefill import mixing_prefill_attention
+
+    heads = (16, 4, 16)
+    seqs = [(0, 21), (5, 40)]
+    weights = mta_weights(wpsm=True, head_kernel=16, n_heads=16)
+    q, qc, kc, vc, tables, starts, ends, rows = paged_inputs(seqs, 8, torch.float16, heads=heads)
+    reference = paged_attention_reference(q, None, kc, vc, _on_device(weights), tables, starts, ends, rows, 0)
+    out = torch.full(q.shape, float("nan"), device=DEVICE)
+    mixing_prefill_attention(q, kc, vc, layer_params(weights, DEVICE),
+                             build_work_items(tables, starts, ends, rows, 16, 1, DEVICE), out, key_tile=16,
+                             num_splits=2)
+    torch.testing.assert_close(out, reference.float(), atol=3e-3, rtol=1e-3)
+
+
+def test_mixing_prefill_kernel_refuses_convs_and_short_groups():
+    from mta_serve.kernels.mixing_prefill import mixing_prefill_attention
+
+    q, qc, kc, vc, tables, starts, ends, rows = paged_inputs(PREFILL, 4, torch.float32)
+    out = torch.empty(q.shape, device=DEVICE)
+    with pytest.raises(ValueError, match="without a key-query conv"):
+        mixing_prefill_attention(q, kc, vc, layer_params(mta_weights(**VARIANTS["paper"]), DEVICE),
+                                 build_work_items(tables, starts, ends, rows, 16, 1, DEVICE), out)
+    with pytest.raises(ValueError, match="tl.dot needs 16 rows"):
+        mixing_prefill_attention(q, kc, vc, layer_params(mta_weights(wpsm=True), DEVICE),
+                                 build_work_items(tables, starts, ends, rows, 8, 1, DEVICE), out)

@@ -59,6 +59,23 @@ def test_mta_kernel_paper_shapes(dtype, shape, layer, tile):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_mixing_prefill_kernel_paper_shapes(dtype, shape):
+    """The fused two-pass prompt kernel of mixing-only layers, 16-row groups, keys in 4 splits."""
+    from mta_serve.kernels.mixing_prefill import mixing_prefill_attention
+
+    n_heads, head_dim = SHAPES[shape]
+    q, qc, kc, vc, tables, starts, ends, rows = _inputs(PREFILL, SHAPES[shape], dtype)
+    weights = _weights("mixing", n_heads)
+    out = torch.full(q.shape, float("nan"), device="cuda")
+    mixing_prefill_attention(q, kc, vc, layer_params(weights, "cuda"),
+                             build_work_items(tables, starts, ends, rows, 16, 1, "cuda"), out, num_splits=4,
+                             num_warps=8)
+    reference = _reference(q, qc, kc, vc, weights, tables, starts, ends, rows, 0)
+    torch.testing.assert_close(out, reference, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", sorted(SHAPES))
 @pytest.mark.parametrize("tile", ["decode", "prefill"])
 def test_flash_kernel_paper_shapes(dtype, shape, tile):
     from mta_serve.dense_attention import MTAWeights
