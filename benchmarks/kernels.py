@@ -80,7 +80,7 @@ def run_paged(kind: str, inputs, block_m: int, splits: int, block: int | None = 
     weights = layer_weights(kind.split("_")[0])
     if kind == "mixing_fused":
         params = layer_params(weights, "cuda")
-        return lambda: mixing_prefill_attention(q, kc, vc, params, work, out, key_tile=block or 32,
+        return lambda: mixing_prefill_attention(q, kc, vc, params, work, out, key_tile=block or 16,
                                                 num_splits=splits, num_warps=num_warps)
     if weights is None:
         return lambda: paged_flash_attention(q, kc, vc, work, out, block_n=block, num_warps=num_warps,
@@ -183,7 +183,7 @@ def peak_bytes(fn) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
-FUSED_CONFIGS = ((16, 32, 4), (16, 32, 8), (16, 64, 8), (32, 32, 8))  # (rows, keys per tile, warps)
+FUSED_CONFIGS = ((16, 16, 4), (16, 16, 8), (16, 32, 8), (32, 16, 8))  # (rows, keys per tile, warps)
 
 
 def fused_prefill(inputs, length: int) -> dict:

@@ -12,7 +12,10 @@ then
    partial outputs, already normalized, which mta_attention's `_sum_splits_kernel` adds up.
 The mixing needs every head's row before any head's softmax or output, so one program holds all heads;
 the logits are computed once per pass. Extra memory: the per-split statistics and partial outputs,
-O(groups x splits x heads x BM x d). Not yet wired into the engine (the row pipeline runs these layers).
+O(groups x splits x heads x BM x d). Not yet wired into the engine (the row pipeline runs these layers):
+it has not run on a GPU, where a program's operand tiles ([heads, BM, d] queries, [heads, d, keys] keys,
+[heads, keys, d] fp32 values: about 256 KiB at 16 x 16 x 128 with 16-key tiles) may not fit the shared
+memory; benchmarks/kernels.py records which tile configurations Triton can build.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from .work_items import WorkItems, cache_slots, dot_width, split_key_tiles, work
 
 
 def mixing_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, params: MTALayerParams,
-                             work: WorkItems, out: torch.Tensor, key_tile: int = 32, num_splits: int = 1,
+                             work: WorkItems, out: torch.Tensor, key_tile: int = 16, num_splits: int = 1,
                              num_warps: int = 4) -> torch.Tensor:
     """Rows of the work items (groups of work.block_m >= 16 rows, the rows of a tl.dot) into `out` [N, H, d]
     for a layer whose params have no pre- or post-softmax conv. q [N, H, d]: the step's queries; k_cache,

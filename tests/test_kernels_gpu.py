@@ -68,8 +68,8 @@ def test_mixing_prefill_kernel_paper_shapes(dtype, shape):
     weights = _weights("mixing", n_heads)
     out = torch.full(q.shape, float("nan"), device="cuda")
     mixing_prefill_attention(q, kc, vc, layer_params(weights, "cuda"),
-                             build_work_items(tables, starts, ends, rows, 16, 1, "cuda"), out, num_splits=4,
-                             num_warps=8)
+                             build_work_items(tables, starts, ends, rows, 16, 1, "cuda"), out, key_tile=16,
+                             num_splits=4, num_warps=8)
     reference = _reference(q, qc, kc, vc, weights, tables, starts, ends, rows, 0)
     torch.testing.assert_close(out, reference, atol=2e-3, rtol=2e-3)
 
