@@ -66,7 +66,7 @@ def paged_batch(batch: int, context: int, new_rows: int):
 
 
 def run_paged(kind: str, inputs, block_m: int, splits: int, block: int | None = None, num_warps: int = 4,
-              decode_dot: bool = True, conv_state: bool = True):
+              decode_dot: bool = True, conv_state: bool = True, pv_in_cache_dtype: bool = False):
     """The engine's kernel for this layer kind: paged flash for plain layers, the MTA row pipeline else
     (for the conv layer with a ConvState slot per sequence, unless conv_state is False: decode rows then
     recompute the previous rows); "mixing_fused": the mixing layer's prompt groups through the fused
@@ -81,7 +81,8 @@ def run_paged(kind: str, inputs, block_m: int, splits: int, block: int | None = 
     if kind == "mixing_fused":
         params = layer_params(weights, "cuda")
         return lambda: mixing_prefill_attention(q, kc, vc, params, work, out, key_tile=block or 16,
-                                                num_splits=splits, num_warps=num_warps)
+                                                num_splits=splits, num_warps=num_warps,
+                                                pv_in_cache_dtype=pv_in_cache_dtype)
     if weights is None:
         return lambda: paged_flash_attention(q, kc, vc, work, out, block_n=block, num_warps=num_warps,
                                              decode_dot=decode_dot, num_splits=splits)
@@ -183,7 +184,9 @@ def peak_bytes(fn) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
-FUSED_CONFIGS = ((16, 16, 4), (16, 16, 8), (16, 32, 8), (32, 16, 8))  # (rows, keys per tile, warps)
+# (rows, keys per tile, warps, P'V on P' in the cache dtype)
+FUSED_CONFIGS = ((16, 16, 4, False), (16, 16, 8, False), (16, 32, 8, False), (32, 16, 8, False),
+                 (16, 16, 8, True), (16, 32, 8, True))
 
 
 def fused_prefill(inputs, length: int) -> dict:
@@ -191,14 +194,15 @@ def fused_prefill(inputs, length: int) -> dict:
     for four (group, split) programs per SM; a config Triton cannot fit on the device is recorded as such."""
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     configs = []
-    for rows, keys, warps in FUSED_CONFIGS:
+    for rows, keys, warps, p16 in FUSED_CONFIGS:
         splits = max(1, min(16, -(-4 * num_sms // -(-length // rows)), length // (4 * keys)))
+        config = dict(rows=rows, keys=keys, warps=warps, pv_in_cache_dtype=p16, splits=splits)
         try:
-            ms = bench_ms(run_paged("mixing_fused", inputs, rows, splits, keys, warps))
+            config["ms"] = bench_ms(run_paged("mixing_fused", inputs, rows, splits, keys, warps,
+                                              pv_in_cache_dtype=p16))
         except triton.runtime.errors.OutOfResources as exc:
-            configs.append(dict(rows=rows, keys=keys, warps=warps, splits=splits, error=str(exc)))
-            continue
-        configs.append(dict(rows=rows, keys=keys, warps=warps, splits=splits, ms=ms))
+            config["error"] = str(exc)
+        configs.append(config)
     timed = [c for c in configs if "ms" in c]
     best = min(timed, key=lambda c: c["ms"]) if timed else {}
     return dict(ms=best.get("ms", float("nan")), best=best, configs=configs)

@@ -31,11 +31,13 @@ from .work_items import WorkItems, cache_slots, dot_width, split_key_tiles, work
 
 def mixing_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, params: MTALayerParams,
                              work: WorkItems, out: torch.Tensor, key_tile: int = 16, num_splits: int = 1,
-                             num_warps: int = 4) -> torch.Tensor:
+                             num_warps: int = 4, pv_in_cache_dtype: bool = False) -> torch.Tensor:
     """Rows of the work items (groups of work.block_m >= 16 rows, the rows of a tl.dot) into `out` [N, H, d]
     for a layer whose params have no pre- or post-softmax conv. q [N, H, d]: the step's queries; k_cache,
     v_cache [num_blocks, bs, G, d] already holding the step's tokens. Keys in `num_splits` splits of
-    `key_tile`-key tiles (powers of two, key_tile >= 16)."""
+    `key_tile`-key tiles (powers of two, key_tile >= 16). For 16-bit caches P'V runs as three tf32
+    products (about fp32's accuracy), or with `pv_in_cache_dtype` on P' rounded to the cache dtype, as
+    flash attention does (half the values tile's shared memory; an accuracy the GPU test bounds at 1e-2)."""
     if params.pre_kernel is not None or params.post_kernel is not None:
         raise ValueError("mixing_prefill_attention serves layers without a key-query conv; "
                          "use mta_attention.mta_paged_attention")
@@ -64,7 +66,8 @@ def mixing_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
                                               work.work_seq, 1, H=n_heads, RO=bm, RL=bm, SPLITS=num_splits,
                                               RLP=bm, CQ2=1, RING=0, num_warps=num_warps)
     _mixed_pv_kernel[(num_items, num_splits)](q, k_cache, v_cache, pre_mix, post_mix, norms, partial, scale, *seq,
-                                              num_splits, POST_MIX=params.post_mix is not None, **c,
+                                              num_splits, POST_MIX=params.post_mix is not None,
+                                              P16=pv_in_cache_dtype and q.dtype != torch.float32, **c,
                                               num_warps=num_warps)
     _sum_splits_kernel[(num_items, n_heads)](partial, out, 0, *seq, H=n_heads, D=head_dim, DP=dot_width(head_dim),
                                              RO=bm, SPLITS=num_splits, num_warps=num_warps)
@@ -143,8 +146,9 @@ def _mixed_pv_kernel(q_ptr, k_ptr, v_ptr, pre_mix_ptr, post_mix_ptr, norm_ptr, p
                      seq_start_ptr, seq_end_ptr, seq_row_ptr, work_seq_ptr, work_first_ptr, SPLITS,
                      H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, HB: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BLOCK_SIZE: tl.constexpr, PRE_MIX: tl.constexpr,
-                     POST_MIX: tl.constexpr, FP32: tl.constexpr):
-    """This split's sum over keys of P'[h, row, j] v_j for every head of the group (normalized already)."""
+                     POST_MIX: tl.constexpr, FP32: tl.constexpr, P16: tl.constexpr):
+    """This split's sum over keys of P'[h, row, j] v_j for every head of the group (normalized already);
+    P16: with P' in the values' 16-bit dtype."""
     b, split = tl.program_id(0), tl.program_id(1)
     first, start, end, row0, last, bt = work_item(b, work_seq_ptr, work_first_ptr, seq_start_ptr, seq_end_ptr,
                                                   seq_row_ptr, bt_ptr, bt_stride, BM)
@@ -168,10 +172,12 @@ def _mixed_pv_kernel(q_ptr, k_ptr, v_ptr, pre_mix_ptr, post_mix_ptr, norm_ptr, p
         if POST_MIX:
             p = _mix(post_mix_ptr, p, H, HB, BM, BN, FP32)
         v3 = tl.load(v_ptr + (slots[None, :, None] * (H // GROUP) + h3 // GROUP) * D + d3,
-                     mask=(h3 < H) & (d3 < D) & key_ok[None, :, None], other=0.0).to(tl.float32)  # [HB, BN, DP]
+                     mask=(h3 < H) & (d3 < D) & key_ok[None, :, None], other=0.0)  # [HB, BN, DP]
         if FP32:
             acc += tl.dot(p, v3, input_precision="ieee")
+        elif P16:
+            acc += tl.dot(p.to(v3.dtype), v3)
         else:
-            acc += tl.dot(p, v3, input_precision="tf32x3")  # about fp32's accuracy, as mta_attention's _pv
+            acc += tl.dot(p, v3.to(tl.float32), input_precision="tf32x3")  # as mta_attention's _pv
     offs = (((b * SPLITS + split) * H + h3) * BM + r3).to(tl.int64) * D + d3
     tl.store(part_ptr + offs, acc, mask=(h3 < H) & (d3 < D))
