@@ -48,9 +48,9 @@ def mixing_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
         return out
     n_heads, head_dim, bm = q.shape[1], q.shape[2], work.block_m
     f32 = dict(dtype=torch.float32, device=q.device)
-    stats = torch.empty(2, num_items, num_splits, n_heads, bm, **f32)
-    norms = torch.empty(2, num_items, n_heads, bm, **f32)
-    partial = torch.empty(num_items, num_splits, n_heads, bm, head_dim, **f32)
+    stats = torch.empty(2, num_items, num_splits, n_heads, bm, **f32)  # per split: max, sum of exp
+    norms = torch.empty(2, num_items, n_heads, bm, **f32)  # max, 1 / sum of exp
+    partial = torch.empty(num_items, num_splits, n_heads, bm, head_dim, **f32)  # per split: P'V
     dummy = torch.empty(1, **f32)
     seq = (work.block_tables, work.block_tables.stride(0), work.seq_start, work.seq_end, work.seq_row,
            work.work_seq, work.work_first)
