@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .mta_attention import MTALayerParams, _mix, _normalizers_kernel, _sum_splits_kernel
+from .mta_attention import MTALayerParams, _mix, _normalizers_kernel, _running_max_sum, _sum_splits_kernel
 from .work_items import WorkItems, cache_slots, dot_width, split_key_tiles, work_item
 
 
@@ -131,10 +131,7 @@ def _mixed_stats_kernel(q_ptr, k_ptr, pre_mix_ptr, stats_ptr, sm_scale, bt_ptr, 
         key_ok = keys <= last
         x = _mixed_logits(q3, k_ptr, pre_mix_ptr, cache_slots(bt, keys, key_ok, BLOCK_SIZE), keys, key_ok, rows,
                           last, sm_scale, H, GROUP, D, DP, HB, BM, BN, PRE_MIX, FP32)
-        m_new = tl.maximum(m, tl.max(x, axis=2))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, :, None]), axis=2)
-        m = m_new
+        m, l = _running_max_sum(m, l, x)
     h2 = tl.arange(0, HB)[:, None]
     offs = ((b * SPLITS + split) * H + h2) * BM + tl.arange(0, BM)[None, :]
     tl.store(stats_ptr + offs, m, mask=h2 < H)

@@ -488,15 +488,21 @@ def _logits_kernel(s_ptr, l_ptr, stats_ptr, pre_w_ptr, pre_mix_ptr, item0, bt_pt
         tl.store(dst + keys, x, mask=ok)
         if RING == 2:
             tl.store(ring_row + keys, x, mask=keep)
-        m_new = tl.maximum(m, tl.max(x, axis=2))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, :, None]), axis=2)
-        m = m_new
+        m, l = _running_max_sum(m, l, x)
     r2 = row_tile * RLT + tl.arange(0, RLT)[None, :]
     offs = ((b * SPLITS + split) * H + heads[:, None]) * RL + r2
     ok2 = (heads[:, None] < H) & (r2 < RL)
     tl.store(stats_ptr + offs, m, mask=ok2)
     tl.store(stats_ptr + tl.num_programs(0) * SPLITS * H * RL + offs, l, mask=ok2)
+
+
+@triton.jit
+def _running_max_sum(m, l, x):
+    """Online softmax statistics: the running max m and sum of exp l [HB, R] of rows after the keys of x
+    [HB, R, BN] (-inf where masked) are added; rows without keys keep (-inf, 0)."""
+    m_new = tl.maximum(m, tl.max(x, axis=2))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, l * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, :, None]), axis=2)
 
 
 @triton.jit
