@@ -14,7 +14,7 @@ bandwidth of a 2 GiB device-to-device copy is measured in the same run. Kernel t
 (the kernels' device time, without Python's launch cost). Prints a table, writes JSON.
 
     python benchmarks/kernels.py [--out benchmarks/results/kernels_h200.json] [--quick] [--sweep [KIND ...]]
-        [--breakdown] [--split-sweep] [--no-dense]
+        [--breakdown] [--split-sweep] [--no-dense] [--no-decode]
 """
 from __future__ import annotations
 
@@ -66,7 +66,8 @@ def paged_batch(batch: int, context: int, new_rows: int):
 
 
 def run_paged(kind: str, inputs, block_m: int, splits: int, block: int | None = None, num_warps: int = 4,
-              decode_dot: bool = True, conv_state: bool = True, pv_in_cache_dtype: bool = False):
+              decode_dot: bool = True, conv_state: bool = True, pv_in_cache_dtype: bool = False,
+              num_stages: int = 2):
     """The engine's kernel for this layer kind: paged flash for plain layers, the MTA row pipeline else
     (for the conv layer with a ConvState slot per sequence, unless conv_state is False: decode rows then
     recompute the previous rows); "mixing_fused": the mixing layer's prompt groups through the fused
@@ -82,7 +83,7 @@ def run_paged(kind: str, inputs, block_m: int, splits: int, block: int | None = 
         params = layer_params(weights, "cuda")
         return lambda: mixing_prefill_attention(q, kc, vc, params, work, out, key_tile=block or 16,
                                                 num_splits=splits, num_warps=num_warps,
-                                                pv_in_cache_dtype=pv_in_cache_dtype)
+                                                pv_in_cache_dtype=pv_in_cache_dtype, num_stages=num_stages)
     if weights is None:
         return lambda: paged_flash_attention(q, kc, vc, work, out, block_n=block, num_warps=num_warps,
                                              decode_dot=decode_dot, num_splits=splits)
@@ -184,9 +185,10 @@ def peak_bytes(fn) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
-# (rows, keys per tile, warps, P'V on P' in the cache dtype)
-FUSED_CONFIGS = ((16, 16, 4, False), (16, 16, 8, False), (16, 32, 8, False), (32, 16, 8, False),
-                 (16, 16, 8, True), (16, 32, 8, True))
+# (rows, keys per tile, warps, P'V on P' in the cache dtype, buffers per key / value tile)
+FUSED_CONFIGS = ((16, 16, 4, False, 2), (16, 16, 8, False, 2), (16, 16, 8, False, 3), (16, 32, 8, False, 2),
+                 (32, 16, 8, False, 2), (16, 16, 4, True, 2), (16, 16, 8, True, 2), (16, 16, 8, True, 3),
+                 (16, 32, 8, True, 2), (16, 64, 8, True, 2), (32, 32, 8, True, 2))
 
 
 def fused_prefill(inputs, length: int) -> dict:
@@ -194,14 +196,15 @@ def fused_prefill(inputs, length: int) -> dict:
     for four (group, split) programs per SM; a config Triton cannot fit on the device is recorded as such."""
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     configs = []
-    for rows, keys, warps, p16 in FUSED_CONFIGS:
+    for rows, keys, warps, p16, stages in FUSED_CONFIGS:
         splits = max(1, min(16, -(-4 * num_sms // -(-length // rows)), length // (4 * keys)))
-        config = dict(rows=rows, keys=keys, warps=warps, pv_in_cache_dtype=p16, splits=splits)
+        config = dict(rows=rows, keys=keys, warps=warps, pv_in_cache_dtype=p16, stages=stages, splits=splits)
         try:
             config["ms"] = bench_ms(run_paged("mixing_fused", inputs, rows, splits, keys, warps,
-                                              pv_in_cache_dtype=p16))
+                                              pv_in_cache_dtype=p16, num_stages=stages))
         except triton.runtime.errors.OutOfResources as exc:
             config["error"] = str(exc)
+        print(f"mixing_fused T={length} {config}", flush=True)
         configs.append(config)
     timed = [c for c in configs if "ms" in c]
     best = min(timed, key=lambda c: c["ms"]) if timed else {}
@@ -281,6 +284,7 @@ def main() -> int:
     p.add_argument("--out", default="benchmarks/results/kernels_h200.json")
     p.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
     p.add_argument("--no-dense", action="store_true", help="skip the dense reference (slow, tens of GB)")
+    p.add_argument("--no-decode", action="store_true", help="skip the decode table")
     p.add_argument("--prefill-block-m", type=int, default=64)
     p.add_argument("--sweep", nargs="*", choices=["conv", "mixing", "plain"], default=None,
                    help="also sweep splits / tile / warps at batch 64 x 2048 for these layer kinds (all if none)")
@@ -305,7 +309,7 @@ def main() -> int:
         sweep=None if args.sweep is None else sweep(64, 2048, args.sweep or ["conv", "mixing", "plain"]),
         breakdown=breakdown(num_sms, args.prefill_block_m) if args.breakdown else None,
         split_sweep=split_sweep(batches, contexts, num_sms) if args.split_sweep else None,
-        decode=decode_rows(batches, contexts, copy_bw, num_sms),
+        decode=None if args.no_decode else decode_rows(batches, contexts, copy_bw, num_sms),
         prefill=prefill_rows([2048] if args.quick else [2048, 8192], args.prefill_block_m, not args.no_dense),
     )
     write_result(args.out, result)

@@ -31,13 +31,16 @@ from .work_items import WorkItems, cache_slots, dot_width, split_key_tiles, work
 
 def mixing_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, params: MTALayerParams,
                              work: WorkItems, out: torch.Tensor, key_tile: int = 16, num_splits: int = 1,
-                             num_warps: int = 4, pv_in_cache_dtype: bool = False) -> torch.Tensor:
+                             num_warps: int = 4, pv_in_cache_dtype: bool = False,
+                             num_stages: int = 2) -> torch.Tensor:
     """Rows of the work items (groups of work.block_m >= 16 rows, the rows of a tl.dot) into `out` [N, H, d]
     for a layer whose params have no pre- or post-softmax conv. q [N, H, d]: the step's queries; k_cache,
     v_cache [num_blocks, bs, G, d] already holding the step's tokens. Keys in `num_splits` splits of
     `key_tile`-key tiles (powers of two, key_tile >= 16). For 16-bit caches P'V runs as three tf32
     products (about fp32's accuracy), or with `pv_in_cache_dtype` on P' rounded to the cache dtype, as
-    flash attention does (half the values tile's shared memory; an accuracy the GPU test bounds at 1e-2)."""
+    flash attention does (half the values tile's shared memory; an accuracy the GPU test bounds at 1e-2).
+    `num_stages` buffers of each key / value tile in shared memory: Triton's Hopper default, 3, overflows
+    the H200's 227 KiB at 10 heads x 128 (16 rows, 16 keys, fp32 P'V)."""
     if params.pre_kernel is not None or params.post_kernel is not None:
         raise ValueError("mixing_prefill_attention serves layers without a key-query conv; "
                          "use mta_attention.mta_paged_attention")
@@ -61,14 +64,14 @@ def mixing_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     post_mix = dummy if params.post_mix is None else params.post_mix
     scale = 1.0 / math.sqrt(head_dim)
     _mixed_stats_kernel[(num_items, num_splits)](q, k_cache, pre_mix, stats, scale, *seq, num_splits, **c,
-                                                 num_warps=num_warps)
+                                                 num_warps=num_warps, num_stages=num_stages)
     _normalizers_kernel[(num_items, n_heads)](stats, norms, dummy, 0, work.work_seq, work.work_first, work.seq_end,
                                               work.work_seq, 1, H=n_heads, RO=bm, RL=bm, SPLITS=num_splits,
                                               RLP=bm, CQ2=1, RING=0, num_warps=num_warps)
     _mixed_pv_kernel[(num_items, num_splits)](q, k_cache, v_cache, pre_mix, post_mix, norms, partial, scale, *seq,
                                               num_splits, POST_MIX=params.post_mix is not None,
                                               P16=pv_in_cache_dtype and q.dtype != torch.float32, **c,
-                                              num_warps=num_warps)
+                                              num_warps=num_warps, num_stages=num_stages)
     _sum_splits_kernel[(num_items, n_heads)](partial, out, 0, *seq, H=n_heads, D=head_dim, DP=dot_width(head_dim),
                                              RO=bm, SPLITS=num_splits, num_warps=num_warps)
     return out
