@@ -7,14 +7,15 @@ Shapes are the 830M model's attention (16 heads x 96, G = H), bf16, paged with 1
   attention (paged flash kernel), and
   (d) torch SDPA on contiguous K/V;
 - prefill of one whole prompt for (a), (b), (c) vs SDPA (flash, causal) and the dense reference
-  (dense_attention.attention_probs, which materializes the T x T maps), and (b) also through the fused
-  two-pass prompt kernel (kernels/mixing_prefill.py, "mixing_fused": the fastest of FUSED_CONFIGS);
+  (dense_attention.attention_probs, which materializes the T x T maps), each through the engine's prompt
+  path ((b): the fused two-pass kernel, kernels/mixing_prefill.py), and (b) also through the row pipeline
+  ("mixing_rows", its fallback); with --fused-sweep the fused kernel's tile configs and split counts;
 Achieved bandwidth = bytes that must move (K and V once, the queries, the output) / time; the copy
 bandwidth of a 2 GiB device-to-device copy is measured in the same run. Kernel times are CUDA-graph replays
 (the kernels' device time, without Python's launch cost). Prints a table, writes JSON.
 
     python benchmarks/kernels.py [--out benchmarks/results/kernels_h200.json] [--quick] [--sweep [KIND ...]]
-        [--breakdown] [--split-sweep] [--no-dense] [--no-decode]
+        [--breakdown] [--split-sweep] [--fused-sweep] [--no-dense] [--no-decode]
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ from mta_serve.kernels.mixing_prefill import mixing_prefill_attention
 from mta_serve.kernels.mta_attention import ConvState, layer_params, mta_paged_attention
 from mta_serve.kernels.paged_flash import paged_flash_attention
 from mta_serve.kernels.work_items import build_work_items
-from mta_serve.triton_attention import decode_splits, flash_splits, mixing_splits  # the engine's rules
+from mta_serve.triton_attention import (FUSED_BLOCK_M, decode_splits, flash_splits,  # the engine's rules
+                                        fused_prompt_splits, mixing_splits)
 
 HEADS, HEAD_DIM, BLOCK = 16, 96, 16
 DTYPE = torch.bfloat16
@@ -71,7 +73,7 @@ def run_paged(kind: str, inputs, block_m: int, splits: int, block: int | None = 
     """The engine's kernel for this layer kind: paged flash for plain layers, the MTA row pipeline else
     (for the conv layer with a ConvState slot per sequence, unless conv_state is False: decode rows then
     recompute the previous rows); "mixing_fused": the mixing layer's prompt groups through the fused
-    two-pass kernel (kernels/mixing_prefill.py, not yet the engine's)."""
+    two-pass kernel (kernels/mixing_prefill.py)."""
     q, qc, kc, vc, tables, starts, ends, rows = inputs
     state = None
     if kind == "conv" and conv_state:
@@ -186,40 +188,63 @@ def peak_bytes(fn) -> int:
 
 
 # (rows, keys per tile, warps, P'V on P' in the cache dtype, buffers per key / value tile)
-FUSED_CONFIGS = ((16, 16, 4, False, 2), (16, 16, 8, False, 2), (16, 16, 8, False, 3), (16, 32, 8, False, 2),
-                 (32, 16, 8, False, 2), (16, 16, 4, True, 2), (16, 16, 8, True, 2), (16, 16, 8, True, 3),
-                 (16, 32, 8, True, 2), (16, 64, 8, True, 2), (32, 32, 8, True, 2))
+# (H200, 830M heads, 8192 tokens, b93cffa: 16 x 16 x 8 warps x 2 buffers 26.1 ms on fp32 P', 8.96 ms on bf16 P';
+# 4 warps 254 / 23.5 ms; 32 rows, 32 or 64 keys, or 3 buffers overflowed the shared memory)
+FUSED_CONFIGS = ((16, 16, 8, False, 2), (16, 16, 8, True, 2), (16, 16, 16, True, 2), (16, 16, 8, True, 1),
+                 (16, 32, 8, True, 1), (32, 16, 8, True, 1), (32, 16, 16, True, 1))
+FUSED_SPLITS = (1, 2, 4, 8, 16)
 
 
 def fused_prefill(inputs, length: int) -> dict:
-    """The fastest of FUSED_CONFIGS for the mixing layer's fused prefill kernel, each with enough key splits
-    for four (group, split) programs per SM; a config Triton cannot fit on the device is recorded as such."""
+    """The fastest of FUSED_CONFIGS for the mixing layer's fused prefill kernel, each with the engine's key
+    splits (fused_prompt_splits), and the engine's config at each of FUSED_SPLITS; a config Triton cannot
+    fit on the device is recorded as such."""
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     configs = []
     for rows, keys, warps, p16, stages in FUSED_CONFIGS:
-        splits = max(1, min(16, -(-4 * num_sms // -(-length // rows)), length // (4 * keys)))
-        config = dict(rows=rows, keys=keys, warps=warps, pv_in_cache_dtype=p16, stages=stages, splits=splits)
-        try:
-            config["ms"] = bench_ms(run_paged("mixing_fused", inputs, rows, splits, keys, warps,
-                                              pv_in_cache_dtype=p16, num_stages=stages))
-        except triton.runtime.errors.OutOfResources as exc:
-            config["error"] = str(exc)
-        print(f"mixing_fused T={length} {config}", flush=True)
-        configs.append(config)
+        splits = fused_prompt_splits(-(-length // rows), length, num_sms)
+        configs.append(fused_config(inputs, length, rows, keys, warps, p16, stages, splits))
+    for splits in FUSED_SPLITS:
+        configs.append(fused_config(inputs, length, FUSED_BLOCK_M, 16, 8, True, 2, splits))
     timed = [c for c in configs if "ms" in c]
     best = min(timed, key=lambda c: c["ms"]) if timed else {}
     return dict(ms=best.get("ms", float("nan")), best=best, configs=configs)
 
 
-def prefill_rows(lengths, block_m: int, dense: bool) -> list[dict]:
+def fused_config(inputs, length: int, rows: int, keys: int, warps: int, p16: bool, stages: int,
+                 splits: int) -> dict:
+    config = dict(rows=rows, keys=keys, warps=warps, pv_in_cache_dtype=p16, stages=stages, splits=splits)
+    try:
+        config["ms"] = bench_ms(run_paged("mixing_fused", inputs, rows, splits, keys, warps,
+                                          pv_in_cache_dtype=p16, num_stages=stages))
+    except triton.runtime.errors.OutOfResources as exc:
+        config["error"] = str(exc)
+    print(f"mixing_fused T={length} {config}", flush=True)
+    return config
+
+
+def engine_prefill(kind: str, inputs, block_m: int):
+    """The engine's prompt path for this layer kind (triton_attention): the MTA row pipeline in block_m-row
+    groups for the conv layer (and for "mixing_rows", the mixing layer's fallback), the fused kernel with
+    the engine's tiles and splits for the mixing layer, paged flash in 64-row tiles for the plain one."""
+    if kind == "mixing":
+        length = len(inputs[0])
+        splits = fused_prompt_splits(-(-length // FUSED_BLOCK_M), length, torch.cuda.get_device_properties(0)
+                                     .multi_processor_count)
+        return run_paged("mixing_fused", inputs, FUSED_BLOCK_M, splits, 16, 8, pv_in_cache_dtype=True)
+    return run_paged(kind.split("_")[0], inputs, 64 if kind == "plain" else block_m, 1)
+
+
+def prefill_rows(lengths, block_m: int, dense: bool, fused_sweep: bool) -> list[dict]:
     rows = []
     for length in lengths:
         inputs = paged_batch(1, length, length)
         result = dict(tokens=length)
-        for kind in ("conv", "mixing", "plain"):
-            fn = run_paged(kind, inputs, block_m if kind != "plain" else 64, 1)
+        for kind in ("conv", "mixing", "mixing_rows", "plain"):
+            fn = engine_prefill(kind, inputs, block_m)
             result[kind] = dict(ms=bench_ms(fn), peak_extra_bytes=peak_bytes(fn))
-        result["mixing_fused"] = fused_prefill(inputs, length)
+        if fused_sweep:
+            result["mixing_fused_sweep"] = fused_prefill(inputs, length)
         q, k, v = (torch.randn(1, HEADS, length, HEAD_DIM, dtype=DTYPE, device="cuda") for _ in range(3))
         result["sdpa_flash"] = dict(ms=bench_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)))
         if dense:
@@ -263,14 +288,17 @@ def kernel_times(fn, calls: int = 5) -> dict[str, float]:
 
 def breakdown(num_sms: int, block_m: int) -> list[dict]:
     """Per-kernel time of (a) and (b) at decode 64 x 2048 and prefill 8192; (a) at decode also without a
-    ConvState ("conv_recompute")."""
+    ConvState ("conv_recompute"), (b) at prefill also through the row pipeline ("mixing_rows")."""
     rows = []
     for shape, (batch, context, new) in (("decode 64x2048", (64, 2048, 1)), ("prefill 8192", (1, 8192, 8192))):
         inputs = paged_batch(batch, context, new)
-        for kind in ("conv", "conv_recompute", "mixing") if new == 1 else ("conv", "mixing"):
-            splits = engine_splits(kind.split("_")[0], batch, context, num_sms) if new == 1 else 1
-            times = kernel_times(run_paged(kind.split("_")[0], inputs, 1 if new == 1 else block_m, splits,
-                                           conv_state=kind == "conv"))
+        for kind in ("conv", "conv_recompute", "mixing") if new == 1 else ("conv", "mixing", "mixing_rows"):
+            if new == 1:
+                splits = engine_splits(kind.split("_")[0], batch, context, num_sms)
+                fn = run_paged(kind.split("_")[0], inputs, 1, splits, conv_state=kind == "conv")
+            else:
+                fn = engine_prefill(kind, inputs, block_m)
+            times = kernel_times(fn)
             rows.append(dict(shape=shape, kind=kind, kernels_us=times))
             print(f"breakdown {shape} {kind}: " + ", ".join(f"{k} {v:.0f} us" for k, v in times.items()),
                   flush=True)
@@ -290,6 +318,8 @@ def main() -> int:
                    help="also sweep splits / tile / warps at batch 64 x 2048 for these layer kinds (all if none)")
     p.add_argument("--breakdown", action="store_true", help="also time each kernel of (a) and (b) at decode "
                    "64 x 2048 and prefill 8192 (PyTorch profiler)")
+    p.add_argument("--fused-sweep", action="store_true", help="also time the fused mixing prompt kernel in "
+                   "each of FUSED_CONFIGS and at each of FUSED_SPLITS")
     p.add_argument("--split-sweep", action="store_true", help="also time every key-split count of (a), (b) "
                    "and (c) at each decode shape, against the engine's rules")
     args = p.parse_args()
@@ -310,7 +340,8 @@ def main() -> int:
         breakdown=breakdown(num_sms, args.prefill_block_m) if args.breakdown else None,
         split_sweep=split_sweep(batches, contexts, num_sms) if args.split_sweep else None,
         decode=None if args.no_decode else decode_rows(batches, contexts, copy_bw, num_sms),
-        prefill=prefill_rows([2048] if args.quick else [2048, 8192], args.prefill_block_m, not args.no_dense),
+        prefill=prefill_rows([2048] if args.quick else [2048, 8192], args.prefill_block_m, not args.no_dense,
+                             args.fused_sweep),
     )
     write_result(args.out, result)
     return 0

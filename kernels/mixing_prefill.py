@@ -12,10 +12,12 @@ then
    partial outputs, already normalized, which mta_attention's `_sum_splits_kernel` adds up.
 The mixing needs every head's row before any head's softmax or output, so one program holds all heads;
 the logits are computed once per pass. Extra memory: the per-split statistics and partial outputs,
-O(groups x splits x heads x BM x d). Not yet wired into the engine (the row pipeline runs these layers):
-it has not run on a GPU, where a program's operand tiles ([heads, BM, d] queries, [heads, d, keys] keys,
-[heads, keys, d] fp32 values: about 256 KiB at 16 x 16 x 128 with 16-key tiles) may not fit the shared
-memory; benchmarks/kernels.py records which tile configurations Triton can build.
+O(groups x splits x heads x BM x d). The engine's `triton` backend runs mixing-only layers' prompt groups
+through it (triton_attention: 16 rows, 16-key tiles, 8 warps, P' in the cache dtype). A program's operand
+tiles ([heads, BM, d] queries, [heads, d, keys] keys, [heads, keys, d] values, each buffered `num_stages`
+times) must fit the GPU's shared memory: on the H200 only 16-row groups of 16-key tiles do at the paper's
+head counts, and a wider model may not fit at all (Triton's OutOfResources; the engine then falls back to
+the row pipeline).
 """
 from __future__ import annotations
 

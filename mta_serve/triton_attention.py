@@ -3,11 +3,15 @@
 Layers with any MTA operation run `kernels.mta_attention` (a pipeline over fp32 score, logit and
 probability rows); plain layers run `kernels.paged_flash` (one online-softmax pass per head). A step's
 sequences form two launches per layer: decode rows (one row per work item, keys split for parallelism) and
-prompt chunks (groups of `prefill_block_m` rows). A step's integer inputs (tokens, positions, slots, block
-tables, work items) reach the device in one copy and are shared by all layers.
+prompt chunks (groups of `prefill_block_m` rows). The prompt chunks of mixing-only MTA layers (no key-query
+conv) run instead through `kernels.mixing_prefill`'s two fused passes, in groups of FUSED_BLOCK_M rows
+(H200, 830M heads, 8192-token prompt: 14.25 -> 8.96 ms); where Triton cannot fit its tiles in the GPU's
+shared memory (wide heads) those layers fall back to the row pipeline. A step's integer inputs (tokens,
+positions, slots, block tables, work items) reach the device in one copy and are shared by all layers.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -15,6 +19,11 @@ import torch
 
 from .config import ModelConfig
 from .paged_attention import TorchPagedAttention
+
+log = logging.getLogger(__name__)
+
+FUSED_BLOCK_M = 16  # rows per group of the fused mixing prompt kernel: the fewest a tl.dot takes; more overflow
+# the H200's shared memory at 830M heads (kernels.py's FUSED_CONFIGS)
 
 
 @dataclass(slots=True)
@@ -33,6 +42,7 @@ class SequenceSpec:
 class TritonBatch:
     slot_mapping: torch.Tensor  # [N] int32: cache slot of each new token
     launches: list  # kernels.work_items.WorkItems, one per tile height (decode rows, prompt chunks)
+    fused_prompt: object = None  # the prompt chunks again in FUSED_BLOCK_M-row groups (mixing-only layers)
 
 
 def decode_splits(num_sequences: int, max_len: int, num_sms: int) -> int:
@@ -59,6 +69,17 @@ def mixing_splits(num_splits: int) -> int:
     programs do less work per key than a conv layer's, for which decode_splits' count was best (H200, 830M
     heads, mixing layer: 1 x 2048 0.022 -> 0.018 ms, 16 x 2048 0.087 -> 0.081, 64 x 2048 0.259 -> 0.253)."""
     return max(1, num_splits // 2)
+
+
+def fused_prompt_splits(num_groups: int, max_len: int, num_sms: int) -> int:
+    """Key splits of the fused mixing prompt kernel: enough (group, split) programs for four per SM, splits
+    of >= 64 keys, at most 16."""
+    return max(1, min(16, -(-4 * num_sms // max(num_groups, 1)), max_len // 64))
+
+
+def mixing_only(params) -> bool:
+    """An MTA layer's kernel params with head mixing but no key-query conv."""
+    return params is not None and params.pre_kernel is None and params.post_kernel is None
 
 
 def conv_state_layers(cfg: ModelConfig) -> list[int]:
@@ -142,6 +163,10 @@ class TritonPagedAttention(TorchPagedAttention):
                         if self.device.type == "cuda" else 2)
         self._params: dict[int, object] = {}
         self.uploader = StepUploader(self.device)
+        mta = cfg.mta
+        mixes = mta.wpsm or mta.wposm or mta.head_kernel_size is not None
+        # cleared if Triton cannot fit the fused kernel on this GPU (then the row pipeline runs those layers)
+        self.fuse_mixing = mixes and not all(mta.has_conv(i) for i in range(cfg.n_layers))
 
     def prepare(self, tokens: list[int], positions: list[int], slots: list[int], specs: list[SequenceSpec]):
         """A step's inputs on the device, all integer arrays packed into one upload: (tokens [N] int32,
@@ -160,6 +185,9 @@ class TritonPagedAttention(TorchPagedAttention):
             if chosen:
                 splits = self._num_splits(len(chosen), max(ends[i] for i in chosen)) if decode else 1
                 groups.append((1 if decode else self.prefill_block_m, splits, chosen))
+        fused = self.fuse_mixing and bool(groups) and groups[-1][0] > 1
+        if fused:  # the prompt chunks again, for the fused kernel of mixing-only layers
+            groups.append((FUSED_BLOCK_M, 1, groups[-1][2]))
         tiles = [tile_rows(starts, ends, block_m, chosen) for block_m, _, chosen in groups]
         states = [s.state_slot for s in specs]
         arrays = [tokens, positions, slots, tables, starts, ends, rows, states] + [a for pair in tiles for a in pair]
@@ -169,7 +197,8 @@ class TritonPagedAttention(TorchPagedAttention):
         launches = [WorkItems(tables_t, starts_t, ends_t, rows_t, views[8 + 2 * k], views[9 + 2 * k], block_m,
                               splits, max(ends[i] for i in chosen), states_t)
                     for k, (block_m, splits, chosen) in enumerate(groups)]
-        return tokens_t, positions_t, TritonBatch(slots_t, launches)
+        return tokens_t, positions_t, TritonBatch(slots_t, launches[:-1] if fused else launches,
+                                                  launches[-1] if fused else None)
 
     def decode_batch(self, slots: torch.Tensor, tables: torch.Tensor, positions: torch.Tensor, ends: torch.Tensor,
                      rows: torch.Tensor, states: torch.Tensor) -> TritonBatch:
@@ -196,16 +225,21 @@ class TritonPagedAttention(TorchPagedAttention):
         q = q.to(self.k_cache[layer_id].dtype).contiguous()
         out = torch.empty(q.shape, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
         for work in batch.launches:
-            self._run_kernels(layer_id, params, q, work, out)
+            self._run_kernels(layer_id, params, q, work, out, batch.fused_prompt)
         return out
 
-    def _run_kernels(self, layer_id: int, params, q: torch.Tensor, work, out: torch.Tensor) -> None:
-        """One launch's rows of one layer: paged flash for a plain layer, the MTA pipeline otherwise."""
+    def _run_kernels(self, layer_id: int, params, q: torch.Tensor, work, out: torch.Tensor, fused=None) -> None:
+        """One launch's rows of one layer: paged flash for a plain layer, the MTA pipeline otherwise; prompt
+        rows of a mixing-only layer through the fused kernel, over `fused` (the same rows in FUSED_BLOCK_M-row
+        groups)."""
         from .kernels.mta_attention import mta_paged_attention
         from .kernels.paged_flash import paged_flash_attention
 
         k_cache, v_cache = self.k_cache[layer_id], self.v_cache[layer_id]
         decode = work.block_m == 1
+        if not decode and fused is not None and mixing_only(params) and self._fused_prompt(layer_id, params, q,
+                                                                                           fused, out):
+            return
         if params is None:
             splits = 1 if not decode else flash_splits(work.work_seq.numel(), work.max_len, self.cfg.n_heads,
                                                        self.num_sms)
@@ -215,6 +249,26 @@ class TritonPagedAttention(TorchPagedAttention):
             splits = mixing_splits(work.num_splits) if decode and not convs else None
             mta_paged_attention(q, self.q_cache[layer_id], k_cache, v_cache, params, work, out,
                                 state=self.conv_states[layer_id], num_splits=splits)
+
+    def _fused_prompt(self, layer_id: int, params, q: torch.Tensor, work, out: torch.Tensor) -> bool:
+        """Prompt groups of a mixing-only layer through kernels.mixing_prefill (P'V on probabilities in the
+        cache dtype for 16-bit caches, as paged flash's prompt tiles); False if Triton cannot build it here."""
+        from triton.runtime.errors import OutOfResources
+
+        from .kernels.mixing_prefill import mixing_prefill_attention
+
+        if not self.fuse_mixing:
+            return False
+        splits = fused_prompt_splits(work.work_seq.numel(), work.max_len, self.num_sms)
+        try:
+            mixing_prefill_attention(q, self.k_cache[layer_id], self.v_cache[layer_id], params, work, out,
+                                     key_tile=16, num_splits=splits, num_warps=8, pv_in_cache_dtype=True)
+        except OutOfResources as exc:
+            log.warning("fused mixing prompt kernel does not fit this GPU (%s); mixing-only layers' prompts "
+                        "use the row pipeline", exc)
+            self.fuse_mixing = False
+            return False
+        return True
 
     @torch.no_grad()
     def warm_up(self, model) -> int:
@@ -235,6 +289,8 @@ class TritonPagedAttention(TorchPagedAttention):
         launches = [build_work_items(tables, [0, prompt_len - 1], [prompt_len, prompt_len], [0, prompt_len],
                                      block_m, splits, self.device, only=[seq], states=[self.scratch_state] * 2)
                     for seq, block_m, splits in shapes]
+        fused = build_work_items(tables, [0, prompt_len - 1], [prompt_len, prompt_len], [0, prompt_len],
+                                 FUSED_BLOCK_M, 1, self.device, only=[0])  # the prompt, for mixing-only layers
         for layer_id, layer in enumerate(model.layers):
             params = self._layer_params(layer_id, layer.attention)
             kind = None if params is None else (
@@ -245,7 +301,7 @@ class TritonPagedAttention(TorchPagedAttention):
                 continue
             kinds.add(kind)
             for work in launches:
-                self._run_kernels(layer_id, params, q, work, out)
+                self._run_kernels(layer_id, params, q, work, out, fused)
         return len(kinds)
 
     def _layer_params(self, layer_id: int, attn):

@@ -108,3 +108,59 @@ def test_conv_states_are_allocated_for_post_conv_layers_and_budgeted_exactly():
     assert states[0].scores.shape == (6, 4, 4, 128)
     plain = ModelConfig(dim=32, n_layers=2, n_heads=4, vocab_size=VOCAB, mta=MTAConfig(pre_conv=[2, 3], wpsm=True))
     assert conv_state_bytes(plain, 5) == 0  # no post-conv: decode rows need no earlier rows
+
+
+def _mixing_model():
+    """Layer 0 with convs and head mixing, layers 1 and 2 with head mixing only (the fused prompt kernel's)."""
+    cfg = ModelConfig(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, max_seq_len=64,
+                      mta=MODELS["paper_variants"])
+    return build_model(cfg, seed=4, mta_init="random", device="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _prompt_runs(engine, model, monkeypatch, fail: bool = False) -> list:
+    """Generates PROMPTS[:2] (4 tokens each); returns the layers whose prompt rows reached the fused kernel
+    (through a pass-through spy; with `fail`, the kernel raises Triton's OutOfResources instead)."""
+    import mta_serve.kernels.mixing_prefill as fused_module
+    from triton.runtime.errors import OutOfResources
+
+    real, layers = fused_module.mixing_prefill_attention, []
+    caches = {engine.runner.backend.k_cache[i].data_ptr(): i for i in range(len(model.layers))}
+
+    def spy(q, k_cache, *args, **kwargs):
+        layers.append(caches[k_cache.data_ptr()])
+        if fail:
+            raise OutOfResources(300000, 232448, "shared memory")
+        return real(q, k_cache, *args, **kwargs)
+
+    monkeypatch.setattr(fused_module, "mixing_prefill_attention", spy)
+    engine.outputs = run_all(engine, PROMPTS[:2], 4)
+    return layers
+
+
+def test_mixing_only_layers_run_prompts_through_the_fused_kernel(monkeypatch):
+    model = _mixing_model()
+    config = dict(block_size=4, num_blocks=32)
+    engine = LLMEngine(model, None, CacheConfig(attention_backend="triton", **config),
+                       SchedulerConfig(max_chunk_tokens=4))
+    layers = _prompt_runs(engine, model, monkeypatch)
+    reference = run_all(LLMEngine(model, None, CacheConfig(attention_backend="torch", **config),
+                                  SchedulerConfig(max_chunk_tokens=4)), PROMPTS[:2], 4)
+    # prompts of 11 and 1 tokens in chunks of <= 4: three prompt steps, each through layers 1 and 2 only
+    assert sorted(set(layers)) == [1, 2] and len(layers) == 6
+    for rid, out in reference.items():
+        assert engine.outputs[rid].token_ids == out.token_ids
+        assert max(abs(x.logprob - y.logprob) for x, y in zip(out.logprobs, engine.outputs[rid].logprobs)) < 1e-4
+
+
+def test_fused_kernel_that_does_not_fit_falls_back_to_the_row_pipeline(monkeypatch, caplog):
+    model = _mixing_model()
+    config = dict(block_size=4, num_blocks=32)
+    engine = LLMEngine(model, None, CacheConfig(attention_backend="triton", **config), SchedulerConfig())
+    with caplog.at_level("WARNING", logger="mta_serve.triton_attention"):
+        layers = _prompt_runs(engine, model, monkeypatch, fail=True)
+    assert layers == [1]  # tried once, then never again
+    assert not engine.runner.backend.fuse_mixing and "does not fit" in caplog.text
+    reference = run_all(LLMEngine(model, None, CacheConfig(attention_backend="torch", **config),
+                                  SchedulerConfig()), PROMPTS[:2], 4)
+    assert {rid: out.token_ids for rid, out in engine.outputs.items()} == \
+        {rid: out.token_ids for rid, out in reference.items()}
