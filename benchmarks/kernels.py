@@ -67,7 +67,7 @@ def paged_batch(batch: int, context: int, new_rows: int):
     return q, qc, kc, vc, tables, starts, [context] * batch, rows
 
 
-def run_paged(kind: str, inputs, block_m: int, splits: int, block: int | None = None, num_warps: int = 4,
+def run_paged(kind: str, inputs, block_m: int, splits: int, block: int | None = None, num_warps: int | None = None,
               decode_dot: bool = True, conv_state: bool = True, pv_in_cache_dtype: bool = False,
               num_stages: int = 2):
     """The engine's kernel for this layer kind: paged flash for plain layers, the MTA row pipeline else
@@ -84,10 +84,10 @@ def run_paged(kind: str, inputs, block_m: int, splits: int, block: int | None = 
     if kind == "mixing_fused":
         params = layer_params(weights, "cuda")
         return lambda: mixing_prefill_attention(q, kc, vc, params, work, out, key_tile=block or 16,
-                                                num_splits=splits, num_warps=num_warps,
+                                                num_splits=splits, num_warps=num_warps or 4,
                                                 pv_in_cache_dtype=pv_in_cache_dtype, num_stages=num_stages)
     if weights is None:
-        return lambda: paged_flash_attention(q, kc, vc, work, out, block_n=block, num_warps=num_warps,
+        return lambda: paged_flash_attention(q, kc, vc, work, out, block_n=block, num_warps=num_warps or 4,
                                              decode_dot=decode_dot, num_splits=splits)
     params = layer_params(weights, "cuda")
     q_cache = qc if kind == "conv" else None

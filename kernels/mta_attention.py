@@ -110,7 +110,7 @@ class ConvState:
 
 def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: torch.Tensor,
                        v_cache: torch.Tensor, params: MTALayerParams, work: WorkItems, out: torch.Tensor,
-                       key_tile: int | None = None, num_warps: int = 4, budget_bytes: int = 512 << 20,
+                       key_tile: int | None = None, num_warps: int | None = None, budget_bytes: int = 512 << 20,
                        max_len: int | None = None, prompt_splits: int | None = None,
                        stream_tile: int | None = None, state: ConvState | None = None,
                        num_splits: int | None = None) -> torch.Tensor:
@@ -122,7 +122,9 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     bound such as the model's max_seq_len for launches that must keep their shapes, e.g. in a CUDA graph).
     Decode rows use `num_splits` key splits (default work.num_splits); prompt groups `prompt_splits`, by
     default enough to fill the GPU. `key_tile` keys per tile in the conv and softmax kernels, `stream_tile`
-    in the two that read K and V (powers of two; by default 128, and `key_tile` for prompt groups' P'V).
+    in the two that read K and V (powers of two; by default 128, and `key_tile` for prompt groups' P'V);
+    decode rows' probabilities kernel uses 128-key tiles unless `key_tile` is given. `num_warps` for every
+    kernel, or by default 4 but for decode rows DECODE_WARPS.
     With a `state` (post-conv layers; work.seq_state names each sequence's slot) prompt groups also write
     their sequences' last score and logit rows there and decode rows read the rows before theirs from it.
     Nothing here synchronizes with the host.
@@ -147,14 +149,17 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     rows_s, rows_l = (1, 1) if ring == 1 else (rows_o + cq - 1 + cq2 - 1, rows_o + cq2 - 1)
     # Measured on the H200 (benchmarks/kernels.py --sweep); prompt groups use narrow key tiles so that the
     # [heads, 16 rows, keys] head-mixing product fits in shared memory.
-    bn = key_tile or (32 if not decode else 64 if (cq > 1 or cq2 > 1) else 128)
+    # (conv layer at 64 x 2048: _logits 67 -> 61 us with 32-key tiles rather than 64)
+    bn = key_tile or (128 if decode and cq == 1 and cq2 == 1 else 32)
     # _scores_kernel and _pv_kernel stream K and V and keep no head or row tile of the convs, so decode
     # rows use wide key tiles there (conv layer at 64 x 2048: _pv 213 us with 64-key tiles, 141 with 128).
     # Prompt groups' _scores_kernel too (H200, prefill at 8192 tokens: 2.25 -> 1.56 ms for a mixing layer
     # with 128-key tiles rather than 32), but not their _pv_kernel (4.97 -> 7.25 ms).
     scores_tile = stream_tile or 128
     pv_tile = stream_tile or (128 if decode else bn)
-    widest = max(bn, scores_tile, pv_tile)
+    # the decode post-conv likewise (with 8 warps: 64 x 2048, 128 -> 106 us)
+    probs_tile = 128 if decode and not key_tile else bn
+    widest = max(bn, scores_tile, pv_tile, probs_tile)
     length = triton.cdiv(max(max_len or 0, work.max_len), widest) * widest
     per_item = 4 * n_heads * length * (rows_s + (0 if ring == 1 else rows_l) + rows_o)
     wave = max(1, min(num_items, budget_bytes // per_item))
@@ -165,7 +170,7 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     dummy = torch.empty(1, dtype=torch.float32, device=q.device)
     c = dict(
         H=n_heads, GROUP=n_heads // k_cache.shape[2], D=head_dim, DP=dot_width(head_dim), BN=bn,
-        NUM_TILES=length // bn, SCORES_BN=scores_tile, PV_BN=pv_tile,
+        NUM_TILES=length // bn, SCORES_BN=scores_tile, PV_BN=pv_tile, PROBS_BN=probs_tile,
         BLOCK_SIZE=k_cache.shape[1], HB=triton.next_power_of_2(n_heads), RO=rows_o, R=rows_s, RL=rows_l,
         RT=1 if rows_s == 1 else max(16, min(32, triton.next_power_of_2(rows_s))),
         RLT=min(8, triton.next_power_of_2(rows_l)), RLP=triton.next_power_of_2(rows_l), OT=1 if decode else 16,
@@ -191,8 +196,14 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
                    seq_start_ptr=work.seq_start, seq_end_ptr=work.seq_end, seq_row_ptr=work.seq_row,
                    work_seq_ptr=work.work_seq, work_first_ptr=work.work_first)
         _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, norms, partial, items, seq,
-                weights, c, 1.0 / math.sqrt(head_dim), num_warps)
+                weights, c, 1.0 / math.sqrt(head_dim), num_warps or (DECODE_WARPS if decode else {}))
     return out
+
+
+# Warps per kernel of decode rows (the others: 4). H200, conv layer at 64 x 2048 (benchmarks/kernels.py
+# --breakdown): _pv 129 -> 108 us with 2 warps (more programs resident per SM), _probs 128 -> 106 us with 8
+# (its [heads, keys] tiles of 128 keys).
+DECODE_WARPS = {"_pv_kernel": 2, "_probs_kernel": 8}
 
 
 def _state_args(state: ConvState | None, work: WorkItems, key_tile: int, widest: int, dummy: torch.Tensor) -> dict:
@@ -233,7 +244,7 @@ def _named_args(kernel, available: dict) -> tuple[str, ...]:
 
 
 def _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, norms, partial, items, seq,
-            weights, c, sm_scale, num_warps):
+            weights, c, sm_scale, num_warps: int | dict):
     out_tiles = triton.cdiv(c["RO"], c["OT"])
     every = dict(**seq, **weights, **c, sm_scale=sm_scale)
 
@@ -242,7 +253,8 @@ def _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, nor
                     RING_TILES=every["RING_TILES"] * c["BN"] // tile)
 
     def run(kernel, grid, *tensors, args=every):
-        kernel[grid](*tensors, num_warps=num_warps, **{k: args[k] for k in _named_args(kernel, args)})
+        warps = num_warps if isinstance(num_warps, int) else num_warps.get(kernel.__name__, 4)
+        kernel[grid](*tensors, num_warps=warps, **{k: args[k] for k in _named_args(kernel, args)})
 
     # heads fastest in the grid of the kernels that stream K or V, as in paged_flash
     scores_args = streaming(c["SCORES_BN"])
@@ -251,7 +263,7 @@ def _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, nor
     run(_logits_kernel, (items, c["SPLITS"], triton.cdiv(c["RL"], c["RLT"])), scores, logits, stats)
     if not c["NORM_HERE"]:
         run(_normalizers_kernel, (items, c["H"]), stats, norms)
-    run(_probs_kernel, (items, c["SPLITS"], out_tiles), logits, norms, stats, probs)
+    run(_probs_kernel, (items, c["SPLITS"], out_tiles), logits, norms, stats, probs, args=streaming(c["PROBS_BN"]))
     run(_pv_kernel, (items * c["H"], c["SPLITS"] * out_tiles), probs, v_cache, partial, args=streaming(c["PV_BN"]))
     run(_sum_splits_kernel, (items, c["H"]), partial, out)
 
