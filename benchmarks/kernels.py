@@ -15,7 +15,7 @@ bandwidth of a 2 GiB device-to-device copy is measured in the same run. Kernel t
 (the kernels' device time, without Python's launch cost). Prints a table, writes JSON.
 
     python benchmarks/kernels.py [--out benchmarks/results/kernels_h200.json] [--quick] [--sweep [KIND ...]]
-        [--breakdown] [--split-sweep] [--fused-sweep] [--no-dense] [--no-decode]
+        [--breakdown] [--kernel-sweep] [--split-sweep] [--fused-sweep] [--no-dense] [--no-decode]
 """
 from __future__ import annotations
 
@@ -307,6 +307,21 @@ def breakdown(num_sms: int, block_m: int) -> list[dict]:
     return rows
 
 
+def kernel_sweep(num_sms: int) -> list[dict]:
+    """Per-kernel time of (a) at decode 64 x 2048 with every kernel at one key tile and warp count (what
+    mta_attention's DECODE_WARPS and decode tiles rest on)."""
+    inputs = paged_batch(64, 2048, 1)
+    splits = engine_splits("conv", 64, 2048, num_sms)
+    rows = []
+    for block in (32, 64, 128):
+        for warps in (2, 4, 8):
+            times = kernel_times(run_paged("conv", inputs, 1, splits, block, warps))
+            rows.append(dict(block=block, warps=warps, kernels_us=times))
+            print(f"kernel sweep decode 64x2048 conv, {block}-key tiles, {warps} warps: "
+                  + ", ".join(f"{k} {v:.0f} us" for k, v in times.items()), flush=True)
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="benchmarks/results/kernels_h200.json")
@@ -320,6 +335,8 @@ def main() -> int:
                    "64 x 2048 and prefill 8192 (PyTorch profiler)")
     p.add_argument("--fused-sweep", action="store_true", help="also time the fused mixing prompt kernel in "
                    "each of FUSED_CONFIGS and at each of FUSED_SPLITS")
+    p.add_argument("--kernel-sweep", action="store_true", help="also time each kernel of (a) at decode "
+                   "64 x 2048 at every key tile and warp count")
     p.add_argument("--split-sweep", action="store_true", help="also time every key-split count of (a), (b) "
                    "and (c) at each decode shape, against the engine's rules")
     args = p.parse_args()
@@ -338,6 +355,7 @@ def main() -> int:
         copy_bandwidth_gbps=copy_bw / 1e9,
         sweep=None if args.sweep is None else sweep(64, 2048, args.sweep or ["conv", "mixing", "plain"]),
         breakdown=breakdown(num_sms, args.prefill_block_m) if args.breakdown else None,
+        kernel_sweep=kernel_sweep(num_sms) if args.kernel_sweep else None,
         split_sweep=split_sweep(batches, contexts, num_sms) if args.split_sweep else None,
         decode=None if args.no_decode else decode_rows(batches, contexts, copy_bw, num_sms),
         prefill=prefill_rows([2048] if args.quick else [2048, 8192], args.prefill_block_m, not args.no_dense,

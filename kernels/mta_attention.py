@@ -149,8 +149,9 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     rows_s, rows_l = (1, 1) if ring == 1 else (rows_o + cq - 1 + cq2 - 1, rows_o + cq2 - 1)
     # Measured on the H200 (benchmarks/kernels.py --sweep); prompt groups use narrow key tiles so that the
     # [heads, 16 rows, keys] head-mixing product fits in shared memory.
-    # (conv layer at 64 x 2048: _logits 67 -> 61 us with 32-key tiles rather than 64)
-    bn = key_tile or (128 if decode and cq == 1 and cq2 == 1 else 32)
+    # (conv layer at 64 x 2048: _logits 67 -> 61 us with 32-key tiles rather than 64; but decode rows that
+    # recompute their earlier rows, without a ConvState, went 510 -> 785 us: they keep 64)
+    bn = key_tile or (128 if decode and cq == 1 and cq2 == 1 else 64 if decode and ring == 0 else 32)
     # _scores_kernel and _pv_kernel stream K and V and keep no head or row tile of the convs, so decode
     # rows use wide key tiles there (conv layer at 64 x 2048: _pv 213 us with 64-key tiles, 141 with 128).
     # Prompt groups' _scores_kernel too (H200, prefill at 8192 tokens: 2.25 -> 1.56 ms for a mixing layer
