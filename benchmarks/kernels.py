@@ -308,8 +308,9 @@ def breakdown(num_sms: int, block_m: int) -> list[dict]:
 
 
 def kernel_sweep(num_sms: int) -> list[dict]:
-    """Per-kernel time of (a) at decode 64 x 2048 with every kernel at one key tile and warp count (what
-    mta_attention's DECODE_WARPS and decode tiles rest on)."""
+    """Per-kernel time of (a) at decode 64 x 2048 with every kernel at one warp count and _logits and _probs
+    at one key tile (_scores and _pv keep their 128-key tiles): what mta_attention's DECODE_WARPS and decode
+    tiles rest on."""
     inputs = paged_batch(64, 2048, 1)
     splits = engine_splits("conv", 64, 2048, num_sms)
     rows = []
@@ -336,7 +337,7 @@ def main() -> int:
     p.add_argument("--fused-sweep", action="store_true", help="also time the fused mixing prompt kernel in "
                    "each of FUSED_CONFIGS and at each of FUSED_SPLITS")
     p.add_argument("--kernel-sweep", action="store_true", help="also time each kernel of (a) at decode "
-                   "64 x 2048 at every key tile and warp count")
+                   "64 x 2048 at every warp count and conv/softmax key tile")
     p.add_argument("--split-sweep", action="store_true", help="also time every key-split count of (a), (b) "
                    "and (c) at each decode shape, against the engine's rules")
     args = p.parse_args()

@@ -15,9 +15,9 @@ the logits are computed once per pass. Extra memory: the per-split statistics an
 O(groups x splits x heads x BM x d). The engine's `triton` backend runs mixing-only layers' prompt groups
 through it (triton_attention: 16 rows, 16-key tiles, 8 warps, P' in the cache dtype). A program's operand
 tiles ([heads, BM, d] queries, [heads, d, keys] keys, [heads, keys, d] values, each buffered `num_stages`
-times) must fit the GPU's shared memory: on the H200 only 16-row groups of 16-key tiles do at the paper's
-head counts, and a wider model may not fit at all (Triton's OutOfResources; the engine then falls back to
-the row pipeline).
+times) must fit the GPU's shared memory: on the H200 at the 830M heads 16-row groups of 16-key tiles with
+two buffers fit and were fastest, 32 rows or 32 keys fit only with one buffer, and a wider model may not
+fit at all (Triton's OutOfResources; the engine then falls back to the row pipeline).
 """
 from __future__ import annotations
 

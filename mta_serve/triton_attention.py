@@ -5,7 +5,7 @@ probability rows); plain layers run `kernels.paged_flash` (one online-softmax pa
 sequences form two launches per layer: decode rows (one row per work item, keys split for parallelism) and
 prompt chunks (groups of `prefill_block_m` rows). The prompt chunks of mixing-only MTA layers (no key-query
 conv) run instead through `kernels.mixing_prefill`'s two fused passes, in groups of FUSED_BLOCK_M rows
-(H200, 830M heads, 8192-token prompt: 14.25 -> 8.96 ms); where Triton cannot fit its tiles in the GPU's
+(H200, 830M heads, 8192-token prompt: 14.28 -> 8.51 ms at 552010d); where Triton cannot fit its tiles in the GPU's
 shared memory (wide heads) those layers fall back to the row pipeline. A step's integer inputs (tokens,
 positions, slots, block tables, work items) reach the device in one copy and are shared by all layers.
 """
@@ -22,8 +22,9 @@ from .paged_attention import TorchPagedAttention
 
 log = logging.getLogger(__name__)
 
-FUSED_BLOCK_M = 16  # rows per group of the fused mixing prompt kernel: the fewest a tl.dot takes; more overflow
-# the H200's shared memory at 830M heads (kernels.py's FUSED_CONFIGS)
+FUSED_BLOCK_M = 16  # rows per group of the fused mixing prompt kernel: the fewest a tl.dot takes. On the H200
+# at 830M heads 32-row groups fit its shared memory only with one buffer per tile and were slower
+# (kernels.py --fused-sweep: 13.3 against 8.9 ms at 8192 tokens)
 
 
 @dataclass(slots=True)
@@ -167,8 +168,10 @@ class TritonPagedAttention(TorchPagedAttention):
         self.uploader = StepUploader(self.device)
         mta = cfg.mta
         mixes = mta.wpsm or mta.wposm or mta.head_kernel_size is not None
-        # cleared if Triton cannot fit the fused kernel on this GPU (then the row pipeline runs those layers)
-        self.fuse_mixing = mixes and not all(mta.has_conv(i) for i in range(cfg.n_layers))
+        convs = mta.pre_conv is not None or mta.post_conv is not None
+        # some layer mixes heads without a conv; cleared if Triton cannot fit the fused kernel on this GPU
+        # (then the row pipeline runs those layers)
+        self.fuse_mixing = mixes and not (convs and all(mta.has_conv(i) for i in range(cfg.n_layers)))
 
     def prepare(self, tokens: list[int], positions: list[int], slots: list[int], specs: list[SequenceSpec]):
         """A step's inputs on the device, all integer arrays packed into one upload: (tokens [N] int32,

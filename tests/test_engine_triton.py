@@ -110,10 +110,13 @@ def test_conv_states_are_allocated_for_post_conv_layers_and_budgeted_exactly():
     assert conv_state_bytes(plain, 5) == 0  # no post-conv: decode rows need no earlier rows
 
 
-def _mixing_model():
-    """Layer 0 with convs and head mixing, layers 1 and 2 with head mixing only (the fused prompt kernel's)."""
-    cfg = ModelConfig(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, max_seq_len=64,
-                      mta=MODELS["paper_variants"])
+# layers whose prompts the fused kernel serves: head mixing without a key-query conv
+MIXING_MODELS = {"conv_layer_0": (MODELS["paper_variants"], [1, 2]),
+                 "no_convs": (MTAConfig(wpsm=True, head_kernel_size=2), [0, 1, 2])}
+
+
+def _mixing_model(mta=MODELS["paper_variants"]):
+    cfg = ModelConfig(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, max_seq_len=64, mta=mta)
     return build_model(cfg, seed=4, mta_init="random", device="cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -137,16 +140,18 @@ def _prompt_runs(engine, model, monkeypatch, fail: bool = False) -> list:
     return layers
 
 
-def test_mixing_only_layers_run_prompts_through_the_fused_kernel(monkeypatch):
-    model = _mixing_model()
+@pytest.mark.parametrize("variant", sorted(MIXING_MODELS))
+def test_mixing_only_layers_run_prompts_through_the_fused_kernel(monkeypatch, variant):
+    mta, fused_layers = MIXING_MODELS[variant]
+    model = _mixing_model(mta)
     config = dict(block_size=4, num_blocks=32)
     engine = LLMEngine(model, None, CacheConfig(attention_backend="triton", **config),
                        SchedulerConfig(max_chunk_tokens=4))
     layers = _prompt_runs(engine, model, monkeypatch)
     reference = run_all(LLMEngine(model, None, CacheConfig(attention_backend="torch", **config),
                                   SchedulerConfig(max_chunk_tokens=4)), PROMPTS[:2], 4)
-    # prompts of 11 and 1 tokens in chunks of <= 4: three prompt steps, each through layers 1 and 2 only
-    assert sorted(set(layers)) == [1, 2] and len(layers) == 6
+    # prompts of 11 and 1 tokens in chunks of <= 4: three prompt steps, each through the mixing-only layers
+    assert sorted(set(layers)) == fused_layers and len(layers) == 3 * len(fused_layers)
     for rid, out in reference.items():
         assert engine.outputs[rid].token_ids == out.token_ids
         assert max(abs(x.logprob - y.logprob) for x, y in zip(out.logprobs, engine.outputs[rid].logprobs)) < 1e-4
