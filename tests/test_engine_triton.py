@@ -169,3 +169,28 @@ def test_fused_kernel_that_does_not_fit_falls_back_to_the_row_pipeline(monkeypat
                                   SchedulerConfig()), PROMPTS[:2], 4)
     assert {rid: out.token_ids for rid, out in engine.outputs.items()} == \
         {rid: out.token_ids for rid, out in reference.items()}
+
+
+def test_fused_prompt_kernel_in_fp16_matches_the_torch_backend(monkeypatch):
+    """16-bit caches: the fused kernel multiplies V by probabilities rounded to the cache dtype (as paged
+    flash's prompt tiles); the engine's greedy tokens must still be the torch backend's."""
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, max_seq_len=64,
+                      mta=MTAConfig(wpsm=True, head_kernel_size=2))
+    model = build_model(cfg, seed=4, mta_init="random", dtype=torch.float16,
+                        device="cuda" if torch.cuda.is_available() else "cpu")
+    prompts = [[5, 9, 1, 3, 7, 2, 8, 4, 6, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43], [1, 2, 3]]
+    config = dict(block_size=4, num_blocks=32)
+    engine = LLMEngine(model, None, CacheConfig(attention_backend="triton", **config),
+                       SchedulerConfig(max_chunk_tokens=8))
+    import mta_serve.kernels.mixing_prefill as fused_module
+
+    real, calls = fused_module.mixing_prefill_attention, []
+    monkeypatch.setattr(fused_module, "mixing_prefill_attention",
+                        lambda q, *args, **kwargs: calls.append(q.dtype) or real(q, *args, **kwargs))
+    got = run_all(engine, prompts, 6)
+    expected = run_all(LLMEngine(model, None, CacheConfig(attention_backend="torch", **config),
+                                 SchedulerConfig(max_chunk_tokens=8)), prompts, 6)
+    assert calls and set(calls) == {torch.float16}
+    for rid, out in expected.items():
+        assert got[rid].token_ids == out.token_ids
+        assert max(abs(x.logprob - y.logprob) for x, y in zip(out.logprobs, got[rid].logprobs)) < 1e-2
