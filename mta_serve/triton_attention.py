@@ -242,9 +242,9 @@ class TritonPagedAttention(TorchPagedAttention):
 
         k_cache, v_cache = self.k_cache[layer_id], self.v_cache[layer_id]
         decode = work.block_m == 1
-        if not decode and fused is not None and mixing_only(params) and self._fused_prompt(layer_id, params, q,
-                                                                                           fused, out):
-            return
+        if not decode and fused is not None and mixing_only(params):
+            if self._fused_prompt(layer_id, params, q, fused, out):
+                return
         if params is None:
             splits = 1 if not decode else flash_splits(work.work_seq.numel(), work.max_len, self.cfg.n_heads,
                                                        self.num_sms)
