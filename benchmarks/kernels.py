@@ -35,7 +35,7 @@ from mta_serve.kernels.mta_attention import ConvState, layer_params, mta_paged_a
 from mta_serve.kernels.paged_flash import paged_flash_attention
 from mta_serve.kernels.work_items import build_work_items
 from mta_serve.triton_attention import (FUSED_BLOCK_M, decode_splits, flash_splits,  # the engine's rules
-                                        fused_prompt_splits, mixing_splits)
+                                        fused_prompt_attention, fused_prompt_splits, mixing_splits)
 
 HEADS, HEAD_DIM, BLOCK = 16, 96, 16
 DTYPE = torch.bfloat16
@@ -228,10 +228,12 @@ def engine_prefill(kind: str, inputs, block_m: int):
     groups for the conv layer (and for "mixing_rows", the mixing layer's fallback), the fused kernel with
     the engine's tiles and splits for the mixing layer, paged flash in 64-row tiles for the plain one."""
     if kind == "mixing":
-        length = len(inputs[0])
-        splits = fused_prompt_splits(-(-length // FUSED_BLOCK_M), length, torch.cuda.get_device_properties(0)
-                                     .multi_processor_count)
-        return run_paged("mixing_fused", inputs, FUSED_BLOCK_M, splits, 16, 8, pv_in_cache_dtype=True)
+        q, _, kc, vc, tables, starts, ends, rows = inputs
+        work = build_work_items(tables, starts, ends, rows, FUSED_BLOCK_M, 1, "cuda")
+        out = torch.empty(q.shape, dtype=torch.float32, device="cuda")
+        params = layer_params(layer_weights("mixing"), "cuda")
+        num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+        return lambda: fused_prompt_attention(q, kc, vc, params, work, out, num_sms)
     return run_paged(kind.split("_")[0], inputs, 64 if kind == "plain" else block_m, 1)
 
 

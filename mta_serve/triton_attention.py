@@ -5,9 +5,10 @@ probability rows); plain layers run `kernels.paged_flash` (one online-softmax pa
 sequences form two launches per layer: decode rows (one row per work item, keys split for parallelism) and
 prompt chunks (groups of `prefill_block_m` rows). The prompt chunks of mixing-only MTA layers (no key-query
 conv) run instead through `kernels.mixing_prefill`'s two fused passes, in groups of FUSED_BLOCK_M rows
-(H200, 830M heads, 8192-token prompt: 14.28 -> 8.51 ms at 552010d); where Triton cannot fit its tiles in the GPU's
-shared memory (wide heads) those layers fall back to the row pipeline. A step's integer inputs (tokens,
-positions, slots, block tables, work items) reach the device in one copy and are shared by all layers.
+(H200, 830M heads, 8192-token prompt: 14.28 -> 8.51 ms at 552010d); where Triton cannot fit its tiles in
+the GPU's shared memory (wide heads) those layers fall back to the row pipeline. A step's integer inputs
+(tokens, positions, slots, block tables, work items) reach the device in one copy and are shared by all
+layers.
 """
 from __future__ import annotations
 
@@ -78,6 +79,19 @@ def fused_prompt_splits(num_groups: int, max_len: int, num_sms: int) -> int:
     8192 tokens took 9.92 / 8.91 / 8.52 / 8.44 / 8.75 ms with 1 / 2 / 4 / 8 / 16 splits, 2048 tokens
     1.11 / 0.89 / 0.74 / 0.71 / 0.77 ms."""
     return max(1, min(8, -(-16 * num_sms // max(num_groups, 1)), max_len // 64))
+
+
+def fused_prompt_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, params, work,
+                           out: torch.Tensor, num_sms: int) -> torch.Tensor:
+    """Prompt groups (work: FUSED_BLOCK_M-row groups) of a mixing-only layer through kernels.mixing_prefill
+    as the engine runs them: 16-key tiles, 8 warps, fused_prompt_splits, P'V on probabilities in the cache
+    dtype for 16-bit caches (as paged flash's prompt tiles). Raises Triton's OutOfResources where its tiles
+    do not fit the GPU."""
+    from .kernels.mixing_prefill import mixing_prefill_attention
+
+    splits = fused_prompt_splits(work.work_seq.numel(), work.max_len, num_sms)
+    return mixing_prefill_attention(q, k_cache, v_cache, params, work, out, key_tile=16, num_splits=splits,
+                                    num_warps=8, pv_in_cache_dtype=True)
 
 
 def mixing_only(params) -> bool:
@@ -250,24 +264,20 @@ class TritonPagedAttention(TorchPagedAttention):
                                                        self.num_sms)
             paged_flash_attention(q, k_cache, v_cache, work, out, num_splits=splits)
         else:
-            convs = params.pre_kernel is not None or params.post_kernel is not None
-            splits = mixing_splits(work.num_splits) if decode and not convs else None
+            splits = mixing_splits(work.num_splits) if decode and mixing_only(params) else None
             mta_paged_attention(q, self.q_cache[layer_id], k_cache, v_cache, params, work, out,
                                 state=self.conv_states[layer_id], num_splits=splits)
 
     def _fused_prompt(self, layer_id: int, params, q: torch.Tensor, work, out: torch.Tensor) -> bool:
-        """Prompt groups of a mixing-only layer through kernels.mixing_prefill (P'V on probabilities in the
-        cache dtype for 16-bit caches, as paged flash's prompt tiles); False if Triton cannot build it here."""
+        """fused_prompt_attention for a mixing-only layer's prompt groups; False if Triton cannot build it
+        here (then never again)."""
         from triton.runtime.errors import OutOfResources
-
-        from .kernels.mixing_prefill import mixing_prefill_attention
 
         if not self.fuse_mixing:
             return False
-        splits = fused_prompt_splits(work.work_seq.numel(), work.max_len, self.num_sms)
         try:
-            mixing_prefill_attention(q, self.k_cache[layer_id], self.v_cache[layer_id], params, work, out,
-                                     key_tile=16, num_splits=splits, num_warps=8, pv_in_cache_dtype=True)
+            fused_prompt_attention(q, self.k_cache[layer_id], self.v_cache[layer_id], params, work, out,
+                                   self.num_sms)
         except OutOfResources as exc:
             log.warning("fused mixing prompt kernel does not fit this GPU (%s); mixing-only layers' prompts "
                         "use the row pipeline", exc)
