@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .mta_attention import MTALayerParams, _mix, _normalizers_kernel, _running_max_sum, _sum_splits_kernel
-from .work_items import WorkItems, cache_slots, dot_width, split_key_tiles, work_item
+from .work_items import SPLIT_CHUNK, WorkItems, cache_slots, dot_width, split_key_tiles, work_item
 
 
 def mixing_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, params: MTALayerParams,
@@ -69,13 +69,14 @@ def mixing_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
                                                  num_warps=num_warps, num_stages=num_stages)
     _normalizers_kernel[(num_items, n_heads)](stats, norms, dummy, 0, work.work_seq, work.work_first, work.seq_end,
                                               work.work_seq, 1, H=n_heads, RO=bm, RL=bm, SPLITS=num_splits,
-                                              RLP=bm, CQ2=1, RING=0, num_warps=num_warps)
+                                              RLP=bm, CQ2=1, RING=0, SC=SPLIT_CHUNK, num_warps=num_warps)
     _mixed_pv_kernel[(num_items, num_splits)](q, k_cache, v_cache, pre_mix, post_mix, norms, partial, scale, *seq,
                                               num_splits, POST_MIX=params.post_mix is not None,
                                               P16=pv_in_cache_dtype and q.dtype != torch.float32, **c,
                                               num_warps=num_warps, num_stages=num_stages)
     _sum_splits_kernel[(num_items, n_heads)](partial, out, 0, *seq, H=n_heads, D=head_dim, DP=dot_width(head_dim),
-                                             RO=bm, SPLITS=num_splits, num_warps=num_warps)
+                                             RO=bm, SPLITS=num_splits, SC=SPLIT_CHUNK,
+                                             num_warps=num_warps)
     return out
 
 

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .work_items import WorkItems, cache_slots, dot_width, qk_tile, split_key_tiles, work_item
+from .work_items import SPLIT_CHUNK, WorkItems, cache_slots, dot_width, qk_tile, split_key_tiles, work_item
 
 
 @dataclass(slots=True)
@@ -123,7 +123,8 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     Decode rows use `num_splits` key splits (default work.num_splits); prompt groups `prompt_splits`, by
     default enough to fill the GPU. `key_tile` keys per tile in the conv and softmax kernels, `stream_tile`
     in the two that read K and V (powers of two; by default 128, and `key_tile` for prompt groups' P'V);
-    decode rows' probabilities kernel uses 128-key tiles unless `key_tile` is given. `num_warps` for every
+    unless `key_tile` is given, decode rows' probabilities kernel uses 128-key tiles and prompt groups' conv
+    kernels those of _prompt_conv_tiles. `num_warps` for every
     kernel, or by default 4 but for decode rows DECODE_WARPS.
     With a `state` (post-conv layers; work.seq_state names each sequence's slot) prompt groups also write
     their sequences' last score and logit rows there and decode rows read the rows before theirs from it.
@@ -160,7 +161,11 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     pv_tile = stream_tile or (128 if decode else bn)
     # the decode post-conv likewise (with 8 warps: 64 x 2048, 128 -> 106 us)
     probs_tile = 128 if decode and not key_tile else bn
-    widest = max(bn, scores_tile, pv_tile, probs_tile)
+    hb = triton.next_power_of_2(n_heads)
+    logits_tile, probs_rows = bn, 1 if decode else 16
+    if not (decode or key_tile) and hb <= 16:
+        logits_tile, probs_tile, probs_rows = _prompt_conv_tiles(params, bn, probs_tile, probs_rows)
+    widest = max(bn, scores_tile, pv_tile, probs_tile, logits_tile)
     length = triton.cdiv(max(max_len or 0, work.max_len), widest) * widest
     per_item = 4 * n_heads * length * (rows_s + (0 if ring == 1 else rows_l) + rows_o)
     wave = max(1, min(num_items, budget_bytes // per_item))
@@ -172,10 +177,10 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     c = dict(
         H=n_heads, GROUP=n_heads // k_cache.shape[2], D=head_dim, DP=dot_width(head_dim), BN=bn,
         NUM_TILES=length // bn, SCORES_BN=scores_tile, PV_BN=pv_tile, PROBS_BN=probs_tile,
-        BLOCK_SIZE=k_cache.shape[1], HB=triton.next_power_of_2(n_heads), RO=rows_o, R=rows_s, RL=rows_l,
+        LOGITS_BN=logits_tile, BLOCK_SIZE=k_cache.shape[1], HB=hb, RO=rows_o, R=rows_s, RL=rows_l,
         RT=1 if rows_s == 1 else max(16, min(32, triton.next_power_of_2(rows_s))),
         RLT=min(8, triton.next_power_of_2(rows_l)), RLP=triton.next_power_of_2(rows_l), OT=1 if decode else 16,
-        SPLITS=splits,
+        PROBS_OT=probs_rows, SPLITS=splits, SC=SPLIT_CHUNK,
         CQ=cq, CK=ck, PL=left_pad(params.pad_key, ck), CQ2=cq2, CK2=ck2, PL2=left_pad(params.pad_key, ck2),
         PRE_CONV=params.pre_kernel is not None, POST_CONV=params.post_kernel is not None,
         PRE_MIX=params.pre_mix is not None, POST_MIX=params.post_mix is not None,
@@ -199,6 +204,18 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
         _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, norms, partial, items, seq,
                 weights, c, 1.0 / math.sqrt(head_dim), num_warps or (DECODE_WARPS if decode else {}))
     return out
+
+
+def _prompt_conv_tiles(params: MTALayerParams, bn: int, probs_tile: int, probs_rows: int) -> tuple[int, int, int]:
+    """(_logits key tile, _probs key tile, _probs rows per program) of prompt groups in a layer of at most 16
+    heads. H200, conv layer's prefill at 4096 tokens (benchmarks/results/conv_tile_sweep_h200_1807f15.json):
+    _logits 7.92 -> 5.93 ms with 64-key tiles (8 rows), _probs 8.46 -> 6.01 ms with 64 keys x 8 rows. _pv keeps
+    its 16 rows (with 8: 1.29 -> 2.27 ms). Neighbouring tiles were 20-230x slower (register spills: _probs at
+    64 keys x 16 rows 331 ms, _logits at 64 keys x 4 rows 133 ms), so only these measured pairs are used."""
+    logits_tile = 64 if params.pre_kernel is not None else bn
+    if params.post_kernel is not None:
+        probs_tile, probs_rows = 64, 8
+    return logits_tile, probs_tile, probs_rows
 
 
 # Warps per kernel of decode rows (the others: 4). H200, conv layer at 64 x 2048 (benchmarks/kernels.py
@@ -261,10 +278,12 @@ def _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, nor
     scores_args = streaming(c["SCORES_BN"])
     run(_scores_kernel, (items * c["H"], scores_args["NUM_TILES"] * triton.cdiv(c["R"], c["RT"])), q,
         q if q_cache is None else q_cache, k_cache, scores, args=scores_args)
-    run(_logits_kernel, (items, c["SPLITS"], triton.cdiv(c["RL"], c["RLT"])), scores, logits, stats)
+    run(_logits_kernel, (items, c["SPLITS"], triton.cdiv(c["RL"], c["RLT"])), scores, logits, stats,
+        args=streaming(c["LOGITS_BN"]))
     if not c["NORM_HERE"]:
         run(_normalizers_kernel, (items, c["H"]), stats, norms)
-    run(_probs_kernel, (items, c["SPLITS"], out_tiles), logits, norms, stats, probs, args=streaming(c["PROBS_BN"]))
+    run(_probs_kernel, (items, c["SPLITS"], triton.cdiv(c["RO"], c["PROBS_OT"])), logits, norms, stats, probs,
+        args=dict(streaming(c["PROBS_BN"]), OT=c["PROBS_OT"]))
     run(_pv_kernel, (items * c["H"], c["SPLITS"] * out_tiles), probs, v_cache, partial, args=streaming(c["PV_BN"]))
     run(_sum_splits_kernel, (items, c["H"]), partial, out)
 
@@ -519,32 +538,37 @@ def _running_max_sum(m, l, x):
 
 
 @triton.jit
-def _split_normalizers(stats_ptr, base, ok, split_stride, sums, SPLITS):
-    """(max, 1 / sum of exp) of logit rows over the key splits, from each split's max at stats_ptr + base +
-    s * split_stride and its sum of exp `sums` further; rows without keys get (0, 0)."""
+def _split_normalizers(stats_ptr, base, ok, split_stride, sums, SPLITS, SC: tl.constexpr):
+    """(max, 1 / sum of exp) [X, 1] of logit rows over the key splits, from each split's max at stats_ptr +
+    base + s * split_stride and its sum of exp `sums` further (base, ok [X, 1]), SC splits per load; rows
+    without keys get (0, 0)."""
     m = tl.full(base.shape, float("-inf"), tl.float32)
-    for s in range(SPLITS):
-        m = tl.maximum(m, tl.load(stats_ptr + base + s * split_stride, mask=ok, other=float("-inf")))
-    m = tl.where(m == float("-inf"), 0.0, m)
     l = tl.zeros(base.shape, tl.float32)
-    for s in range(SPLITS):
-        m_s = tl.load(stats_ptr + base + s * split_stride, mask=ok, other=float("-inf"))
-        l += tl.where(m_s == float("-inf"), 0.0,
-                      tl.load(stats_ptr + sums + base + s * split_stride, mask=ok, other=0.0) * tl.exp(m_s - m))
+    s = tl.arange(0, SC)[None, :]
+    for s0 in range(0, SPLITS, SC):
+        in_range = ok & (s0 + s < SPLITS)
+        m_s = tl.load(stats_ptr + base + (s0 + s) * split_stride, mask=in_range, other=float("-inf"))  # [X, SC]
+        l_s = tl.load(stats_ptr + sums + base + (s0 + s) * split_stride, mask=in_range, other=0.0)
+        m_new = tl.maximum(m, tl.max(m_s, axis=1)[:, None])
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_s = tl.where(m_s == float("-inf"), 0.0, l_s * tl.exp(m_s - m_safe))
+        l = l * tl.exp(m - m_safe) + tl.sum(l_s, axis=1)[:, None]
+        m = m_new
+    m = tl.where(m == float("-inf"), 0.0, m)
     return m, tl.where(l == 0.0, 0.0, 1.0 / tl.where(l == 0.0, 1.0, l))
 
 
 @triton.jit(do_not_specialize=["item0", "SPLITS"])
 def _normalizers_kernel(stats_ptr, norm_ptr, ring_norm_ptr, item0, work_seq_ptr, work_first_ptr, seq_end_ptr,
                         seq_state_ptr, NUM_SLOTS, H: tl.constexpr, RO: tl.constexpr, RL: tl.constexpr, SPLITS,
-                        RLP: tl.constexpr, CQ2: tl.constexpr, RING: tl.constexpr):
+                        RLP: tl.constexpr, CQ2: tl.constexpr, RING: tl.constexpr, SC: tl.constexpr):
     """Per logit row of one item and head: the max over splits and 1 / (sum of exp). RING 2 (prompt
     groups): a sequence's last c_q' rows also go to its ConvState, as _logits_kernel writes them."""
     b, h = tl.program_id(0), tl.program_id(1)
-    r = tl.arange(0, RLP)
+    r = tl.arange(0, RLP)[:, None]
     ok = r < RL
     m, inv_l = _split_normalizers(stats_ptr, (b * SPLITS * H + h) * RL + r, ok, H * RL,
-                                  tl.num_programs(0) * SPLITS * H * RL, SPLITS)
+                                  tl.num_programs(0) * SPLITS * H * RL, SPLITS, SC)
     tl.store(norm_ptr + (b * H + h) * RL + r, m, mask=ok)
     tl.store(norm_ptr + tl.num_programs(0) * H * RL + (b * H + h) * RL + r, inv_l, mask=ok)
     if RING == 2:
@@ -565,7 +589,8 @@ def _probs_kernel(l_ptr, norm_ptr, stats_ptr, p_ptr, post_w_ptr, post_mix_ptr, i
                   ring_ptr, ring_norm_ptr, RING_TILES, NUM_SLOTS, H: tl.constexpr, BN: tl.constexpr, NUM_TILES,
                   HB: tl.constexpr, RO: tl.constexpr, RL: tl.constexpr, OT: tl.constexpr, SPLITS,
                   CQ2: tl.constexpr, CK2: tl.constexpr, PL2: tl.constexpr, POST_CONV: tl.constexpr,
-                  POST_MIX: tl.constexpr, FP32: tl.constexpr, RING: tl.constexpr, NORM_HERE: tl.constexpr):
+                  POST_MIX: tl.constexpr, FP32: tl.constexpr, RING: tl.constexpr, NORM_HERE: tl.constexpr,
+                  SC: tl.constexpr):
     """P' rows first + r over this split's keys: normalized probabilities -> post-conv -> post-mix. RING 1
     (decode rows): the logit rows are the sequence's ConvState rows. NORM_HERE (decode rows with one logit
     row of their own): the row's normalizers come from the splits' stats here, not from _normalizers_kernel
@@ -587,7 +612,7 @@ def _probs_kernel(l_ptr, norm_ptr, stats_ptr, p_ptr, post_w_ptr, post_mix_ptr, i
     if NORM_HERE:
         hs = tl.arange(0, HB)[:, None]
         cur_m, cur_inv = _split_normalizers(stats_ptr, (b * SPLITS * H + hs) * RL, hs < H, H * RL,
-                                            tl.num_programs(0) * SPLITS * H * RL, SPLITS)
+                                            tl.num_programs(0) * SPLITS * H * RL, SPLITS, SC)
         if RING == 1:  # for the steps after this one
             offs = _ring_row(slot, hs, first, H, CQ2)
             tl.store(ring_norm_ptr + offs, cur_m, mask=(hs < H) & (hs * 0 + split == 0))
@@ -662,17 +687,25 @@ def _pv_kernel(p_ptr, v_ptr, part_ptr, item0, bt_ptr, bt_stride, seq_start_ptr, 
 @triton.jit(do_not_specialize=["item0", "bt_stride", "SPLITS"])
 def _sum_splits_kernel(part_ptr, out_ptr, item0, bt_ptr, bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr,
                        work_seq_ptr, work_first_ptr, H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                       RO: tl.constexpr, SPLITS):
-    """Output rows of one item and head: the sum of its splits (each already normalized)."""
+                       RO: tl.constexpr, SPLITS, SC: tl.constexpr):
+    """Output rows of one item and head: the sum of its splits (each already normalized); a decode row
+    reads SC splits at once."""
     b, h = tl.program_id(0), tl.program_id(1)
     first, start, end, row0, last, bt = work_item(item0 + b, work_seq_ptr, work_first_ptr, seq_start_ptr,
                                                   seq_end_ptr, seq_row_ptr, bt_ptr, bt_stride, RO)
     r = tl.arange(0, RO)[:, None]
     offs_d = tl.arange(0, DP)[None, :]
     acc = tl.zeros((RO, DP), tl.float32)
-    for s in range(SPLITS):
-        acc += tl.load(part_ptr + (((b * SPLITS + s) * H + h) * RO + r).to(tl.int64) * D + offs_d,
-                       mask=offs_d < D, other=0.0)
+    if RO == 1:
+        s = tl.arange(0, SC)[:, None]
+        for s0 in range(0, SPLITS, SC):
+            part = tl.load(part_ptr + ((b * SPLITS + s0 + s) * H + h).to(tl.int64) * D + offs_d,
+                           mask=(s0 + s < SPLITS) & (offs_d < D), other=0.0)  # [SC, DP]
+            acc += tl.sum(part, axis=0)[None, :]
+    else:
+        for s in range(SPLITS):
+            acc += tl.load(part_ptr + (((b * SPLITS + s) * H + h) * RO + r).to(tl.int64) * D + offs_d,
+                           mask=offs_d < D, other=0.0)
     out_row = row0 + first - start + r
     tl.store(out_ptr + (out_row * H + h).to(tl.int64) * D + offs_d, acc.to(out_ptr.dtype.element_ty),
              mask=(first + r <= last) & (offs_d < D))

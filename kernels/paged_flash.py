@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .work_items import WorkItems, cache_slots, dot_width, qk_tile, split_key_tiles, work_item
+from .work_items import SPLIT_CHUNK, WorkItems, cache_slots, dot_width, qk_tile, split_key_tiles, work_item
 
 
 def paged_flash_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, work: WorkItems,
@@ -44,7 +44,7 @@ def paged_flash_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         num_warps=num_warps)
     _flash_combine_kernel[(num_work, n_heads)](
         partial, stats, out, work.seq_start, work.seq_end, work.seq_row, work.work_seq, work.work_first,
-        num_work, TILE=work.block_m, **meta, num_warps=num_warps)
+        num_work, TILE=work.block_m, SC=SPLIT_CHUNK, **meta, num_warps=num_warps)
     return out
 
 
@@ -104,13 +104,30 @@ def _flash_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, bt_stride, seq_start_ptr, seq_end
 @triton.jit(do_not_specialize=["num_work", "SPLITS"])
 def _flash_combine_kernel(part_ptr, stats_ptr, out_ptr, seq_start_ptr, seq_end_ptr, seq_row_ptr, work_seq_ptr,
                           work_first_ptr, num_work, TILE: tl.constexpr, H: tl.constexpr, GROUP: tl.constexpr,
-                          D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, SPLITS):
+                          D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, SPLITS, SC: tl.constexpr):
     """Merge the splits' (acc, max, sum) of one tile and head into normalized output rows."""
     w, h = tl.program_id(0), tl.program_id(1)
     seq = tl.load(work_seq_ptr + w)
     first = tl.load(work_first_ptr + w)
     end = tl.load(seq_end_ptr + seq)
     out_row = tl.load(seq_row_ptr + seq) + first - tl.load(seq_start_ptr + seq)
+    offs_d = tl.arange(0, DP)[None, :]
+    sums = num_work * SPLITS * H * BM
+    if TILE == 1:
+        r = tl.arange(0, 1)[:, None]
+        acc = _combine_one_row(part_ptr, stats_ptr, sums, w, h, SPLITS, H, D, DP, BM, SC)
+    else:
+        r = tl.arange(0, BM)[:, None]
+        acc = _combine_rows(part_ptr, stats_ptr, sums, w, h, SPLITS, TILE, H, D, DP, BM)
+    ok = (r < TILE) & (first + r < end) & (offs_d < D)
+    tl.store(out_ptr + ((out_row + r) * H + h).to(tl.int64) * D + offs_d, acc.to(out_ptr.dtype.element_ty),
+             mask=ok)
+
+
+@triton.jit
+def _combine_rows(part_ptr, stats_ptr, sums, w, h, SPLITS, TILE: tl.constexpr, H: tl.constexpr,
+                  D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr):
+    """Output rows [BM, DP] of a tile: its splits merged one at a time."""
     r = tl.arange(0, BM)
     offs_d = tl.arange(0, DP)[None, :]
     in_tile = r < TILE
@@ -125,10 +142,32 @@ def _flash_combine_kernel(part_ptr, stats_ptr, out_ptr, seq_start_ptr, seq_end_p
         base = (w * SPLITS + s) * H + h
         m_s = tl.load(stats_ptr + base * BM + r, mask=in_tile, other=float("-inf"))
         scale = tl.where(m_s == float("-inf"), 0.0, tl.exp(m_s - m))
-        l += scale * tl.load(stats_ptr + num_work * SPLITS * H * BM + base * BM + r, mask=in_tile, other=0.0)
+        l += scale * tl.load(stats_ptr + sums + base * BM + r, mask=in_tile, other=0.0)
         acc += scale[:, None] * tl.load(part_ptr + (base * BM + r).to(tl.int64)[:, None] * D + offs_d,
                                         mask=in_tile[:, None] & (offs_d < D), other=0.0)
-    acc = acc / tl.where(l == 0.0, 1.0, l)[:, None]
-    ok = (r[:, None] < TILE) & (first + r[:, None] < end) & (offs_d < D)
-    tl.store(out_ptr + ((out_row + r[:, None]) * H + h).to(tl.int64) * D + offs_d,
-             acc.to(out_ptr.dtype.element_ty), mask=ok)
+    return acc / tl.where(l == 0.0, 1.0, l)[:, None]
+
+
+@triton.jit
+def _combine_one_row(part_ptr, stats_ptr, sums, w, h, SPLITS, H: tl.constexpr, D: tl.constexpr,
+                     DP: tl.constexpr, BM: tl.constexpr, SC: tl.constexpr):
+    """The output row [1, DP] of a one-row tile (decode): SC splits per load, merged by online softmax."""
+    s = tl.arange(0, SC)[:, None]
+    offs_d = tl.arange(0, DP)[None, :]
+    m = tl.full((1, 1), float("-inf"), tl.float32)
+    l = tl.zeros((1, 1), tl.float32)
+    acc = tl.zeros((1, DP), tl.float32)
+    for s0 in range(0, SPLITS, SC):
+        base = (w * SPLITS + s0 + s) * H + h  # [SC, 1]; row 0 of each split's BM rows
+        ok = s0 + s < SPLITS
+        m_s = tl.load(stats_ptr + base * BM, mask=ok, other=float("-inf"))
+        l_s = tl.load(stats_ptr + sums + base * BM, mask=ok, other=0.0)
+        part = tl.load(part_ptr + (base * BM).to(tl.int64) * D + offs_d, mask=ok & (offs_d < D), other=0.0)
+        m_new = tl.maximum(m, tl.max(m_s, axis=0)[None, :])
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        scale = tl.where(m_s == float("-inf"), 0.0, tl.exp(m_s - m_safe))  # [SC, 1]
+        alpha = tl.exp(m - m_safe)
+        l = l * alpha + tl.sum(scale * l_s, axis=0)[None, :]
+        acc = acc * alpha + tl.sum(scale * part, axis=0)[None, :]
+        m = m_new
+    return acc / tl.where(l == 0.0, 1.0, l)

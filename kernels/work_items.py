@@ -54,6 +54,12 @@ def build_work_items(block_tables: torch.Tensor, starts: list[int], ends: list[i
                      None if states is None else i32(states))
 
 
+# Splits a combine step reads at once ([SPLIT_CHUNK] statistics, [SPLIT_CHUNK, D] partial rows): a loop over
+# the splits one load at a time waits on each load in turn, and a decode row has few programs to hide that.
+# A constant, so split counts (runtime values) compile nothing new; the engine uses at most 32.
+SPLIT_CHUNK = 32
+
+
 def dot_width(head_dim: int) -> int:
     """Head size padded to a power of two of at least 16, the smallest inner size tl.dot accepts."""
     return max(16, triton.next_power_of_2(head_dim))

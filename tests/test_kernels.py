@@ -114,6 +114,15 @@ def test_mta_kernel_block_sizes_and_16_row_groups(block_size):
     torch.testing.assert_close(out, reference, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("variant", ["paper", "pre_left_no_mix", "post_right"])
+def test_mta_kernel_default_prompt_tiles(variant):
+    """The tiles prompt groups get by default (conv kernels in 64-key tiles, the post-conv in 8-row
+    programs under 16-row groups), over prompts longer than a tile, keys in 2 splits."""
+    out, reference = run_mta([(0, 70), (30, 90), (3, 4)], mta_weights(**VARIANTS[variant]), 8, torch.float32,
+                             16, 1, key_tile=None)
+    torch.testing.assert_close(out, reference, atol=2e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("splits", [2, 5])
 def test_mta_kernel_prompt_groups_with_key_splits(splits):
     """Prompt groups whose keys are split (the split boundaries fall inside conv halos and row tiles)."""
@@ -149,6 +158,36 @@ def test_mta_kernel_one_split_equals_many():
     one, _ = run_mta(LONG_DECODE, weights, 4, torch.float32, 1, 1)
     many, _ = run_mta(LONG_DECODE, weights, 4, torch.float32, 1, 4)
     torch.testing.assert_close(one, many, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["flash_decode", "mta_decode_norm_here", "mta_decode", "mta_prefill"])
+def test_split_merges_in_chunks(case, monkeypatch):
+    """The combine steps read SPLIT_CHUNK splits per load and merge chunks by online softmax: with chunks
+    of 2 and 5 key splits (empty ones among them for the shorter contexts) every kernel still matches the
+    reference. Decode rows: paged flash's combine, the post-conv-free MTA path whose _probs_kernel merges
+    the normalizers itself, and the conv layer's _normalizers_kernel; prompt groups: the latter too."""
+    from mta_serve.kernels import mta_attention, paged_flash
+
+    monkeypatch.setattr(mta_attention, "SPLIT_CHUNK", 2)
+    monkeypatch.setattr(paged_flash, "SPLIT_CHUNK", 2)
+    if case == "flash_decode":
+        q, qc, kc, vc, tables, starts, ends, rows = paged_inputs(LONG_DECODE, 4, torch.float32)
+        reference = paged_attention_reference(q, None, kc, vc, MTAWeights(), tables, starts, ends, rows, 0)
+        out = torch.full(q.shape, float("nan"), device=DEVICE)
+        paged_flash_attention(q, kc, vc, build_work_items(tables, starts, ends, rows, 1, 5, DEVICE), out,
+                              block_n=16)
+    else:
+        variant = "talking_heads" if case == "mta_decode_norm_here" else "paper"
+        seqs, block_m = ([(0, 70), (30, 53)], 16) if case == "mta_prefill" else (LONG_DECODE, 1)
+        q, qc, kc, vc, tables, starts, ends, rows = paged_inputs(seqs, 4, torch.float32)
+        weights = mta_weights(**VARIANTS[variant])
+        reference = paged_attention_reference(q, qc, kc, vc, _on_device(weights), tables, starts, ends, rows,
+                                              window(weights))
+        out = torch.full(q.shape, float("nan"), device=DEVICE)
+        mta_paged_attention(q, qc if window(weights) else None, kc, vc, layer_params(weights, DEVICE),
+                            build_work_items(tables, starts, ends, rows, block_m, 5, DEVICE), out, key_tile=16,
+                            prompt_splits=5)
+    torch.testing.assert_close(out, reference, atol=2e-5, rtol=1e-5)
 
 
 def test_mta_kernel_fixed_max_len_gives_the_same_rows():
@@ -230,12 +269,12 @@ def _step(qc, tables, block_size, steps):
     return torch.cat(q), [s for s, _ in steps], [e for _, e in steps], rows[:-1]
 
 
-@pytest.mark.parametrize("post", [(3, 3), (6, 11)])
-def test_mta_kernel_conv_state_carries_logit_rows_from_prompts_to_decode_rows(post):
+@pytest.mark.parametrize("post, key_tile", [((3, 3), 16), ((6, 11), 16), ((6, 11), None)])
+def test_mta_kernel_conv_state_carries_logit_rows_from_prompts_to_decode_rows(post, key_tile):
     """Prompt chunks (the second starting mid-block) write each sequence's last c_q score rows and c_q'
     logit rows into its ConvState slot; decode rows then read them instead of recomputing them, step after
     step. Slots are shuffled, sequences shorter than the conv window included, a slot no sequence owns is
-    NaN-poisoned."""
+    NaN-poisoned. key_tile None: the default tiles (prompt groups' conv kernels in 64-key tiles)."""
     from mta_serve.kernels.mta_attention import ConvState
 
     block_size, total = 4, [3, 9, 30]
@@ -253,7 +292,7 @@ def test_mta_kernel_conv_state_carries_logit_rows_from_prompts_to_decode_rows(po
         work = build_work_items(tables, starts, ends, rows, block_m, 2 if block_m == 1 else 1, DEVICE,
                                 states=slots)
         out = torch.full(q.shape, float("nan"), device=DEVICE)
-        mta_paged_attention(q, qc, kc, vc, params, work, out, key_tile=16, state=state)
+        mta_paged_attention(q, qc, kc, vc, params, work, out, key_tile=key_tile, state=state)
         torch.testing.assert_close(out, reference, atol=2e-5, rtol=1e-5)
 
 
