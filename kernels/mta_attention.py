@@ -669,8 +669,10 @@ def _pv_kernel(p_ptr, v_ptr, part_ptr, item0, bt_ptr, bt_stride, seq_start_ptr, 
     for t in range(t0, t1):
         keys = t * BN + tl.arange(0, BN)
         key_ok = keys <= last
+        # causal mask too: _probs_kernel may tile rows more finely, writing each row only up to its tile's
+        # last row
         p = tl.load(p_ptr + ((b * H + h) * RO + r).to(tl.int64)[:, None] * LENGTH + keys[None, :],
-                    mask=(r[:, None] < RO) & key_ok[None, :], other=0.0)
+                    mask=(r[:, None] < RO) & key_ok[None, :] & (keys[None, :] <= first + r[:, None]), other=0.0)
         slots = cache_slots(bt, keys, key_ok, BLOCK_SIZE)
         v = tl.load(v_ptr + (slots * (H // GROUP) + h // GROUP)[:, None] * D + offs_d[None, :],
                     mask=key_ok[:, None] & dmask, other=0.0)

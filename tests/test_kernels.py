@@ -115,10 +115,18 @@ def test_mta_kernel_block_sizes_and_16_row_groups(block_size):
 
 
 @pytest.mark.parametrize("variant", ["paper", "pre_left_no_mix", "post_right"])
-def test_mta_kernel_default_prompt_tiles(variant):
+def test_mta_kernel_default_prompt_tiles(variant, monkeypatch):
     """The tiles prompt groups get by default (conv kernels in 64-key tiles, the post-conv in 8-row
-    programs under 16-row groups), over prompts longer than a tile, keys in 2 splits."""
-    out, reference = run_mta([(0, 70), (30, 90), (3, 4)], mta_weights(**VARIANTS[variant]), 8, torch.float32,
+    programs under 16-row groups), over prompts longer than a tile. The kernels' scratch buffers start as
+    NaN: on a GPU they hold garbage, so no kernel may read what another did not write."""
+    empty = torch.empty
+
+    def nan_empty(*shape, **kwargs):
+        t = empty(*shape, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    out, reference = run_mta([(0, 70), (52, 90), (3, 4)], mta_weights(**VARIANTS[variant]), 8, torch.float32,
                              16, 1, key_tile=None)
     torch.testing.assert_close(out, reference, atol=2e-5, rtol=1e-5)
 
