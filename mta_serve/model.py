@@ -107,10 +107,12 @@ class MTAAttention(nn.Module):
         return self.wo(self.norm_and_gate(heads.to(x.dtype)).flatten(-2))
 
     def forward_fused(self, x, cos, sin, attend: "AttendFn", layer_id: int) -> torch.Tensor:
-        """forward() through kernels.fused_ops and the fused q|k|v weight (MTATransformer.fuse_projections)."""
+        """forward() through kernels.fused_ops, kernels.row_linear (one-row steps on a GPU) and the fused
+        q|k|v weight (MTATransformer.fuse_projections)."""
         from .kernels import fused_ops
+        from .kernels.row_linear import linear
 
-        qkv = F.linear(x, self.wqkv)
+        qkv = linear(x, self.wqkv)
         q, k, v = fused_ops.rope(qkv, cos, sin, self.n_heads, self.n_kv_heads, self.head_dim)
         heads = attend(layer_id, self, q, k, v)
         one_d_gate = self.gate is not None and self.gate.out_features == 1
@@ -122,7 +124,7 @@ class MTAAttention(nn.Module):
         if self.gate is not None and not one_d_gate:  # the full gate is a GEMM: PyTorch
             gated = mixed.unflatten(-1, (self.n_heads, self.head_dim))
             mixed = (gated * torch.sigmoid(self.gate(gated))).flatten(-2)
-        return self.wo(mixed)
+        return linear(mixed, self.wo.weight)
 
 
 def _kernel(n_heads: int, size: tuple[int, int] | None) -> nn.Parameter | None:
@@ -141,8 +143,9 @@ class FeedForward(nn.Module):
 
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         from .kernels import fused_ops
+        from .kernels.row_linear import linear
 
-        return self.w2(fused_ops.silu_mul(F.linear(x, self.w13)))
+        return linear(fused_ops.silu_mul(linear(x, self.w13)), self.w2.weight)
 
 
 class TransformerBlock(nn.Module):

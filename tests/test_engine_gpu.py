@@ -59,7 +59,8 @@ def test_cuda_cache_sized_from_memory_budget():
 
 @pytest.mark.parametrize("mta", [PAPER_VARIANTS, MTAConfig()], ids=["mta", "baseline"])
 def test_triton_backend_greedy_equals_torch_backend(mta):
-    """Whole-engine greedy outputs of the two backends on a tiny fp32 model: identical tokens."""
+    """Whole-engine greedy outputs of the two backends on a tiny fp32 model: identical tokens; the last
+    request alone too (batch-1 decode: the triton backend's linear layers through kernels.row_linear)."""
     cfg = ModelConfig(dim=64, n_layers=3, n_heads=4, vocab_size=101, max_seq_len=256, mta=mta)
     model = build_model(cfg, seed=5, mta_init="random", device="cuda")
     g = torch.Generator().manual_seed(1)
@@ -68,7 +69,7 @@ def test_triton_backend_greedy_equals_torch_backend(mta):
     for backend in ("torch", "triton"):
         engine = LLMEngine(model, None, CacheConfig(block_size=16, num_blocks=64, attention_backend=backend),
                            SchedulerConfig(max_chunk_tokens=13, max_num_batched_tokens=40))
-        outs[backend] = _run(engine, prompts, 16)
+        outs[backend] = _run(engine, prompts, 16) + _run(engine, prompts[-1:], 16)
     for a, b in zip(outs["torch"], outs["triton"]):
         assert a.token_ids == b.token_ids
         assert max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs)) < 1e-3
@@ -111,11 +112,11 @@ def test_new_step_shapes_compile_no_new_kernels():
     """After one round of requests, steps of other lengths, chunkings and batch mixes must reuse the compiled
     kernels: Triton compiles a variant per integer divisibility and pointer alignment, which once made the
     engine compile during prefill (185 s instead of 30 s for the 830M throughput workload)."""
-    from mta_serve.kernels import mta_attention, paged_flash
+    from mta_serve.kernels import mta_attention, paged_flash, row_linear
 
     kernels = [mta_attention._scores_kernel, mta_attention._logits_kernel, mta_attention._normalizers_kernel,
                mta_attention._probs_kernel, mta_attention._pv_kernel, mta_attention._sum_splits_kernel,
-               paged_flash._flash_kernel, paged_flash._flash_combine_kernel]
+               paged_flash._flash_kernel, paged_flash._flash_combine_kernel, row_linear._row_linear_kernel]
     g = torch.Generator().manual_seed(2)
     for mta in (PAPER_VARIANTS, MTAConfig()):
         cfg = ModelConfig(dim=64, n_layers=3, n_heads=4, vocab_size=101, max_seq_len=256, mta=mta)
@@ -124,6 +125,7 @@ def test_new_step_shapes_compile_no_new_kernels():
                            SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=96, max_chunk_tokens=40))
         first = [torch.randint(0, 101, (n,), generator=g).tolist() for n in (3, 20, 70, 130)]
         run_all(engine, first, 6)
+        run_all(engine, first[:1], 3)  # batch-1 decode steps (row_linear)
         compiled = [_num_compiled(k) for k in kernels]
         second = [torch.randint(0, 101, (n,), generator=g).tolist() for n in (1, 9, 17, 33, 47, 95, 150, 201)]
         run_all(engine, second, [5, 9, 2, 13, 7, 4, 11, 3])
