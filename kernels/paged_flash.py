@@ -42,9 +42,11 @@ def paged_flash_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         work.seq_row, work.work_seq, work.work_first, partial, stats, num_work, 1.0 / math.sqrt(head_dim),
         BLOCK_SIZE=k_cache.shape[1], BN=block_n, TILE=work.block_m, FP32=q.dtype == torch.float32, **meta,
         num_warps=num_warps)
+    # One-row tiles merge in one warp (H200, benchmarks/combine_sweep.py: 64 x 2048, 223 -> 219 us for the
+    # layer; the same at batch 1, where the 32-split loads took the step's combine time 152 -> 58 us).
     _flash_combine_kernel[(num_work, n_heads)](
         partial, stats, out, work.seq_start, work.seq_end, work.seq_row, work.work_seq, work.work_first,
-        num_work, TILE=work.block_m, SC=SPLIT_CHUNK, **meta, num_warps=num_warps)
+        num_work, TILE=work.block_m, SC=SPLIT_CHUNK, **meta, num_warps=1 if work.block_m == 1 else num_warps)
     return out
 
 
