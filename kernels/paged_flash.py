@@ -42,8 +42,9 @@ def paged_flash_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         work.seq_row, work.work_seq, work.work_first, partial, stats, num_work, 1.0 / math.sqrt(head_dim),
         BLOCK_SIZE=k_cache.shape[1], BN=block_n, TILE=work.block_m, FP32=q.dtype == torch.float32, **meta,
         num_warps=num_warps)
-    # One-row tiles merge in one warp (H200, benchmarks/combine_sweep.py: 64 x 2048, 223 -> 219 us for the
-    # layer; the same at batch 1, where the 32-split loads took the step's combine time 152 -> 58 us).
+    # One-row tiles merge in one warp (H200, benchmarks/combine_sweep.py: the layer at 64 x 2048 230 -> 228 us,
+    # at 256 x 2048 861 -> 849 us; at batch 1 the same, where the 32-split loads had taken the 830M baseline
+    # step's combine time 152 -> 58 us).
     _flash_combine_kernel[(num_work, n_heads)](
         partial, stats, out, work.seq_start, work.seq_end, work.seq_row, work.work_seq, work.work_first,
         num_work, TILE=work.block_m, SC=SPLIT_CHUNK, **meta, num_warps=1 if work.block_m == 1 else num_warps)

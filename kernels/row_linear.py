@@ -2,8 +2,8 @@
 
 A one-row product only streams W, so its speed is the speed of that read. cuBLAS runs it as a tiled GEMM
 whose few, large tiles read the 830M model's smaller matrices well below the copy bandwidth (H200, one CUDA
-graph over 24 distinct weights, `benchmarks/row_linear.py`; the o-projection [1536, 1536]: 6.3 us,
-750 GB/s). Here each program reads whole rows of W in BK-wide pieces and reduces them against x in fp32,
+graph over 24 distinct weights, `benchmarks/row_linear.py`: the o-projection [1536, 1536] in 6.5 us, 17 %
+of the copy bandwidth). Here each program reads whole rows of W in BK-wide pieces and reduces them against x in fp32,
 BN rows per program, so even an N of 1536 gives hundreds of programs with their loads in flight at once.
 The reference is `torch.nn.functional.linear`; `linear` sends everything but one-row CUDA inputs there.
 """
@@ -17,13 +17,13 @@ import triton.language as tl
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """F.linear(x, weight) for x [M, K], weight [N, K]; through row_linear when M == 1 on a GPU."""
-    if x.shape[0] != 1 or x.dim() != 2 or not x.is_cuda or weight.stride(1) != 1:
+    if x.dim() != 2 or x.shape[0] != 1 or not x.is_cuda or weight.stride(1) != 1:
         return F.linear(x, weight)
     return row_linear(x, weight)
 
 
 def row_tiles(n: int) -> tuple[int, int]:
-    """(rows of W per program, columns per load): 2 x 1024 up to N = 2047, 4 x 512 up to 8191, then 8 x 512.
+    """(rows of W per program, columns per load): 2 x 1024 below N = 3072, 4 x 512 below 5120, then 8 x 512.
     H200, 830M shapes (benchmarks/row_linear.py --sweep): the best of {2, 4, 8} x {512, 1024} for [1536, 1536]
     and [1536, 4096] was 2 x 1024, for [4608, 1536] 4 x 512, for [8192, 1536] and [128256, 1536] 8 x 512."""
     block_n = max(2, min(8, triton.next_power_of_2(max(1, n // 1024))))

@@ -41,6 +41,7 @@ def test_row_linear_refuses_more_than_one_row():
 def test_row_tiles_follow_the_measured_shapes():
     assert [row_tiles(n) for n in (1536, 4608, 8192, 128256, 16)] == [(2, 1024), (4, 512), (8, 512), (8, 512),
                                                                         (2, 1024)]
+    assert [row_tiles(n) for n in (3071, 3072, 5119, 5120)] == [(2, 1024), (4, 512), (4, 512), (8, 512)]
 
 
 def test_linear_keeps_f_linear_off_the_gpu_and_for_several_rows():
