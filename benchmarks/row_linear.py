@@ -1,7 +1,8 @@
 """One-row linear layers (kernels/row_linear.py) against cuBLAS (torch.nn.functional.linear) at the 830M model's
 shapes in bf16: time per call and the weight bytes read / time against the copy bandwidth.
 
-Each time is one CUDA graph over 24 distinct weights of the shape (as a decode step's layers run: no weight
+For w1|w3 it also times the engine's SwiGLU epilogue (`row_linear_silu_mul`) against `row_linear` followed
+by `fused_ops.silu_mul`. Each time is one CUDA graph over 24 distinct weights of the shape (as a decode step's layers run: no weight
 in L2 from the call before, no launch cost between calls beyond the graph's), divided by 24; the LM head
 has one weight (timed for reference: the engine keeps it on cuBLAS). --sweep also times every (rows per program, columns per load) pair of {2, 4, 8} x
 {512, 1024}, from which row_linear.row_tiles was chosen.
@@ -21,7 +22,8 @@ import triton
 
 from common import ROOT, commit, copy_bandwidth, write_result
 from mta_serve.config import ModelConfig
-from mta_serve.kernels.row_linear import row_linear, row_tiles
+from mta_serve.kernels.fused_ops import silu_mul
+from mta_serve.kernels.row_linear import row_linear, row_linear_silu_mul, row_tiles
 
 
 def shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -64,6 +66,11 @@ def measure(name: str, n: int, k: int, layers: int, sweep: bool, copy_bw: float)
                row_linear_us=graph_us(lambda w: row_linear(x, w), weights))
     for key in ("cublas", "row_linear"):
         row[f"{key}_copy_fraction"] = nbytes / (row[f"{key}_us"] * 1e-6) / copy_bw
+    if name == "w13":  # the engine's path: the SwiGLU in row_linear's epilogue, against the two launches
+        row["silu_mul_pair_us"] = graph_us(lambda w: silu_mul(row_linear(x, w)), weights)
+        row["row_linear_silu_mul_us"] = graph_us(lambda w: row_linear_silu_mul(x, w), weights)
+        print(f"{'':8s} + SwiGLU: row_linear then silu_mul {row['silu_mul_pair_us']:7.2f} us, fused "
+              f"{row['row_linear_silu_mul_us']:7.2f} us", flush=True)
     if sweep:
         row["sweep"] = [dict(block_n=bn, block_k=bk, us=graph_us(lambda w: row_linear(x, w, bn, bk), weights))
                         for bn in (2, 4, 8) for bk in (512, 1024)]

@@ -107,8 +107,8 @@ class MTAAttention(nn.Module):
         return self.wo(self.norm_and_gate(heads.to(x.dtype)).flatten(-2))
 
     def forward_fused(self, x, cos, sin, attend: "AttendFn", layer_id: int) -> torch.Tensor:
-        """forward() through kernels.fused_ops, kernels.row_linear (one-row steps on a GPU) and the fused
-        q|k|v weight (MTATransformer.fuse_projections)."""
+        """forward() through kernels.fused_ops, kernels.row_linear (one-row steps) and the fused q|k|v weight
+        (MTATransformer.fuse_projections)."""
         from .kernels import fused_ops
         from .kernels.row_linear import linear
 
