@@ -1,11 +1,12 @@
 """One-row linear layers (kernels/row_linear.py) against cuBLAS (torch.nn.functional.linear) at the 830M model's
 shapes in bf16: time per call and the weight bytes read / time against the copy bandwidth.
 
-For w1|w3 it also times the engine's SwiGLU epilogue (`row_linear_silu_mul`) against `row_linear` followed
-by `fused_ops.silu_mul`. Each time is one CUDA graph over 24 distinct weights of the shape (as a decode step's layers run: no weight
-in L2 from the call before, no launch cost between calls beyond the graph's), divided by 24; the LM head
-has one weight (timed for reference: the engine keeps it on cuBLAS). --sweep also times every (rows per program, columns per load) pair of {2, 4, 8} x
-{512, 1024}, from which row_linear.row_tiles was chosen.
+For w1|w3 it also times the SwiGLU epilogue (`row_linear_silu_mul`, not yet used by the forward) against
+`row_linear` followed by `fused_ops.silu_mul`. Each time is one CUDA graph over 24 distinct weights of the
+shape (as a decode step's layers run: no weight in L2 from the call before, no launch cost between calls
+beyond the graph's), divided by 24; the LM head has one weight (timed for reference: the engine keeps it on
+cuBLAS). --sweep also times every (rows per program, columns per load) pair of {2, 4, 8} x {512, 1024},
+from which row_linear.row_tiles was chosen.
 
     python benchmarks/row_linear.py [--sweep] [--out benchmarks/results/row_linear.json]
 """
@@ -66,7 +67,7 @@ def measure(name: str, n: int, k: int, layers: int, sweep: bool, copy_bw: float)
                row_linear_us=graph_us(lambda w: row_linear(x, w), weights))
     for key in ("cublas", "row_linear"):
         row[f"{key}_copy_fraction"] = nbytes / (row[f"{key}_us"] * 1e-6) / copy_bw
-    if name == "w13":  # the engine's path: the SwiGLU in row_linear's epilogue, against the two launches
+    if name == "w13":  # the SwiGLU in row_linear's epilogue, against the forward's two launches
         row["silu_mul_pair_us"] = graph_us(lambda w: silu_mul(row_linear(x, w)), weights)
         row["row_linear_silu_mul_us"] = graph_us(lambda w: row_linear_silu_mul(x, w), weights)
         print(f"{'':8s} + SwiGLU: row_linear then silu_mul {row['silu_mul_pair_us']:7.2f} us, fused "

@@ -123,8 +123,8 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     Decode rows use `num_splits` key splits (default work.num_splits); prompt groups `prompt_splits`, by
     default enough to fill the GPU. `key_tile` keys per tile in the conv and softmax kernels, `stream_tile`
     in the two that read K and V (powers of two; by default 128, and `key_tile` for prompt groups' P'V);
-    unless `key_tile` is given, decode rows' probabilities kernel uses 128-key tiles and prompt groups' conv
-    kernels those of _prompt_conv_tiles. `num_warps` for every
+    unless `key_tile` is given, decode rows' probabilities kernel uses 128-key tiles and, in layers of 9-16
+    heads, prompt groups' conv kernels those of _prompt_conv_tiles. `num_warps` for every
     kernel, or by default 4 but for decode rows DECODE_WARPS.
     With a `state` (post-conv layers; work.seq_state names each sequence's slot) prompt groups also write
     their sequences' last score and logit rows there and decode rows read the rows before theirs from it.
@@ -149,7 +149,8 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     # Decode rows that read the previous rows from the state compute only their own score and logit rows.
     rows_s, rows_l = (1, 1) if ring == 1 else (rows_o + cq - 1 + cq2 - 1, rows_o + cq2 - 1)
     # Measured on the H200 (benchmarks/kernels.py --sweep); prompt groups use narrow key tiles so that the
-    # [heads, 16 rows, keys] head-mixing product fits in shared memory.
+    # [heads, 16 rows, keys] head-mixing product fits in shared memory (the conv kernels of 16-head blocks:
+    # _prompt_conv_tiles).
     # (conv layer at 64 x 2048: _logits 67 -> 61 us with 32-key tiles rather than 64; but decode rows that
     # recompute their earlier rows, without a ConvState, went 510 -> 785 us: they keep 64)
     bn = key_tile or (128 if decode and cq == 1 and cq2 == 1 else 64 if decode and ring == 0 else 32)
@@ -163,7 +164,7 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     probs_tile = 128 if decode and not key_tile else bn
     hb = triton.next_power_of_2(n_heads)
     logits_tile, probs_rows = bn, 1 if decode else 16
-    if not (decode or key_tile) and hb <= 16:
+    if not (decode or key_tile) and hb == 16:
         logits_tile, probs_tile, probs_rows = _prompt_conv_tiles(params, bn, probs_tile, probs_rows)
     widest = max(bn, scores_tile, pv_tile, probs_tile, logits_tile)
     length = triton.cdiv(max(max_len or 0, work.max_len), widest) * widest
@@ -207,8 +208,9 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
 
 
 def _prompt_conv_tiles(params: MTALayerParams, bn: int, probs_tile: int, probs_rows: int) -> tuple[int, int, int]:
-    """(_logits key tile, _probs key tile, _probs rows per program) of prompt groups in a layer of at most 16
-    heads. H200, conv layer's prefill at 4096 tokens (benchmarks/results/conv_tile_sweep_h200_1807f15.json):
+    """(_logits key tile, _probs key tile, _probs rows per program) of prompt groups in a layer whose heads
+    pad to a 16-head block (9-16 heads: the 830M's 16, the 550M's 10), the block the tiles were measured
+    for. H200, bf16, conv layer's prefill at 4096 tokens (benchmarks/results/conv_tile_sweep_h200_1807f15.json):
     _logits 7.92 -> 5.93 ms with 64-key tiles (8 rows), _probs 8.46 -> 6.01 ms with 64 keys x 8 rows. _pv keeps
     its 16 rows (with 8: 1.29 -> 2.27 ms). Neighbouring tiles were 20-230x slower (register spills: _probs at
     64 keys x 16 rows 331 ms, _logits at 64 keys x 4 rows 133 ms), so only these measured pairs are used."""
@@ -298,6 +300,7 @@ def _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, nor
 #   norm_ptr [2, items, H, RL]: max, 1 / sum exp          part_ptr [items, SPLITS, H, RO, D]: partial P'V
 #   pre_w_ptr [H, CQ, CK], post_w_ptr [H, CQ2, CK2]       pre_mix_ptr, post_mix_ptr [H, H] (out, in)
 #   out_ptr [N, H, D] (the output's dtype); item0: the wave's first work item
+#   SC: splits a decode row's merge reads per load (work_items.SPLIT_CHUNK, a power of two)
 #   LENGTH = NUM_TILES * BN keys per fp32 row: computed in the kernel from the unspecialized tile count, so
 #   that new lengths compile nothing and the compiler still knows the row stride's divisibility (a runtime
 #   LENGTH made the prompt path 2.6-3.7x slower on the H200: unaligned, unvectorized row accesses).

@@ -130,7 +130,8 @@ def _flash_combine_kernel(part_ptr, stats_ptr, out_ptr, seq_start_ptr, seq_end_p
 @triton.jit
 def _combine_rows(part_ptr, stats_ptr, sums, w, h, SPLITS, TILE: tl.constexpr, H: tl.constexpr,
                   D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr):
-    """Output rows [BM, DP] of a tile: its splits merged one at a time."""
+    """Output rows [BM, DP] of a tile: its splits merged one at a time. part_ptr [work, SPLITS, H, BM, D];
+    stats_ptr [2, work, SPLITS, H, BM] (max, then sum of exp `sums` elements further)."""
     r = tl.arange(0, BM)
     offs_d = tl.arange(0, DP)[None, :]
     in_tile = r < TILE
@@ -154,7 +155,8 @@ def _combine_rows(part_ptr, stats_ptr, sums, w, h, SPLITS, TILE: tl.constexpr, H
 @triton.jit
 def _combine_one_row(part_ptr, stats_ptr, sums, w, h, SPLITS, H: tl.constexpr, D: tl.constexpr,
                      DP: tl.constexpr, BM: tl.constexpr, SC: tl.constexpr):
-    """The output row [1, DP] of a one-row tile (decode): SC splits per load, merged by online softmax."""
+    """The output row [1, DP] of a one-row tile (decode): SC splits per load, merged by online softmax.
+    part_ptr [work, SPLITS, H, BM, D]; stats_ptr [2, work, SPLITS, H, BM]; only row 0 of the BM is real."""
     s = tl.arange(0, SC)[:, None]
     offs_d = tl.arange(0, DP)[None, :]
     m = tl.full((1, 1), float("-inf"), tl.float32)

@@ -115,7 +115,8 @@ def _row_linear_silu_mul_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w, BN: tl.cons
         mask = (n[:, None] < N) & (k[None, :] < K)
         x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)[None, :]
         acc1 += tl.sum(tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32) * x, axis=1)
-        acc3 += tl.sum(tl.load(w_ptr + N * stride_w + offs, mask=mask, other=0.0).to(tl.float32) * x, axis=1)
+        acc3 += tl.sum(tl.load(w_ptr + N.to(tl.int64) * stride_w + offs, mask=mask, other=0.0).to(tl.float32) * x,
+                       axis=1)
     a = acc1.to(y_ptr.dtype.element_ty).to(tl.float32)
     act = (a / (1.0 + tl.exp(-a))).to(y_ptr.dtype.element_ty)
     y = act.to(tl.float32) * acc3.to(y_ptr.dtype.element_ty).to(tl.float32)

@@ -56,7 +56,8 @@ def build_work_items(block_tables: torch.Tensor, starts: list[int], ends: list[i
 
 # Splits a combine step reads at once ([SPLIT_CHUNK] statistics, [SPLIT_CHUNK, D] partial rows): a loop over
 # the splits one load at a time waits on each load in turn, and a decode row has few programs to hide that.
-# A constant, so split counts (runtime values) compile nothing new; the engine uses at most 32.
+# A constant (a power of two, for tl.arange), so split counts (runtime values) compile nothing new; the engine
+# uses at most 32.
 SPLIT_CHUNK = 32
 
 

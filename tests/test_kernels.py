@@ -114,11 +114,9 @@ def test_mta_kernel_block_sizes_and_16_row_groups(block_size):
     torch.testing.assert_close(out, reference, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["paper", "pre_left_no_mix", "post_right"])
-def test_mta_kernel_default_prompt_tiles(variant, monkeypatch):
-    """The tiles prompt groups get by default (conv kernels in 64-key tiles, the post-conv in 8-row
-    programs under 16-row groups), over prompts longer than a tile. The kernels' scratch buffers start as
-    NaN: on a GPU they hold garbage, so no kernel may read what another did not write."""
+def _nan_scratch(monkeypatch) -> None:
+    """torch.empty returns NaN-filled float tensors: the kernels' scratch holds garbage on a GPU, so no kernel
+    may read what another did not write."""
     empty = torch.empty
 
     def nan_empty(*shape, **kwargs):
@@ -126,9 +124,39 @@ def test_mta_kernel_default_prompt_tiles(variant, monkeypatch):
         return t.fill_(float("nan")) if t.is_floating_point() else t
 
     monkeypatch.setattr(torch, "empty", nan_empty)
-    out, reference = run_mta([(0, 70), (52, 90), (3, 4)], mta_weights(**VARIANTS[variant]), 8, torch.float32,
-                             16, 1, key_tile=None)
+
+
+def _spy_prompt_conv_tiles(monkeypatch) -> list:
+    """Calls of mta_attention._prompt_conv_tiles (the default prompt tiles of 16-head blocks)."""
+    from mta_serve.kernels import mta_attention
+
+    calls, tiles = [], mta_attention._prompt_conv_tiles
+    monkeypatch.setattr(mta_attention, "_prompt_conv_tiles", lambda *a: calls.append(a) or tiles(*a))
+    return calls
+
+
+WIDE = (16, 4, 16)  # heads, KV heads, head size: a 16-head block, the one the default prompt tiles are for
+
+
+@pytest.mark.parametrize("variant", ["paper", "pre_left_no_mix", "post_right"])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_mta_kernel_default_prompt_tiles(variant, splits, monkeypatch):
+    """The tiles prompt groups of 16 heads get by default (conv kernels in 64-key tiles, the post-conv in
+    8-row programs under 16-row groups, P'V in 32-key tiles), over prompts longer than a tile and a group
+    whose rows straddle a 64-key tile, keys in 1 and 3 splits, NaN-filled scratch."""
+    _nan_scratch(monkeypatch)
+    calls = _spy_prompt_conv_tiles(monkeypatch)
+    seqs = [(0, 70), (52, 90), (3, 4)]
+    config = dict(VARIANTS[variant], **({"head_kernel": 16} if "head_kernel" in VARIANTS[variant] else {}))
+    weights = mta_weights(**config, n_heads=16)
+    q, qc, kc, vc, tables, starts, ends, rows = paged_inputs(seqs, 8, torch.float32, heads=WIDE)
+    reference = paged_attention_reference(q, qc, kc, vc, _on_device(weights), tables, starts, ends, rows,
+                                          window(weights))
+    out = torch.full(q.shape, float("nan"), device=DEVICE)
+    mta_paged_attention(q, qc if window(weights) else None, kc, vc, layer_params(weights, DEVICE),
+                        build_work_items(tables, starts, ends, rows, 16, 1, DEVICE), out, prompt_splits=splits)
     torch.testing.assert_close(out, reference, atol=2e-5, rtol=1e-5)
+    assert len(calls) == 1
 
 
 @pytest.mark.parametrize("splits", [2, 5])
@@ -278,20 +306,27 @@ def _step(qc, tables, block_size, steps):
 
 
 @pytest.mark.parametrize("post, key_tile", [((3, 3), 16), ((6, 11), 16), ((6, 11), None)])
-def test_mta_kernel_conv_state_carries_logit_rows_from_prompts_to_decode_rows(post, key_tile):
+def test_mta_kernel_conv_state_carries_logit_rows_from_prompts_to_decode_rows(post, key_tile, monkeypatch):
     """Prompt chunks (the second starting mid-block) write each sequence's last c_q score rows and c_q'
     logit rows into its ConvState slot; decode rows then read them instead of recomputing them, step after
     step. Slots are shuffled, sequences shorter than the conv window included, a slot no sequence owns is
-    NaN-poisoned. key_tile None: the default tiles (prompt groups' conv kernels in 64-key tiles)."""
+    NaN-poisoned. key_tile None: the default tiles, with 16 heads (prompt groups' conv kernels in 64-key
+    tiles) and a sequence whose chunks, ring rows and decode rows cross 64-key tiles, scratch NaN-filled."""
     from mta_serve.kernels.mta_attention import ConvState
 
-    block_size, total = 4, [3, 9, 30]
-    weights = mta_weights(pre=(3, 5), post=post, wpsm=True, head_kernel=H)
-    _, qc, kc, vc, tables, _, _, _ = paged_inputs([(0, n + 4) for n in total], block_size, torch.float32)
+    wide = key_tile is None
+    heads, total = (WIDE, [3, 9, 80]) if wide else ((H, G, D), [3, 9, 30])
+    if wide:
+        _nan_scratch(monkeypatch)
+    block_size, n_heads = 4, heads[0]
+    weights = mta_weights(pre=(3, 5), post=post, wpsm=True, head_kernel=n_heads, n_heads=n_heads)
+    _, qc, kc, vc, tables, _, _, _ = paged_inputs([(0, n + 4) for n in total], block_size, torch.float32,
+                                                  heads=heads)
     params, slots = layer_params(weights, DEVICE), [2, 0, 3]
-    state = ConvState.allocate(4, H, 3, post[0], 40, DEVICE)
+    state = ConvState.allocate(4, n_heads, 3, post[0], total[-1] + 4, DEVICE)
     state.logits[1], state.norms[:, 1], state.scores[1] = float("nan"), float("nan"), float("nan")
-    chunks = [[(0, 2), (0, 5), (0, 17)], [(2, 3), (5, 9), (17, 30)]]
+    cut = 60 if wide else 17
+    chunks = [[(0, 2), (0, 5), (0, cut)], [(2, 3), (5, 9), (cut, total[-1])]]
     steps = [(8, c) for c in chunks] + [(1, [(n + i, n + i + 1) for n in total]) for i in range(4)]
     for block_m, step in steps:  # 8-row prompt groups, then decode rows with their keys in 2 splits
         q, starts, ends, rows = _step(qc, tables, block_size, step)
