@@ -71,8 +71,8 @@ def row_linear_silu_mul(x: torch.Tensor, w13: torch.Tensor, block_n: int | None 
     if width % 2:
         raise ValueError(f"w13 must stack W1 over W3 (an even number of rows), got {width}")
     hidden = width // 2
-    default_n = max(1, _tiles(x, k, width, None, block_k)[0] // 2)
-    block_n, block_k = _tiles(x, k, hidden, block_n or default_n, block_k)
+    halved = max(1, row_tiles(width)[0] // 2) if x.is_cuda else None  # the interpreter: _tiles' 64 rows
+    block_n, block_k = _tiles(x, k, hidden, block_n or halved, block_k)
     out = torch.empty(1, hidden, dtype=x.dtype, device=x.device)
     _row_linear_silu_mul_kernel[(triton.cdiv(hidden, block_n),)](x.contiguous(), w13, out, hidden, k,
                                                                   w13.stride(0), BN=block_n, BK=block_k,
