@@ -1,8 +1,10 @@
 """One-row linear layers (kernels/row_linear.py) against cuBLAS (torch.nn.functional.linear) at the 830M model's
 shapes in bf16: time per call and the weight bytes read / time against the copy bandwidth.
 
-For w1|w3 it also times the SwiGLU epilogue (`row_linear_silu_mul`, not yet used by the forward) against
-`row_linear` followed by `fused_ops.silu_mul`. Each time is one CUDA graph over 24 distinct weights of the
+For q|k|v and w1|w3 it also times the forward's batch-1 sequences with and without the work fused into
+the product: fused_ops.add_rms_norm, row_linear, then fused_ops.rope (q|k|v) or fused_ops.silu_mul (w1|w3),
+against `norm_qkv_rope` / `norm_linear(..., silu_mul=True)` (one kernel each) and, for w1|w3, the SwiGLU epilogue
+alone (`row_linear_silu_mul`). Each time is one CUDA graph over 24 distinct weights of the
 shape (as a decode step's layers run: no weight in L2 from the call before, no launch cost between calls
 beyond the graph's), divided by 24; the LM head has one weight (timed for reference: the engine keeps it on
 cuBLAS). --sweep also times every (rows per program, columns per load) pair of {2, 4, 8} x {512, 1024},
@@ -23,8 +25,10 @@ import triton
 
 from common import ROOT, commit, copy_bandwidth, write_result
 from mta_serve.config import ModelConfig
-from mta_serve.kernels.fused_ops import silu_mul
-from mta_serve.kernels.row_linear import row_linear, row_linear_silu_mul, row_tiles
+from mta_serve.kernels.fused_ops import add_rms_norm, rope, silu_mul
+from mta_serve.kernels.row_linear import (norm_linear, norm_qkv_rope, row_linear, row_linear_silu_mul,
+                                          row_tiles)
+from mta_serve.model import rope_angles
 
 
 def shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -56,7 +60,33 @@ def graph_us(fn, weights: list[torch.Tensor], reps: int = 20) -> float:
     return start.elapsed_time(end) * 1e3 / reps / len(weights)
 
 
-def measure(name: str, n: int, k: int, layers: int, sweep: bool, copy_bw: float) -> dict:
+def fused_sequences(name: str, x: torch.Tensor, weights: list[torch.Tensor], cfg: ModelConfig) -> dict:
+    """Microseconds per call of the forward's batch-1 sequence around this product, separate and fused."""
+    k = x.shape[1]
+    h, delta = torch.randn_like(x), torch.randn_like(x)
+    norm_w = torch.ones(k, device="cuda", dtype=x.dtype)
+    if name == "wqkv":
+        heads = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
+        cos, sin = rope_angles(torch.tensor([1000], device="cuda"), cfg.head_dim, cfg.rope_theta)
+        times = dict(
+            separate_us=graph_us(lambda w: rope(row_linear(add_rms_norm(h, delta, norm_w, 1e-5)[1], w),
+                                                cos, sin, *heads), weights),
+            fused_us=graph_us(lambda w: norm_qkv_rope(h, delta, norm_w, 1e-5, w, cos, sin, *heads), weights))
+        label = "add_rms_norm, row_linear, rope"
+    else:
+        times = dict(
+            separate_us=graph_us(lambda w: silu_mul(row_linear(add_rms_norm(h, delta, norm_w, 1e-5)[1], w)),
+                                 weights),
+            silu_epilogue_us=graph_us(lambda w: row_linear_silu_mul(add_rms_norm(h, delta, norm_w, 1e-5)[1], w),
+                                      weights),
+            fused_us=graph_us(lambda w: norm_linear(h, delta, norm_w, 1e-5, w, silu_mul=True), weights))
+        label = "add_rms_norm, row_linear, silu_mul"
+    print(f"{'':8s} {label}: {times['separate_us']:6.2f} us; one kernel {times['fused_us']:6.2f} us"
+          + (f" (SwiGLU epilogue only: {times['silu_epilogue_us']:6.2f} us)" if name == "w13" else ""), flush=True)
+    return times
+
+
+def measure(name: str, n: int, k: int, layers: int, sweep: bool, copy_bw: float, cfg: ModelConfig) -> dict:
     weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(layers)]
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     torch.testing.assert_close(row_linear(x, weights[0]).float(), F.linear(x, weights[0]).float(),
@@ -67,11 +97,8 @@ def measure(name: str, n: int, k: int, layers: int, sweep: bool, copy_bw: float)
                row_linear_us=graph_us(lambda w: row_linear(x, w), weights))
     for key in ("cublas", "row_linear"):
         row[f"{key}_copy_fraction"] = nbytes / (row[f"{key}_us"] * 1e-6) / copy_bw
-    if name == "w13":  # the SwiGLU in row_linear's epilogue, against the forward's two launches
-        row["silu_mul_pair_us"] = graph_us(lambda w: silu_mul(row_linear(x, w)), weights)
-        row["row_linear_silu_mul_us"] = graph_us(lambda w: row_linear_silu_mul(x, w), weights)
-        print(f"{'':8s} + SwiGLU: row_linear then silu_mul {row['silu_mul_pair_us']:7.2f} us, fused "
-              f"{row['row_linear_silu_mul_us']:7.2f} us", flush=True)
+    if name in ("wqkv", "w13"):
+        row.update(fused_sequences(name, x, weights, cfg))
     if sweep:
         row["sweep"] = [dict(block_n=bn, block_k=bk, us=graph_us(lambda w: row_linear(x, w, bn, bk), weights))
                         for bn in (2, 4, 8) for bk in (512, 1024)]
@@ -92,7 +119,7 @@ def main() -> int:
     cfg = ModelConfig.from_yaml(args.config)
     copy_bw = copy_bandwidth(torch.device("cuda"))
     print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s on {torch.cuda.get_device_name()}", flush=True)
-    rows = [measure(name, n, k, 1 if name == "lm_head" else cfg.n_layers, args.sweep, copy_bw)
+    rows = [measure(name, n, k, 1 if name == "lm_head" else cfg.n_layers, args.sweep, copy_bw, cfg)
             for name, (n, k) in shapes(cfg).items()]
     blocks = [r for r in rows if r["layer"] != "lm_head"]
     # the engine sends the blocks' layers through row_linear at batch 1, and the LM head to cuBLAS

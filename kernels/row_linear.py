@@ -1,18 +1,27 @@
-"""Linear layers of one-row steps (batch-1 decode) in Triton: y = x W^T for x [1, K], W [N, K].
+"""Linear layers of one-row steps (batch-1 decode) in Triton: y = x W^T for x [1, K], W [N, K], with the block's
+small neighbouring operations fused in.
 
 A one-row product only streams W, so its speed is the speed of that read. cuBLAS runs it as a tiled GEMM
 whose few, large tiles read the 830M model's smaller matrices well below the copy bandwidth (H200, one CUDA
 graph over 24 distinct weights, `benchmarks/row_linear.py`: the o-projection [1536, 1536] in 6.5 us, 17 %
 of the copy bandwidth). Here each program reads whole rows of W in BK-wide pieces and reduces them against
 x in fp32, BN rows per program, so even an N of 1536 gives hundreds of programs with their loads in flight
-at once. `row_linear_silu_mul` does the same for the fused w1|w3 weight and applies the SwiGLU in the
-epilogue (one launch instead of two, no [1, 2 * hidden] intermediate); it is not compiled on a GPU yet, so
-the forward does not use it.
+at once.
 
-The reference is `torch.nn.functional.linear` (and `fused_ops.silu_mul` after it); `linear` and
-`linear_silu_mul` send every input of more than one row there. They are for the fused forward, which runs
-only where Triton does (a GPU, or Triton's interpreter in the CPU tests, where a program covers 64 rows
-since the interpreter's cost is per program).
+At batch 1 a step's time also goes to kernel count (each launch in a CUDA graph costs a few microseconds
+of mostly idle GPU), so the same kernel can take on the work around a product:
+- a prologue: the residual add and RMSNorm before it (`norm_linear`, fused_ops.add_rms_norm's work). Each
+  program computes the norm of the 1-row input itself (a first pass over K values, from L2), and the first
+  program stores the new residual;
+- an epilogue: the SwiGLU of a w1|w3 product (`row_linear_silu_mul`, fused_ops.silu_mul's work), or RoPE on
+  the q and k parts of a q|k|v product (`norm_qkv_rope`, fused_ops.rope's work), a program then holding
+  pairs of rows.
+Every intermediate is rounded to the model's dtype where fused_ops and the PyTorch path round it.
+
+The reference is `torch.nn.functional.linear` (and fused_ops before or after it); `linear`, `linear_silu_mul`,
+`norm_linear` and `norm_qkv_rope` send every input of more than one row there. They are for the fused forward,
+which runs only where Triton does (a GPU, or Triton's interpreter in the CPU tests, where a program covers
+64 rows since the interpreter's cost is per program).
 """
 from __future__ import annotations
 
@@ -20,6 +29,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+PLAIN, SWIGLU, ROPE = 0, 1, 2  # the kernel's epilogues
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -39,6 +50,37 @@ def linear_silu_mul(x: torch.Tensor, w13: torch.Tensor) -> torch.Tensor:
     return row_linear_silu_mul(x, w13)
 
 
+def norm_linear(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                weight: torch.Tensor, silu_mul: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + delta, x W^T) where x = RMSNorm(h + delta) * norm_weight, h and delta [M, K] (delta None: h alone):
+    fused_ops.add_rms_norm followed by linear (with silu_mul, by linear_silu_mul and w13 = W1 over W3); one
+    kernel when M == 1."""
+    if not _one_row(h, weight):
+        from .fused_ops import add_rms_norm
+
+        h, x = add_rms_norm(h, delta, norm_weight, eps)
+        return h, (linear_silu_mul if silu_mul else linear)(x, weight)
+    return row_norm_linear(h, delta, norm_weight, eps, weight, SWIGLU if silu_mul else PLAIN)
+
+
+def norm_qkv_rope(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                  wqkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv_heads: int,
+                  head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(h + delta, q [M, H, d], k [M, G, d], v [M, G, d]): norm_linear's product with the fused q|k|v weight
+    followed by fused_ops.rope (cos, sin [M, d / 2] fp32); one kernel when M == 1, where q, k and v are
+    views of one [1, (H + 2G) d] row."""
+    if not _one_row(h, wqkv):
+        from .fused_ops import rope
+
+        h, qkv = norm_linear(h, delta, norm_weight, eps, wqkv)
+        return (h, *rope(qkv, cos, sin, n_heads, n_kv_heads, head_dim))
+    rotary = (cos, sin, (n_heads + n_kv_heads) * head_dim)
+    h, qkv = row_norm_linear(h, delta, norm_weight, eps, wqkv, ROPE, rotary)
+    q_end, k_end = n_heads * head_dim, (n_heads + n_kv_heads) * head_dim
+    return (h, qkv[:, :q_end].view(1, n_heads, head_dim), qkv[:, q_end:k_end].view(1, n_kv_heads, head_dim),
+            qkv[:, k_end:].view(1, n_kv_heads, head_dim))
+
+
 def _one_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return x.dim() == 2 and x.shape[0] == 1 and weight.stride(1) == 1
 
@@ -54,12 +96,7 @@ def row_tiles(n: int) -> tuple[int, int]:
 def row_linear(x: torch.Tensor, weight: torch.Tensor, block_n: int | None = None, block_k: int | None = None,
                num_warps: int = 4) -> torch.Tensor:
     """x [1, K] @ weight [N, K]^T -> [1, N] in x's dtype, accumulated in fp32."""
-    n, k = weight.shape
-    block_n, block_k = _tiles(x, k, n, block_n, block_k)
-    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    _row_linear_kernel[(triton.cdiv(n, block_n),)](x.contiguous(), weight, out, n, k, weight.stride(0),
-                                                    BN=block_n, BK=block_k, num_warps=num_warps)
-    return out
+    return _launch(x, weight, PLAIN, block_n, block_k, num_warps)[1]
 
 
 def row_linear_silu_mul(x: torch.Tensor, w13: torch.Tensor, block_n: int | None = None,
@@ -67,57 +104,131 @@ def row_linear_silu_mul(x: torch.Tensor, w13: torch.Tensor, block_n: int | None 
     """silu(x W1^T) * (x W3^T) -> [1, hidden] for x [1, K], w13 [2 * hidden, K]; block_n rows of W1 and the
     same rows of W3 per program (by default half of row_tiles(2 * hidden)'s, so a program reads as much as
     row_linear's over w13 would)."""
-    width, k = w13.shape
-    if width % 2:
-        raise ValueError(f"w13 must stack W1 over W3 (an even number of rows), got {width}")
-    hidden = width // 2
-    halved = max(1, row_tiles(width)[0] // 2) if x.is_cuda else None  # the interpreter: _tiles' 64 rows
-    block_n, block_k = _tiles(x, k, hidden, block_n or halved, block_k)
-    out = torch.empty(1, hidden, dtype=x.dtype, device=x.device)
-    _row_linear_silu_mul_kernel[(triton.cdiv(hidden, block_n),)](x.contiguous(), w13, out, hidden, k,
-                                                                  w13.stride(0), BN=block_n, BK=block_k,
-                                                                  num_warps=num_warps)
-    return out
+    return _launch(x, w13, SWIGLU, block_n, block_k, num_warps)[1]
 
 
-def _tiles(x: torch.Tensor, k: int, n: int, block_n: int | None, block_k: int | None) -> tuple[int, int]:
+def row_norm_linear(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                    weight: torch.Tensor, epilogue: int = PLAIN, rotary: tuple | None = None,
+                    block_n: int | None = None, block_k: int | None = None,
+                    num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + delta [1, K], the product of RMSNorm(h + delta) * norm_weight with weight, then `epilogue`).
+    With ROPE, rotary = (cos, sin [1, d / 2] fp32, the number of leading outputs rotated in interleaved pairs
+    of each d-value head) and block_n pairs of rows per program."""
+    return _launch(h, weight, epilogue, block_n, block_k, num_warps, delta, (norm_weight, eps), rotary)
+
+
+def _launch(x, weight, epilogue, block_n, block_k, num_warps, delta=None, norm=None, rotary=None):
+    """(new residual, or x without a norm; y) of the kernel over x [1, K] and weight [N, K]."""
+    width, k = weight.shape
     if x.shape != (1, k):
         raise ValueError(f"row_linear takes one row of {k} values, got x of shape {tuple(x.shape)}")
-    default_n, default_k = row_tiles(n) if x.is_cuda else (64, 256)
-    return block_n or default_n, block_k or default_k
+    if epilogue != PLAIN and width % 2:
+        raise ValueError(f"{'w13 must stack W1 over W3' if epilogue == SWIGLU else 'q|k|v rows come in pairs'} "
+                         f"(an even number of rows), got {width}")
+    n_out = width // 2 if epilogue == SWIGLU else width
+    default_n, default_k = row_tiles(width) if x.is_cuda else (64, 256)
+    if epilogue != PLAIN and x.is_cuda:  # a program reads as many rows of W as row_linear's would
+        default_n = max(1, default_n // 2)
+    block_n, block_k = block_n or default_n, block_k or default_k
+    x = x.contiguous()
+    h_out = torch.empty_like(x) if delta is not None else x
+    y = torch.empty(1, n_out, dtype=x.dtype, device=x.device)
+    cos, sin, rotated = rotary if rotary is not None else (y, y, 0)
+    pairs = 2 if epilogue == ROPE else 1
+    _row_linear_kernel[(triton.cdiv(n_out, pairs * block_n),)](
+        x, x if delta is None else delta.contiguous(), h_out, y if norm is None else norm[0], weight, cos, sin, y,
+        n_out, k, weight.stride(0), 0.0 if norm is None else norm[1], rotated,
+        HALF=cos.shape[-1] if rotary is not None else 1, BN=block_n, BK=block_k, ADD=delta is not None,
+        NORM=norm is not None, EPILOGUE=epilogue, num_warps=num_warps)
+    return h_out, y
+
+
+# ---- device code ----------------------------------------------------------------------------------------
+# x_ptr [K]: the input row (with a NORM prologue: the residual h); delta_ptr [K]: added to it (ADD), the sum
+# stored to h_ptr [K] by program 0; nw_ptr [K]: the RMSNorm weight; w_ptr [rows, stride_w], unit column
+# stride; y_ptr [N]; cos_ptr, sin_ptr [HALF] fp32. Intermediates are rounded to y's dtype.
+
+@triton.jit
+def _input_row(x_ptr, delta_ptr, k, mask, ADD: tl.constexpr, TY: tl.constexpr):
+    """x[k] (+ delta[k], rounded as fused_ops' residual add) in fp32."""
+    x = tl.load(x_ptr + k, mask=mask, other=0.0).to(tl.float32)
+    if ADD:
+        x = (x + tl.load(delta_ptr + k, mask=mask, other=0.0).to(tl.float32)).to(TY).to(tl.float32)
+    return x
 
 
 @triton.jit
-def _row_linear_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w, BN: tl.constexpr, BK: tl.constexpr):
-    """BN outputs: y[n] = sum_k W[n, k] x[k]. x_ptr [K]; w_ptr [N, stride_w] (unit column stride); y_ptr [N]."""
-    n = tl.program_id(0) * BN + tl.arange(0, BN)
-    acc = tl.zeros((BN,), tl.float32)
+def _rms_inverse(x_ptr, delta_ptr, h_ptr, K, eps, ADD: tl.constexpr, BK: tl.constexpr, TY: tl.constexpr):
+    """1 / RMS of the input row; the first program also stores the row (h + delta) to h_ptr."""
+    squares = tl.zeros((BK,), tl.float32)
     for k0 in range(0, K, BK):
         k = k0 + tl.arange(0, BK)
-        w = tl.load(w_ptr + n[:, None].to(tl.int64) * stride_w + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K),
-                    other=0.0)
-        x = tl.load(x_ptr + k, mask=k < K, other=0.0)
-        acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
-    tl.store(y_ptr + n, acc.to(y_ptr.dtype.element_ty), mask=n < N)
+        x = _input_row(x_ptr, delta_ptr, k, k < K, ADD, TY)
+        if ADD:
+            if tl.program_id(0) == 0:
+                tl.store(h_ptr + k, x.to(TY), mask=k < K)
+        squares += x * x
+    return 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
 
 
 @triton.jit
-def _row_linear_silu_mul_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w, BN: tl.constexpr, BK: tl.constexpr):
-    """BN outputs y[n] = silu(sum_k W[n, k] x[k]) * sum_k W[n + N, k] x[k], each product rounded to y's dtype
-    first, as F.linear + silu_mul round. x_ptr [K]; w_ptr [2 N, stride_w] (W1 over W3, unit column stride);
-    y_ptr [N]."""
-    n = tl.program_id(0) * BN + tl.arange(0, BN)
-    acc1 = tl.zeros((BN,), tl.float32)
-    acc3 = tl.zeros((BN,), tl.float32)
+def _weighted_rows(w_ptr, rows, k, x, N, K, stride_w):
+    """sum_k W[rows, k] x[k] over one BK-wide piece: [len(rows)] fp32."""
+    w = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_w + k[None, :],
+                mask=(rows[:, None] < N) & (k[None, :] < K), other=0.0)
+    return tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+
+
+@triton.jit
+def _row_linear_kernel(x_ptr, delta_ptr, h_ptr, nw_ptr, w_ptr, cos_ptr, sin_ptr, y_ptr, N, K, stride_w, eps,
+                       ROTATED, HALF: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ADD: tl.constexpr,
+                       NORM: tl.constexpr, EPILOGUE: tl.constexpr):
+    """BN outputs y[n] = sum_k W[n, k] x[k] (PLAIN); with SWIGLU (W1 over W3, N = hidden) y[n] =
+    silu(W1 x)[n] * (W3 x)[n]; with ROPE (N even) the BN pairs of outputs (2j, 2j + 1), rotated where below
+    ROTATED. With NORM, x is first RMSNorm(x (+ delta)) * nw."""
+    TY: tl.constexpr = y_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    inv = 1.0
+    if NORM:
+        inv = _rms_inverse(x_ptr, delta_ptr, h_ptr, K, eps, ADD, BK, TY)
+    if EPILOGUE == 2:  # ROPE: even rows in acc_a, their odd partners in acc_b
+        rows_a = pid * 2 * BN + 2 * tl.arange(0, BN)
+        rows_b, w_rows = rows_a + 1, N
+    else:  # SWIGLU: W1's rows in acc_a, W3's in acc_b
+        rows_a = pid * BN + tl.arange(0, BN)
+        rows_b, w_rows = rows_a + N, 2 * N
+    acc_a = tl.zeros((BN,), tl.float32)
+    acc_b = tl.zeros((BN,), tl.float32)
     for k0 in range(0, K, BK):
         k = k0 + tl.arange(0, BK)
-        offs = n[:, None].to(tl.int64) * stride_w + k[None, :]
-        mask = (n[:, None] < N) & (k[None, :] < K)
-        x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)[None, :]
-        acc1 += tl.sum(tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32) * x, axis=1)
-        acc3 += tl.sum(tl.load(w_ptr + N.to(tl.int64) * stride_w + offs, mask=mask, other=0.0).to(tl.float32) * x,
-                       axis=1)
-    a = acc1.to(y_ptr.dtype.element_ty).to(tl.float32)
-    act = (a / (1.0 + tl.exp(-a))).to(y_ptr.dtype.element_ty)
-    y = act.to(tl.float32) * acc3.to(y_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n < N)
+        x = _input_row(x_ptr, delta_ptr, k, k < K, ADD, TY)
+        if NORM:
+            x = (x * inv).to(TY).to(tl.float32)
+            x = (x * tl.load(nw_ptr + k, mask=k < K, other=0.0).to(tl.float32)).to(TY).to(tl.float32)
+        acc_a += _weighted_rows(w_ptr, rows_a, k, x, N, K, stride_w)
+        if EPILOGUE != 0:
+            acc_b += _weighted_rows(w_ptr, rows_b, k, x, w_rows, K, stride_w)
+    a = acc_a.to(TY)
+    if EPILOGUE == 0:
+        tl.store(y_ptr + rows_a, a, mask=rows_a < N)
+    elif EPILOGUE == 1:
+        af = a.to(tl.float32)
+        act = (af / (1.0 + tl.exp(-af))).to(TY)
+        tl.store(y_ptr + rows_a, (act.to(tl.float32) * acc_b.to(TY).to(tl.float32)).to(TY), mask=rows_a < N)
+    else:
+        _store_rotated(y_ptr, cos_ptr, sin_ptr, rows_a, a.to(tl.float32), acc_b.to(TY).to(tl.float32), N,
+                       ROTATED, HALF, TY)
+
+
+@triton.jit
+def _store_rotated(y_ptr, cos_ptr, sin_ptr, rows, e, o, N, ROTATED, HALF: tl.constexpr, TY: tl.constexpr):
+    """Pairs (e, o) of outputs (rows, rows + 1) rotated as fused_ops' _rope_kernel rotates them (two products
+    then one add, no fused multiply-add) where rows < ROTATED, else stored as they are."""
+    j = (rows // 2) % HALF
+    c = tl.load(cos_ptr + j)
+    s = tl.load(sin_ptr + j)
+    turn = rows < ROTATED
+    new_e = tl.where(turn, tl.fma(e, c, 0.0) - tl.fma(o, s, 0.0), e)
+    new_o = tl.where(turn, tl.fma(e, s, 0.0) + tl.fma(o, c, 0.0), o)
+    tl.store(y_ptr + rows, new_e.to(TY), mask=rows < N)
+    tl.store(y_ptr + rows + 1, new_o.to(TY), mask=rows < N)

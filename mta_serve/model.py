@@ -106,25 +106,26 @@ class MTAAttention(nn.Module):
         heads = attend(layer_id, self, q, k, v)
         return self.wo(self.norm_and_gate(heads.to(x.dtype)).flatten(-2))
 
-    def forward_fused(self, x, cos, sin, attend: "AttendFn", layer_id: int) -> torch.Tensor:
-        """forward() through kernels.fused_ops, kernels.row_linear (one-row steps) and the fused q|k|v weight
-        (MTATransformer.fuse_projections)."""
+    def forward_fused(self, h, delta, norm: RMSNorm, cos, sin, attend: "AttendFn", layer_id: int):
+        """(h + delta, forward(norm(h + delta))) through kernels.fused_ops, kernels.row_linear (which takes
+        the residual add, the norm and RoPE into the q|k|v product of one-row steps) and the fused q|k|v
+        weight (MTATransformer.fuse_projections)."""
         from .kernels import fused_ops
-        from .kernels.row_linear import linear
+        from .kernels.row_linear import linear, norm_qkv_rope
 
-        qkv = linear(x, self.wqkv)
-        q, k, v = fused_ops.rope(qkv, cos, sin, self.n_heads, self.n_kv_heads, self.head_dim)
+        h, q, k, v = norm_qkv_rope(h, delta, norm.weight, norm.eps, self.wqkv, cos, sin, self.n_heads,
+                                   self.n_kv_heads, self.head_dim)
         heads = attend(layer_id, self, q, k, v)
         one_d_gate = self.gate is not None and self.gate.out_features == 1
-        norm = self.subln
+        sub = self.subln
         mixed = fused_ops.head_norm_gate(
-            heads, x.dtype, None if norm is None else norm.weight, 1e-5 if norm is None else norm.eps,
-            1.0 if norm is None else norm.scale, self.gate.weight[0] if one_d_gate else None,
+            heads, h.dtype, None if sub is None else sub.weight, 1e-5 if sub is None else sub.eps,
+            1.0 if sub is None else sub.scale, self.gate.weight[0] if one_d_gate else None,
             self.gate.bias if one_d_gate else None)
         if self.gate is not None and not one_d_gate:  # the full gate is a GEMM: PyTorch
             gated = mixed.unflatten(-1, (self.n_heads, self.head_dim))
             mixed = (gated * torch.sigmoid(self.gate(gated))).flatten(-2)
-        return linear(mixed, self.wo.weight)
+        return h, linear(mixed, self.wo.weight)
 
 
 def _kernel(n_heads: int, size: tuple[int, int] | None) -> nn.Parameter | None:
@@ -141,11 +142,14 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
-    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        from .kernels import fused_ops
-        from .kernels.row_linear import linear
+    def forward_fused(self, h: torch.Tensor, delta: torch.Tensor | None, norm: RMSNorm):
+        """(h + delta, forward(norm(h + delta))) with the w1|w3 weight (MTATransformer.fuse_projections);
+        one-row steps take the residual add, the norm and the SwiGLU into the w1|w3 product
+        (kernels.row_linear)."""
+        from .kernels.row_linear import linear, norm_linear
 
-        return linear(fused_ops.silu_mul(linear(x, self.w13)), self.w2.weight)
+        h, x = norm_linear(h, delta, norm.weight, norm.eps, self.w13, silu_mul=True)
+        return h, linear(x, self.w2.weight)
 
 
 class TransformerBlock(nn.Module):
@@ -163,12 +167,8 @@ class TransformerBlock(nn.Module):
     def forward_fused(self, h, delta, cos, sin, attend: "AttendFn", layer_id: int):
         """The block's input is h + delta (delta None: h), and so is its output: each residual add is
         fused into the norm that follows it."""
-        from .kernels import fused_ops
-
-        h, x = fused_ops.add_rms_norm(h, delta, self.attention_norm.weight, self.attention_norm.eps)
-        delta = self.attention.forward_fused(x, cos, sin, attend, layer_id)
-        h, x = fused_ops.add_rms_norm(h, delta, self.ffn_norm.weight, self.ffn_norm.eps)
-        return h, self.feed_forward.forward_fused(x)
+        h, delta = self.attention.forward_fused(h, delta, self.attention_norm, cos, sin, attend, layer_id)
+        return self.feed_forward.forward_fused(h, delta, self.ffn_norm)
 
 
 class MTATransformer(nn.Module):

@@ -127,9 +127,11 @@ def test_write_cache_rejects_rows_that_are_not_contiguous():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("gate", ["1d", "full"])
-def test_fused_forward_equals_the_pytorch_forward(dtype, gate):
+@pytest.mark.parametrize("one_row", [False, True])
+def test_fused_forward_equals_the_pytorch_forward(dtype, gate, one_row):
     """The whole model (tiny config: GQA, MTA convs, group norm, gate) through the dense attention, fused
-    against unfused; the fused weights leave the state dict unchanged."""
+    against unfused; the fused weights leave the state dict unchanged. One row (a one-token sequence at
+    position 0) takes kernels.row_linear with the norms, RoPE and SwiGLU fused into its products."""
     cfg_dict = ModelConfig.from_yaml(TINY_CONFIG).to_dict()
     cfg_dict["mta"]["gate"] = gate
     cfg_dict["mta"]["layer_norm_rescale"] = True  # group-norm depth scales != 1
@@ -139,6 +141,8 @@ def test_fused_forward_equals_the_pytorch_forward(dtype, gate):
     tokens = torch.randint(0, cfg.vocab_size, (13,), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     cu = [0, 8, 13]
     positions = torch.cat([torch.arange(8), torch.arange(5)]).to(DEVICE)
+    if one_row:
+        tokens, cu, positions = tokens[:1], [0, 1], positions[:1]
 
     def attend(layer_id, attn, q, k, v):
         return dense_mta_attention(q, k, v, attn.mta_weights(), cu)
