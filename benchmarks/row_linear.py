@@ -26,8 +26,8 @@ import triton
 from common import ROOT, commit, copy_bandwidth, write_result
 from mta_serve.config import ModelConfig
 from mta_serve.kernels.fused_ops import add_rms_norm, rope, silu_mul
-from mta_serve.kernels.row_linear import (norm_linear, norm_qkv_rope, row_linear, row_linear_silu_mul,
-                                          row_tiles)
+from mta_serve.kernels.row_linear import (ROPE, SWIGLU, norm_linear, norm_qkv_rope, row_linear, row_linear_silu_mul,
+                                          row_norm_linear, row_tiles)
 from mta_serve.model import rope_angles
 
 
@@ -60,7 +60,7 @@ def graph_us(fn, weights: list[torch.Tensor], reps: int = 20) -> float:
     return start.elapsed_time(end) * 1e3 / reps / len(weights)
 
 
-def fused_sequences(name: str, x: torch.Tensor, weights: list[torch.Tensor], cfg: ModelConfig) -> dict:
+def fused_sequences(name: str, x: torch.Tensor, weights: list[torch.Tensor], cfg: ModelConfig, sweep: bool) -> dict:
     """Microseconds per call of the forward's batch-1 sequence around this product, separate and fused."""
     k = x.shape[1]
     h, delta = torch.randn_like(x), torch.randn_like(x)
@@ -81,6 +81,16 @@ def fused_sequences(name: str, x: torch.Tensor, weights: list[torch.Tensor], cfg
                                       weights),
             fused_us=graph_us(lambda w: norm_linear(h, delta, norm_w, 1e-5, w, silu_mul=True), weights))
         label = "add_rms_norm, row_linear, silu_mul"
+    if sweep:  # block_n counts pairs of W rows here (q|k|v: RoPE pairs; w1|w3: a W1 row and its W3 row)
+        epilogue = ROPE if name == "wqkv" else SWIGLU
+        rotary = (cos, sin, (cfg.n_heads + cfg.n_kv_heads) * cfg.head_dim) if name == "wqkv" else None
+        times["fused_sweep"] = [
+            dict(block_n=bn, block_k=bk, num_warps=nw, us=graph_us(
+                lambda w: row_norm_linear(h, delta, norm_w, 1e-5, w, epilogue, rotary, bn, bk, nw), weights))
+            for bn in (1, 2, 4) for bk in (512, 1024) for nw in (4, 8)]
+        best = min(times["fused_sweep"], key=lambda r: r["us"])
+        print(f"{'':8s} fused sweep: best {best['block_n']} x {best['block_k']}, {best['num_warps']} warps: "
+              f"{best['us']:6.2f} us", flush=True)
     print(f"{'':8s} {label}: {times['separate_us']:6.2f} us; one kernel {times['fused_us']:6.2f} us"
           + (f" (SwiGLU epilogue only: {times['silu_epilogue_us']:6.2f} us)" if name == "w13" else ""), flush=True)
     return times
@@ -98,7 +108,7 @@ def measure(name: str, n: int, k: int, layers: int, sweep: bool, copy_bw: float,
     for key in ("cublas", "row_linear"):
         row[f"{key}_copy_fraction"] = nbytes / (row[f"{key}_us"] * 1e-6) / copy_bw
     if name in ("wqkv", "w13"):
-        row.update(fused_sequences(name, x, weights, cfg))
+        row.update(fused_sequences(name, x, weights, cfg, sweep))
     if sweep:
         row["sweep"] = [dict(block_n=bn, block_k=bk, us=graph_us(lambda w: row_linear(x, w, bn, bk), weights))
                         for bn in (2, 4, 8) for bk in (512, 1024)]
@@ -110,7 +120,8 @@ def measure(name: str, n: int, k: int, layers: int, sweep: bool, copy_bw: float,
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=str(ROOT / "configs" / "830m_mta.yaml"))
-    p.add_argument("--sweep", action="store_true", help="also time every tile pair of {2, 4, 8} x {512, 1024}")
+    p.add_argument("--sweep", action="store_true", help="also time every tile pair of {2, 4, 8} x {512, 1024}, "
+                   "and {1, 2, 4} x {512, 1024} x {4, 8} warps for the fused q|k|v and w1|w3 kernels")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "row_linear.json"))
     args = p.parse_args()
     if not torch.cuda.is_available():

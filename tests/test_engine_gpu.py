@@ -116,7 +116,8 @@ def test_new_step_shapes_compile_no_new_kernels():
 
     kernels = [mta_attention._scores_kernel, mta_attention._logits_kernel, mta_attention._normalizers_kernel,
                mta_attention._probs_kernel, mta_attention._pv_kernel, mta_attention._sum_splits_kernel,
-               paged_flash._flash_kernel, paged_flash._flash_combine_kernel, row_linear._row_linear_kernel]
+               paged_flash._flash_kernel, paged_flash._flash_combine_kernel, row_linear._row_linear_kernel,
+               row_linear._row_linear_fused_kernel]
     g = torch.Generator().manual_seed(2)
     for mta in (PAPER_VARIANTS, MTAConfig()):
         cfg = ModelConfig(dim=64, n_layers=3, n_heads=4, vocab_size=101, max_seq_len=256, mta=mta)
