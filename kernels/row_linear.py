@@ -9,13 +9,15 @@ x in fp32, BN rows per program, so even an N of 1536 gives hundreds of programs 
 at once.
 
 At batch 1 a step's time also goes to kernel count (each launch in a CUDA graph costs a few microseconds
-of mostly idle GPU), so the same kernel can take on the work around a product:
-- a prologue: the residual add and RMSNorm before it (`norm_linear`, fused_ops.add_rms_norm's work). Each
-  program computes the norm of the 1-row input itself (a first pass over K values, from L2), and the first
-  program stores the new residual;
-- an epilogue: the SwiGLU of a w1|w3 product (`row_linear_silu_mul`, fused_ops.silu_mul's work), or RoPE on
-  the q and k parts of a q|k|v product (`norm_qkv_rope`, fused_ops.rope's work), a program then holding
-  pairs of rows.
+of mostly idle GPU), so a second kernel, `_row_linear_fused_kernel`, takes on the work around a product:
+- a prologue: the residual add and RMSNorm before it (fused_ops.add_rms_norm's work). Each program computes
+  the norm's statistics itself from one load of the row (from L2), and the first program stores the new
+  residual;
+- an epilogue: the SwiGLU of a w1|w3 product (fused_ops.silu_mul's work), or RoPE on the q and k parts of a
+  q|k|v product (fused_ops.rope's work), a program then holding pairs of rows.
+The forward uses `norm_qkv_rope` and `norm_linear(..., silu_mul=True)`: H200, 6bdb142, one CUDA graph over 24
+weights (`benchmarks/row_linear.py`), add_rms_norm + row_linear + rope 9.53 -> 6.93 us for q|k|v, add_rms_norm
++ row_linear + silu_mul 11.15 -> 8.93 us for w1|w3.
 Every intermediate is rounded to the model's dtype where fused_ops and the PyTorch path round it.
 
 The reference is `torch.nn.functional.linear` (and fused_ops before or after it); `linear`, `linear_silu_mul`,
@@ -127,7 +129,9 @@ def _launch(x, weight, epilogue, block_n, block_k, num_warps, delta=None, norm=N
                          f"(an even number of rows), got {width}")
     n_out = width // 2 if epilogue == SWIGLU else width
     default_n, default_k = row_tiles(width) if x.is_cuda else (64, 256)
-    if epilogue != PLAIN and x.is_cuda:  # a program reads as many rows of W as row_linear's would
+    # a program reads as many rows of W as row_linear's would: the fastest of {1, 2, 4} x {512, 1024} x {4, 8
+    # warps} at the 830M's q|k|v (RoPE: 2 pairs x 512) and w1|w3 (SwiGLU: 4 x 512) in benchmarks/row_linear.py
+    if epilogue != PLAIN and x.is_cuda:
         default_n = max(1, default_n // 2)
     block_n, block_k = block_n or default_n, block_k or default_k
     x = x.contiguous()
@@ -175,7 +179,8 @@ def _row_linear_fused_kernel(x_ptr, delta_ptr, h_ptr, nw_ptr, w_ptr, cos_ptr, si
     (PLAIN); with SWIGLU (W1 over W3, N = hidden) y[n] = silu(W1 x)[n] * (W3 x)[n]; with ROPE (N even) the BN
     pairs of outputs (2j, 2j + 1), rotated where below ROTATED. With NORM, x is first RMSNorm(x (+ delta)) * nw.
     (Requesting each piece of W one iteration ahead, the first before the norm's statistics, was slower on
-    the H200 in every measured tile: q|k|v with RoPE 6.94 -> 7.27 us at 2 x 512.)"""
+    the H200 in 35 of 36 measured tile and variant pairs, e.g. q|k|v with norm and RoPE at 2 x 512 6.94 ->
+    7.27 us: a one-off sweep during 6bdb142's development, not kept.)"""
     TY: tl.constexpr = y_ptr.dtype.element_ty
     pid = tl.program_id(0)
     if EPILOGUE == 2:  # ROPE: even rows in acc_a, their odd partners in acc_b
