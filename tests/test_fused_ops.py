@@ -131,7 +131,8 @@ def test_write_cache_rejects_rows_that_are_not_contiguous():
 def test_fused_forward_equals_the_pytorch_forward(dtype, gate, one_row):
     """The whole model (tiny config: GQA, MTA convs, group norm, gate) through the dense attention, fused
     against unfused; the fused weights leave the state dict unchanged. One row (a one-token sequence at
-    position 0) takes kernels.row_linear with the norms, RoPE and SwiGLU fused into its products."""
+    position 0) takes kernels.row_linear with the norms, RoPE and SwiGLU fused into its products; RoPE at
+    position 0 is the identity, so its epilogue is checked by tests/test_row_linear.py and the engine tests."""
     cfg_dict = ModelConfig.from_yaml(TINY_CONFIG).to_dict()
     cfg_dict["mta"]["gate"] = gate
     cfg_dict["mta"]["layer_norm_rescale"] = True  # group-norm depth scales != 1

@@ -62,7 +62,7 @@ def test_row_linear_refuses_more_than_one_row_and_odd_w13():
         row_linear(torch.ones(2, 8, device=DEVICE), torch.ones(4, 8, device=DEVICE))
     with pytest.raises(ValueError, match="an even number of rows"):
         row_linear_silu_mul(torch.ones(1, 8, device=DEVICE), torch.ones(5, 8, device=DEVICE))
-    with pytest.raises(ValueError, match="q|k|v rows come in pairs"):
+    with pytest.raises(ValueError, match=r"q\|k\|v rows come in pairs"):
         ones = torch.ones(1, 8, device=DEVICE)
         row_norm_linear(ones, None, ones[0], 1e-5, torch.ones(5, 8, device=DEVICE), ROPE, (ones, ones, 4))
 
@@ -88,7 +88,6 @@ def test_linear_takes_the_row_kernel_for_one_row_only(monkeypatch):
     assert calls == ["linear", "silu_mul"]
 
 
-
 def _norm_inputs(dtype, width=300, with_delta=True):
     h = _randn(1, width, dtype=dtype, seed=6)
     delta = _randn(1, width, dtype=dtype, seed=7) if with_delta else None
@@ -102,8 +101,8 @@ def _norm_inputs(dtype, width=300, with_delta=True):
 def test_norm_linear_is_add_rms_norm_then_the_product(dtype, silu, with_delta, tiles):
     """The residual add and RMSNorm in the product's prologue: the new residual bit-equal to add_rms_norm's
     (stored once, by the first of several programs with (4, 128) tiles), the product within the dtype's
-    rounding of the product of add_rms_norm's output (K = 300 spans two and three loads: the norm's sum runs
-    over pieces). Without a delta the residual is h itself."""
+    rounding of the product of add_rms_norm's output (K = 300: the product runs over three and two pieces of
+    the row, the norm's statistics over one 512-wide load). Without a delta the residual is h itself."""
     h, delta, norm_w = _norm_inputs(dtype, with_delta=with_delta)
     weight = _randn(74, 300, dtype=dtype, seed=9)
     h_ref, x_ref = add_rms_norm(h, delta, norm_w, 1e-5)
