@@ -47,9 +47,9 @@ def build_engine(batch: int, context: int, block_size: int, overlap: bool) -> LL
     decode_step = runner.execute
     runner.graphs._forward = lambda size: None  # the device's part of a decode step
 
-    def execute(scheduled):
+    def execute(scheduled, *args):
         if all(s.end - s.start == 1 for s in scheduled):
-            return decode_step(scheduled)
+            return decode_step(scheduled, *args)
         return StepLogits(torch.zeros(sum(s.samples for s in scheduled), vocab), {})
 
     runner.execute = execute

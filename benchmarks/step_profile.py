@@ -54,13 +54,13 @@ def time_steps(llm: LLM, steps: int, device: torch.device) -> tuple[list[float],
     runner = llm.engine.runner
     execute, spans, rows = runner.execute, [], []
 
-    def timed_execute(scheduled):
+    def timed_execute(scheduled, *args):
         rows.append(len(scheduled))
         if device.type != "cuda":
-            return execute(scheduled)
+            return execute(scheduled, *args)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        out = execute(scheduled)
+        out = execute(scheduled, *args)
         end.record()
         spans.append((start, end))
         return out

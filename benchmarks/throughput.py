@@ -56,9 +56,9 @@ class StepRecorder:
         inner_execute = self.engine.runner.execute
         self._scheduled = None
 
-        def execute(scheduled):
+        def execute(scheduled, *args):
             self._scheduled = scheduled
-            return inner_execute(scheduled)
+            return inner_execute(scheduled, *args)
 
         self.engine.runner.execute = execute
         inner_step = self.engine.step

@@ -14,6 +14,8 @@ the PyTorch path (`mta_serve.model`, the reference) rounds:
 - `silu_mul`: silu(x1) * x3 of a fused w1|w3 projection (reference: `FeedForward.forward`'s middle).
 - `write_cache`: the step's k, v (and q for key-query-conv layers) into the paged caches in one kernel
   (reference: `TorchPagedAttention._write`).
+- `fill_pending_tokens`: a step's input tokens take the tokens the step before drew on the device, where
+  the host holds placeholders for them (reference: `mta_serve.model_runner.fill_pending_tokens_reference`).
 
 Under Triton's interpreter (CPU tests) a program handles several rows, since the interpreter's cost is per
 program; on a GPU one row per program.
@@ -203,3 +205,22 @@ def _write_cache_kernel(slot_ptr, k_ptr, v_ptr, q_ptr, kc_ptr, vc_ptr, qc_ptr, n
         q_mask = ok & (cols < QW)
         tl.store(qc_ptr + slot * QW + cols, tl.load(q_ptr + rows64 * q_stride + cols, mask=q_mask).to(ty),
                  mask=q_mask)
+
+
+def fill_pending_tokens(tokens: torch.Tensor, sampled: torch.Tensor) -> None:
+    """tokens [N] int32 or int64, in place: each placeholder -1 - j (Request.append_pending) becomes
+    sampled[j]; sampled [M] int64: the tokens the previous step drew, on the same device."""
+    n = tokens.numel()
+    block = 1024 if tokens.is_cuda else max(16, triton.next_power_of_2(n))
+    _fill_pending_kernel[(triton.cdiv(n, block),)](tokens, sampled, n, BLOCK=block)
+
+
+@triton.jit(do_not_specialize=["n"])
+def _fill_pending_kernel(tokens_ptr, sampled_ptr, n, BLOCK: tl.constexpr):
+    # tokens_ptr: [n] int32 / int64, rewritten where < 0; sampled_ptr: [M] int64
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    pending = offsets < n
+    token = tl.load(tokens_ptr + offsets, mask=pending, other=0)
+    pending = pending & (token < 0)
+    drawn = tl.load(sampled_ptr + (-1 - token), mask=pending, other=0)
+    tl.store(tokens_ptr + offsets, drawn.to(token.dtype), mask=pending)

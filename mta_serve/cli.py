@@ -94,8 +94,8 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="fraction of GPU memory the weights, activations and KV cache may use")
     e.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     e.add_argument("--no-overlap-steps", action="store_true",
-                   help="build each step's outputs before launching the next step (for debugging; by default "
-                   "on CUDA the next step runs on the GPU while the host streams the previous one's outputs)")
+                   help="complete each step before scheduling the next (for debugging; by default on CUDA the "
+                   "next step is scheduled and runs on the GPU while the host reads and streams the one before)")
     return p
 
 

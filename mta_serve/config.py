@@ -230,9 +230,10 @@ class CacheConfig:
 @dataclass(slots=True)
 class SchedulerConfig:
     """Continuous batching limits. `max_chunk_tokens` caps the tokens one request computes per step (chunked
-    prefill); None lets a prompt take the whole remaining token budget. `overlap_steps`: launch step N+1
-    before building step N's outputs (detokenization, stop strings, streaming), so that host work runs
-    while the device computes; None = on where the forward runs asynchronously (CUDA)."""
+    prefill); None lets a prompt take the whole remaining token budget. `overlap_steps`: schedule and launch
+    step N+1 before reading step N's tokens and building its outputs (detokenization, stop strings,
+    streaming), so that host work runs while the device computes (engine.py); None = on where the forward
+    runs asynchronously (CUDA)."""
 
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048

@@ -45,7 +45,7 @@ def padded_sizes(max_batch: int) -> list[int]:
 class DecodeRow:
     """One sequence's decode row: it computes position `position` (its length becomes position + 1)."""
 
-    token: int
+    token: int  # its input token, or a placeholder (< 0) that run()'s fill_pending replaces on the device
     position: int
     slot: int  # cache slot of the new token
     # Its block table, at least ceil((position + 1) / block_size) entries: the KV-cache manager's own list,
@@ -89,10 +89,14 @@ class DecodeGraphs:
         """The padded size a batch of num_rows decode rows runs at (None: too many for any graph)."""
         return next((b for b in self.sizes if b >= num_rows), None)
 
-    def run(self, rows: list[DecodeRow]) -> torch.Tensor:
-        """The decode step of `rows`: logits [len(rows), vocab] fp32, a view valid until the next run."""
+    def run(self, rows: list[DecodeRow], fill_pending=None) -> torch.Tensor:
+        """The decode step of `rows`: logits [len(rows), vocab] fp32, a view valid until the next run.
+        fill_pending(tokens [len(rows)] int32, device), if given, replaces the tokens' placeholders in place
+        once they are on the device (model_runner)."""
         size = self.batch_size(len(rows))
         self._fill(rows, size)
+        if fill_pending is not None:
+            fill_pending(self.inputs[self.offsets["tokens"]:][:len(rows)])
         self.num_runs += 1
         if size in self.graphs:
             self.graphs[size].replay()

@@ -1,14 +1,19 @@
 """The engine: requests in, tokens out, one `step()` at a time (schedule -> run -> postprocess).
 
-With `overlap_steps` (the default on CUDA) a step is launched before the previous one's outputs are built:
-`step()` reads the tokens of the step in flight, schedules and launches the next step (the GPU computes
-it while the host goes on), then detokenizes, checks stop strings and returns the completed step's
-outputs, which the caller streams while the GPU is still busy. Scheduling needs the tokens just read, so
-it cannot overlap; everything after it does. A request that a stop string (or an abort) ends while it is
-in the step in flight has that step's token discarded; its freed blocks are handed out again only after
-that step has completed, since a step is scheduled only once the one before it has. A sampled request
-discarded that way has still drawn its random number: with a fixed engine seed, requests without their own
-seed may then draw differently than without overlap (requests with a seed never do).
+With `overlap_steps` (the default on CUDA) the host works one step ahead of the device: `step()` schedules
+and launches step N+1 while step N still computes, then reads N's tokens, detokenizes, checks stop strings
+and returns N's outputs, which the caller streams while the GPU computes N+1. A request that step N draws a
+token for holds a placeholder for it (`Request.append_pending`) and is scheduled in N+1 all the same; N+1's
+model runner takes the token from N's sampled tokens on the device. The GPU then waits for the host only
+where the host's work per step exceeds the device's.
+
+What N+1 cannot know yet costs at most one step per request. A request that N's token ends (EOS, a stop
+token), or that a stop string or an abort ends while it is in the step in flight, has that step's token
+discarded. A step that draws for a request with penalties completes before the next is launched, since the
+penalties count the generated tokens on the host. Blocks freed while a step is in flight may go to the next
+step: the device runs steps in order, so the step in flight is done with them before the next one writes
+them. A discarded draw has still taken its random number: with a fixed engine seed, requests without their
+own seed may then draw differently than without overlap (requests with a seed never do).
 
 Not thread-safe: one thread owns it (the server's engine loop, or `LLM.generate`).
 """
@@ -61,6 +66,12 @@ class _InFlight:
     logits: StepLogits
     sampling: list[ScheduledRequest]  # the scheduled requests that sample, in the order of `samples`
     samples: PendingSamples
+
+    @property
+    def reads_outputs(self) -> bool:
+        """Whether the next step's sampling needs this step's tokens on the host: penalties count the
+        generated tokens, so a step that draws for a penalized request completes before the next launches."""
+        return any(s.request.params.penalized for s in self.sampling)
 
 
 @dataclass(slots=True)
@@ -157,35 +168,44 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Complete a step and return its outputs (with overlap_steps, after launching the next one)."""
         if not self.overlap_steps:
-            return self._outputs(self._complete(self._launch()))
+            return self._outputs(self._complete(self._launch(None)))
         step, self._in_flight = self._in_flight, None  # completed at most once, even if a later part raises
-        done = self._complete(step or self._launch())
-        self._in_flight = self._launch()
-        return self._outputs(done)
+        if step is None:
+            step = self._launch(None)
+        if step is not None and step.reads_outputs:
+            done = self._complete(step)  # its tokens are needed on the host to sample the next step
+            self._in_flight = self._launch(None)
+            return self._outputs(done)
+        self._in_flight = self._launch(step)
+        return self._outputs(self._complete(step))
 
-    def _launch(self) -> _InFlight | None:
-        """Schedule a step and queue its forward and sampling on the device."""
+    def _launch(self, in_flight: _InFlight | None) -> _InFlight | None:
+        """Schedule a step and queue its forward and sampling on the device, behind the step `in_flight`
+        (whose tokens are still on the device: requests it draws for hold placeholders)."""
         batch = self.scheduler.schedule()
         if not batch.scheduled:
             return None
-        logits = self.runner.execute(batch.scheduled)
+        sampled = in_flight.samples.device_tokens if in_flight is not None else None
+        logits = self.runner.execute(batch.scheduled, sampled)
         sampling = [s for s in batch.scheduled if s.samples]
         samples = self.sampler.sample_async(logits.sample_logits, [s.request for s in sampling])
+        self.scheduler.update(batch.scheduled)
+        for row, s in enumerate(sampling):
+            s.request.append_pending(row)
         return _InFlight(batch.scheduled, logits, sampling, samples)
 
     def _complete(self, step: _InFlight | None) -> list[ScheduledRequest]:
-        """Wait for a launched step's tokens and append them; a request they end (EOS, max_tokens) leaves
-        the scheduler now, so the next step does not compute it. Returns the step's live requests."""
+        """Wait for a launched step's tokens and put them in place of its placeholders; a request they end
+        (EOS, max_tokens) leaves the scheduler now. Returns the step's live requests."""
         if step is None:
             return []
         samples = step.samples.result()
         live = [s for s in step.scheduled if self._is_live(s.request)]
         self._record_prompt_logprobs(live, step.logits)
-        self.scheduler.update(live)
         for s, (token, record) in zip(step.sampling, samples):
             if not self._is_live(s.request):
                 continue  # ended (stop string, abort) while this step ran: its token is discarded
-            s.request.append_output(token)
+            s.request.resolve_pending(token)
             if record is not None:
                 s.request.logprobs.append(record)
             if s.request.status.finished:

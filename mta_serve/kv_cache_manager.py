@@ -72,7 +72,7 @@ class KVCacheManager:
         table = self.block_tables.get(request.request_id)
         end = request.num_computed_tokens + num_new_tokens
         if not cached and table is not None and self.blocks_for(end) <= len(table):
-            self._cache_full_blocks(request, end)  # a decode step, mostly: nothing to allocate
+            self.cache_full_blocks(request, end)  # a decode step, mostly: nothing to allocate
             return True
         table = self.block_tables.setdefault(request.request_id, [])
         num_computed = request.num_computed_tokens + len(cached) * self.block_size
@@ -88,14 +88,15 @@ class KVCacheManager:
         table.extend(new)
         self._block_ids.setdefault(request.request_id, []).extend([b.block_id for b in cached] +
                                                                   [b.block_id for b in new])
-        self._cache_full_blocks(request, num_computed + num_new_tokens)
+        self.cache_full_blocks(request, num_computed + num_new_tokens)
         return True
 
-    def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
-        """Index the blocks that are full once `num_tokens` tokens are computed (their tokens are known)."""
+    def cache_full_blocks(self, request: Request, num_tokens: int) -> None:
+        """Index the blocks that are full once `num_tokens` tokens are computed and whose tokens are known
+        (a block holding a pending token is indexed at a later step)."""
         hashes = self._hashes.setdefault(request.request_id, [])
         bs = self.block_size
-        full = min(num_tokens, request.num_tokens) // bs
+        full = min(num_tokens, request.num_known_tokens) // bs
         if len(hashes) >= full:
             return
         table = self.block_tables[request.request_id]

@@ -59,6 +59,12 @@ def _cuda_peak_use(model: MTATransformer, num_tokens: int, device: torch.device)
     return in_use_now + activations
 
 
+def fill_pending_tokens_reference(tokens: torch.Tensor, sampled: torch.Tensor) -> None:
+    """tokens [N] int, in place: each placeholder -1 - j (Request.append_pending) becomes sampled[j] [M]."""
+    pending = tokens < 0
+    tokens[pending] = sampled[-1 - tokens[pending]].to(tokens.dtype)
+
+
 def resolve_backend(name: str, device: torch.device) -> str:
     """`auto` -> `triton` on CUDA (when Triton is installed), else `torch`; `triton` elsewhere is an error."""
     if name == "auto":
@@ -107,14 +113,16 @@ class ModelRunner:
         return self.graphs is not None and bool(self.graphs.graphs)
 
     @torch.no_grad()
-    def execute(self, scheduled: list[ScheduledRequest]) -> StepLogits:
+    def execute(self, scheduled: list[ScheduledRequest], sampled: torch.Tensor | None = None) -> StepLogits:
+        """Queue the step's forward. `sampled` [M] int64 (device): the tokens drawn by the step still in
+        flight, which the placeholders among the scheduled tokens stand for (Request.append_pending)."""
         ready = [not self.uses_state or self.kv.state_ready(s.request.request_id, s.start) for s in scheduled]
         if self.uses_state:  # every scheduled request writes its state slot in this step
             for s in scheduled:
                 self.kv.state_written(s.request.request_id, s.end)
         if (self.graphs is not None and len(scheduled) <= self.graphs.max_batch
                 and all(s.end - s.start == 1 for s in scheduled) and all(ready)):
-            return self._execute_decode_graph(scheduled)
+            return self._execute_decode_graph(scheduled, sampled)
         tokens, positions, slots, specs = [], [], [], []
         for s, is_ready in zip(scheduled, ready):
             rid = s.request.request_id
@@ -124,6 +132,8 @@ class ModelRunner:
             positions.extend(range(s.start, s.end))
             slots.extend(self.kv.slot(rid, p) for p in range(s.start, s.end))
         tokens_t, positions_t, batch = self.backend.prepare(tokens, positions, slots, specs)
+        if min(tokens) < 0:
+            self._fill_pending(tokens_t, sampled)
 
         def attend(layer_id, attn, q, k, v):
             return self.backend.attend(batch, layer_id, attn, q, k, v)
@@ -131,18 +141,30 @@ class ModelRunner:
         hidden = self.model(tokens_t, positions_t, attend, fused=self.backend_name == "triton")
         return self._logits(scheduled, [s.row for s in specs], lambda rows: self.model.logits(hidden[rows]))
 
-    def _execute_decode_graph(self, scheduled: list[ScheduledRequest]) -> StepLogits:
-        rows = []
+    def _execute_decode_graph(self, scheduled: list[ScheduledRequest], sampled: torch.Tensor | None) -> StepLogits:
+        rows, pending = [], False
         for s in scheduled:
-            rid = s.request.request_id
-            rows.append(DecodeRow(s.request.token_ids[s.start], s.start, self.kv.slot(rid, s.start),
-                                  self.kv.block_ids(rid), self._state_slot(rid)))
-        logits = self.graphs.run(rows)  # a view of the graphs' output buffer, rewritten by the next step
+            rid, token = s.request.request_id, s.request.token_ids[s.start]
+            pending = pending or token < 0
+            rows.append(DecodeRow(token, s.start, self.kv.slot(rid, s.start), self.kv.block_ids(rid),
+                                  self._state_slot(rid)))
+        fill = (lambda tokens: self._fill_pending(tokens, sampled)) if pending else None
+        logits = self.graphs.run(rows, fill)  # a view of the graphs' output buffer, rewritten by the next step
 
         def logits_of(rows):  # a list index copies; a slice (prompt logprobs) must be copied explicitly
             return logits[rows] if isinstance(rows, list) else logits[rows].clone()
 
         return self._logits(scheduled, list(range(len(rows))), logits_of)
+
+    def _fill_pending(self, tokens: torch.Tensor, sampled: torch.Tensor | None) -> None:
+        """tokens [N] (device), in place: placeholders -> the in-flight step's drawn tokens."""
+        if sampled is None:
+            raise RuntimeError("a scheduled token is still being drawn, but no step is in flight")
+        if self.backend_name == "triton":
+            from .kernels.fused_ops import fill_pending_tokens
+            fill_pending_tokens(tokens, sampled)
+        else:
+            fill_pending_tokens_reference(tokens, sampled)
 
     def _state_slot(self, request_id: str) -> int:
         return self.kv.state_slot(request_id) if self.uses_state else 0

@@ -36,7 +36,11 @@ class TokenLogprob:
 class Request:
     """`token_ids` = prompt + generated. Positions below `num_computed_tokens` have K/V (and MTA queries) in
     the cache; each step computes some of the rest. Prefill, chunked prefill, decode and recompute after
-    preemption are all just "compute the next tokens"."""
+    preemption are all just "compute the next tokens".
+
+    A token drawn by a step still on the device is a placeholder at the end of `token_ids` (-1 - j: row j
+    of that step's sampled tokens), so the next step can already compute its position: the model runner
+    reads the token from the device. `num_pending_tokens` counts them; they resolve in order."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -45,6 +49,7 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    num_pending_tokens: int = 0  # placeholders at the end of token_ids: drawn, not yet read back
     status: RequestStatus = RequestStatus.WAITING
     generator: torch.Generator | None = None  # per-request RNG when params.seed is set
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token, if asked
@@ -66,11 +71,23 @@ class Request:
         return len(self.token_ids)
 
     @property
+    def num_known_tokens(self) -> int:
+        """Tokens whose ids the host has (all but the pending ones)."""
+        return len(self.token_ids) - self.num_pending_tokens
+
+    @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        """The generated tokens read back so far."""
+        return self.token_ids[self.num_prompt_tokens:self.num_known_tokens]
 
     @property
     def num_output_tokens(self) -> int:
+        """Generated tokens read back so far."""
+        return self.num_known_tokens - self.num_prompt_tokens
+
+    @property
+    def num_drawn_tokens(self) -> int:
+        """Generated tokens drawn so far, pending ones included: the index of the next one drawn."""
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
@@ -78,12 +95,24 @@ class Request:
         """Prompt + max_tokens: the most tokens this request can ever hold in the cache."""
         return self.num_prompt_tokens + self.params.max_tokens
 
-    def append_output(self, token_id: int) -> None:
-        self.token_ids.append(token_id)
+    def append_pending(self, sample_row: int) -> None:
+        """A step that draws this request's next token has been launched; its token is row `sample_row` of
+        that step's sampled tokens."""
+        self.token_ids.append(-1 - sample_row)
+        self.num_pending_tokens += 1
+
+    def resolve_pending(self, token_id: int) -> None:
+        """The oldest pending token has been read back. A token that ends the request drops the pending
+        tokens after it (steps launched before it was known draw them; they are discarded)."""
+        self.token_ids[self.num_known_tokens] = token_id
+        self.num_pending_tokens -= 1
         if self._stops(token_id):
             self.status = RequestStatus.FINISHED_STOPPED
         elif self.num_output_tokens >= self.params.max_tokens:
             self.status = RequestStatus.FINISHED_LENGTH
+        if self.status.finished:
+            del self.token_ids[self.num_known_tokens:]
+            self.num_pending_tokens = 0
 
     def _stops(self, token_id: int) -> bool:
         # The sampler never picks a stop token before min_tokens, so no min_tokens check here.

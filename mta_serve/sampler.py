@@ -35,12 +35,12 @@ class Sampler:
             rows = _on(logits.device, rest, torch.long)
             tokens[rows] = self._decide(logits[rows].float(), [requests[i] for i in rest])
         if logits.device.type != "cuda":
-            return PendingSamples(tokens, None, logits, requests)
+            return PendingSamples(tokens, tokens, None, logits, requests)
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
         host.copy_(tokens, non_blocking=True)
         copied = torch.cuda.Event()
         copied.record(torch.cuda.current_stream(logits.device))  # the logits' device, not the current one
-        return PendingSamples(host, copied, logits, requests)
+        return PendingSamples(tokens, host, copied, logits, requests)
 
     def _decide(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         """logits [m, vocab] (a copy, changed in place) of requests with any parameter -> tokens [m]."""
@@ -85,6 +85,7 @@ class Sampler:
 class PendingSamples:
     """A step's chosen tokens on their way to the host (the device may still be computing them)."""
 
+    device_tokens: torch.Tensor  # [B] int64 on the logits' device: what the next step's placeholders read
     tokens: torch.Tensor  # [B] int64: on the host (pinned, being filled) on CUDA, else the tokens themselves
     copied: torch.cuda.Event | None  # recorded after the copy to the host was queued
     logits: torch.Tensor  # [B, vocab] the sampled rows, for logprob records
@@ -115,7 +116,7 @@ def apply_bias_and_masks(logits: torch.Tensor, requests: list[Request]) -> None:
     EOS and the stop token ids."""
     vocab = logits.shape[1]
     biased = [(k, t, b) for k, r in enumerate(requests) for t, b in r.params.logit_bias.items() if 0 <= t < vocab]
-    banned = [(k, t) for k, r in enumerate(requests) if r.num_output_tokens < r.params.min_tokens
+    banned = [(k, t) for k, r in enumerate(requests) if r.num_drawn_tokens < r.params.min_tokens
               for t in [*r.params.stop_token_ids, r.eos_token_id] if t is not None and 0 <= t < vocab]
     device = logits.device
     if biased:
@@ -141,7 +142,7 @@ def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
         logits -= frequency * counts + presence * (counts > 0).to(logits.dtype)
     if any(p.repetition_penalty != 1.0 for p in params):
         seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)  # [m, vocab]: in prompt or output
-        rows, ids = _row_tokens([r.token_ids for r in requests], device)
+        rows, ids = _row_tokens([r.token_ids[:r.num_known_tokens] for r in requests], device)
         seen.index_put_((rows, ids), torch.ones(ids.shape, dtype=torch.bool, device=device))
         penalty = _on(device, [p.repetition_penalty for p in params], logits.dtype)[:, None]
         logits.copy_(torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits))
@@ -184,8 +185,8 @@ def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 
 def _plain_greedy(request: Request) -> bool:
     params = request.params
-    return (params.greedy and not params.logit_bias and request.num_output_tokens >= params.min_tokens
-            and not params.presence_penalty and not params.frequency_penalty and params.repetition_penalty == 1.0)
+    return (params.greedy and not params.logit_bias and request.num_drawn_tokens >= params.min_tokens
+            and not params.penalized)
 
 
 def logprob_records(logits: torch.Tensor, tokens: list[int],

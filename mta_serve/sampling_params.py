@@ -86,3 +86,9 @@ class SamplingParams:
     def greedy(self) -> bool:
         # Below this, dividing by the temperature overflows to inf/nan; the limit is greedy anyway.
         return self.temperature < GREEDY_BELOW_TEMPERATURE
+
+    @property
+    def penalized(self) -> bool:
+        """Whether presence, frequency or repetition penalties apply: sampling then reads the generated
+        tokens on the host."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)

@@ -1,7 +1,7 @@
 """Continuous batching: each step picks how many tokens every request computes.
 
 Running requests go first, in arrival order; each asks for all its uncomputed tokens (a decode asks for 1, a
-prompt for the rest of its prompt), capped by the step's token budget and `max_chunk_tokens`. When the cache
+prompt for the rest of its prompt; a token still being drawn on the device counts, see Request), capped by the step's token budget and `max_chunk_tokens`. When the cache
 is full, the most recently admitted running request is preempted: its blocks are freed and it waits, first
 in line, to recompute. Waiting requests are admitted in order while budget, `max_num_seqs` and blocks allow,
 starting after their cached prefix.
@@ -75,6 +75,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
+            if request.num_drawn_tokens >= request.params.max_tokens:
+                i += 1  # its last token is being drawn (a step in flight): nothing left to compute
+                continue
             num_new = self._chunk(request, budget)
             while not self.kv.allocate(request, num_new):
                 victim = self.running.pop()
@@ -107,7 +110,7 @@ class Scheduler:
             budget -= num_new
 
     def _preempt(self, request: Request) -> None:
-        self.kv.free(request.request_id)
+        self._release(request)
         request.num_computed_tokens = 0
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
@@ -115,7 +118,8 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def update(self, scheduled: list[ScheduledRequest]) -> None:
-        """After the step ran: the scheduled tokens are computed."""
+        """Once the step is queued on the device: its tokens count as computed (later steps are queued
+        behind it, so whatever reads their K/V runs after it)."""
         for s in scheduled:
             s.request.num_computed_tokens = s.end
 
@@ -126,4 +130,11 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
+        self._release(request)
+
+    def _release(self, request: Request) -> None:
+        """Free the request's blocks, indexing first the full ones whose last token was still being drawn
+        when their final step was scheduled (their K/V is computed, or queued, and their tokens known now)."""
+        if request.request_id in self.kv.block_tables:
+            self.kv.cache_full_blocks(request, request.num_computed_tokens)
         self.kv.free(request.request_id)

@@ -61,21 +61,30 @@ def test_graph_block_tables_follow_rows_that_grow_change_owner_or_turn_to_paddin
     assert t[0][:2] == [7, 8] and t[1][:4] == [3, 4, 6, 9]
 
 
-def test_decode_steps_run_padded_and_equal_the_torch_backend():
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
+def test_decode_steps_run_padded_and_equal_the_torch_backend(overlap):
     """Three decode rows run at the padded size 4 (of 1, 2, 4, 6), and the padding rows write only the
     scratch block: tokens and logprobs equal the torch backend's, preemption by an 8-block cache included,
-    and one request runs to max_seq_len (its block table fills the graphs' fixed width)."""
+    and one request runs to max_seq_len (its block table fills the graphs' fixed width). With overlap_steps
+    the rows' tokens are placeholders, filled on the device from the step in flight."""
     model = _model()
-    engine = _engine(model, "triton", num_blocks=8, max_num_seqs=6)
+    engine = _engine(model, "triton", num_blocks=8, max_num_seqs=6, overlap_steps=overlap)
     graphs = engine.runner.graphs
     assert graphs.sizes == [1, 2, 4, 6] and graphs.scratch_block == engine.num_blocks
-    sizes = []
+    sizes, placeholders = [], []
     run = graphs.run
-    graphs.run = lambda rows: sizes.append((len(rows), graphs.batch_size(len(rows)))) or run(rows)
+
+    def spy(rows, *args):
+        sizes.append((len(rows), graphs.batch_size(len(rows))))
+        placeholders.append(sum(r.token < 0 for r in rows))
+        return run(rows, *args)
+
+    graphs.run = spy
 
     counts = [30 - len(PROMPTS[0]), 9, 6]  # the first ends at max_seq_len = 30
     done = run_all(engine, PROMPTS, counts)
     assert (3, 4) in sizes and any(n < 3 for n, _ in sizes)
+    assert (max(placeholders) == 3) if overlap else (max(placeholders) == 0)
     assert engine.scheduler.num_preemptions >= 1
     expected = run_all(_engine(model, "torch", num_blocks=8, max_num_seqs=6), PROMPTS, counts)
     for rid, out in expected.items():

@@ -103,9 +103,9 @@ def test_chunked_prefill_awkward_chunks(model_and_reference, chunk, budget, over
     chunk_starts = set()
     original = engine.runner.execute
 
-    def spy(scheduled):
+    def spy(scheduled, *args):
         chunk_starts.update(s.start for s in scheduled if s.start < s.request.num_prompt_tokens and s.start > 0)
-        return original(scheduled)
+        return original(scheduled, *args)
 
     engine.runner.execute = spy
     done = run_all(engine, PROMPTS, MAX_TOKENS)

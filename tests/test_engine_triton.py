@@ -43,7 +43,8 @@ def test_triton_backend_equals_torch_backend(variant):
     # to 17 tokens: requests are preempted and recomputed.
     scheduler = dict(max_chunk_tokens=3, max_num_batched_tokens=8)
     expected = _generate(model, "torch", 7, **scheduler)
-    got = _generate(model, "triton", 7, **scheduler)
+    # with overlap_steps, as on CUDA: mixed steps' tokens include placeholders filled on the device
+    got = _generate(model, "triton", 7, overlap_steps=True, **scheduler)
     for a, b in zip(expected, got):
         assert b.token_ids == a.token_ids
         assert max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4

@@ -172,3 +172,18 @@ def test_fuse_projections_fuses_again_after_the_weights_move():
     assert attn.wqkv.dtype == torch.float16
     assert attn.wk.weight.data_ptr() == attn.wqkv[attn.wq.weight.shape[0]:].data_ptr()
     torch.testing.assert_close(attn.wqkv, torch.cat([attn.wq.weight, attn.wk.weight, attn.wv.weight]))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_fill_pending_tokens_replaces_placeholders_only(dtype):
+    """Placeholders -1 - j take sampled[j] (any row of it, in any order); real tokens, 0 included, stay."""
+    from mta_serve.model_runner import fill_pending_tokens_reference
+
+    sampled = torch.tensor([41, 7, 0, 1999, 5], dtype=torch.int64, device=DEVICE)
+    tokens = torch.tensor([3, -1, 0, -4, 12, -2, -5, 9, 1998, -1, 0, 77, -3, 2, 8, 6, 4, -4, 11],
+                          dtype=dtype, device=DEVICE)  # 19 tokens: more than the CPU's smallest block
+    expected = tokens.clone()
+    fill_pending_tokens_reference(expected, sampled)
+    assert expected.tolist() == [3, 41, 0, 1999, 12, 7, 5, 9, 1998, 41, 0, 77, 0, 2, 8, 6, 4, 1999, 11]
+    fused_ops.fill_pending_tokens(tokens, sampled)
+    assert tokens.dtype == dtype and tokens.tolist() == expected.tolist()

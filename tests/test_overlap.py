@@ -86,8 +86,8 @@ def test_abort_of_a_request_in_the_step_in_flight(model):
     engine = make_engine(model, overlap=True)
     launched = []
     execute = engine.runner.execute
-    engine.runner.execute = lambda scheduled: launched.append({s.request.request_id for s in scheduled}) or \
-        execute(scheduled)
+    engine.runner.execute = lambda scheduled, *args: launched.append({s.request.request_id for s in scheduled}) \
+        or execute(scheduled, *args)
     got = run(engine, requests, abort_after={"seeded": 3})
     assert "seeded" in launched[3], "the aborted request was not in the step in flight"
     assert got["seeded"][0] is None
@@ -99,7 +99,7 @@ def test_the_next_step_is_launched_before_the_outputs_are_built(model):
     engine = make_engine(model, overlap=True)
     events = []
     execute, output = engine.runner.execute, engine._output
-    engine.runner.execute = lambda scheduled: events.append("launch") or execute(scheduled)
+    engine.runner.execute = lambda scheduled, *args: events.append("launch") or execute(scheduled, *args)
     engine._output = lambda tracked: events.append("output") or output(tracked)
     engine.add_request("r", "abc", SamplingParams(max_tokens=3, temperature=0))
     engine.step()
@@ -109,6 +109,40 @@ def test_the_next_step_is_launched_before_the_outputs_are_built(model):
     assert engine.has_unfinished_requests()
     engine.step()  # the third token ends the request (max_tokens): no step computes it after that
     assert events[5:] == ["output"] and not engine.has_unfinished_requests()
+
+
+def test_the_next_step_is_launched_before_the_step_in_flight_is_read(model):
+    """Scheduling overlaps too: step N+1 is queued while step N's tokens are still on the device (its
+    decode rows hold placeholders), except after a step that drew for a request with penalties."""
+    for params, order in ((SamplingParams(max_tokens=4, temperature=0), ["launch", "launch", "read", "launch", "read"]),
+                          (SamplingParams(max_tokens=4, temperature=0, repetition_penalty=1.2),
+                           ["launch", "read", "launch", "read", "launch"])):
+        engine = make_engine(model, overlap=True)
+        events = []
+        execute, complete = engine.runner.execute, engine._complete
+        engine.runner.execute = lambda scheduled, *args: events.append(
+            ("launch", min(s.request.token_ids[s.start] for s in scheduled))) or execute(scheduled, *args)
+        engine._complete = lambda step: step is None or events.append(("read", None)) or complete(step)
+        engine.add_request("r", "abc", params)
+        engine.step()
+        engine.step()
+        assert [e for e, _ in events] == order
+        # the decodes' input tokens: still being drawn (placeholders), or read back first
+        decode_inputs = [token for e, token in events if e == "launch"][1:]
+        assert all(token < 0 for token in decode_inputs) if order[1] == "launch" else \
+            all(token >= 0 for token in decode_inputs)
+
+
+def test_generated_blocks_are_cached_under_their_real_tokens(model):
+    """A block is indexed for prefix caching only once its tokens are read back: a prompt that repeats a
+    finished request's prompt and output hits every full block of it, generated ones included."""
+    engine = make_engine(model, overlap=True)
+    first = run(engine, {"a": ("abcdef", SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))})["a"][0]
+    prompt = list(engine.tokenizer.encode("abcdef", add_bos=True)) + first[0]
+    engine.add_request("b", prompt, SamplingParams(max_tokens=1, temperature=0))
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+    assert len(prompt) == 17 and outs[0].num_cached_tokens == 16  # 4 full blocks: what the serial engine caches
 
 
 def test_overlap_defaults_to_the_device_and_the_cli_turns_it_off():

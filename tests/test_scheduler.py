@@ -27,7 +27,8 @@ def finish_step(s: Scheduler, out, token: int = 1) -> None:
     s.update(out.scheduled)
     for x in out.scheduled:
         if x.samples:
-            x.request.append_output(token)
+            x.request.append_pending(0)
+            x.request.resolve_pending(token)
 
 
 def test_budget_chunks_prompts_and_decodes_run_first():
@@ -114,3 +115,36 @@ def test_same_step_prefix_sharing():
     out = s.schedule()
     assert plan(out) == [("a", 0, 5), ("b", 4, 5)]
     assert s.kv.block_ids("a") == [0, 1, 2] and s.kv.block_ids("b") == [0, 1, 3]
+
+
+def test_a_pending_token_is_computed_next_and_the_last_one_is_not():
+    """With a step in flight a decode's input token is a placeholder: the next step computes it all the
+    same. A request whose max_tokens-th token is being drawn has nothing left to compute."""
+    s = make()
+    a, b = add(s, "a", 3, max_tokens=2), add(s, "b", 3, max_tokens=4)
+    out = s.schedule()
+    s.update(out.scheduled)
+    for row, x in enumerate(out.scheduled):
+        x.request.append_pending(row)
+    assert a.token_ids[-1] == -1 and b.token_ids[-1] == -2 and a.num_output_tokens == 0
+    out = s.schedule()  # the step before is still in flight
+    assert plan(out) == [("a", 3, 4), ("b", 3, 4)] and all(x.samples for x in out.scheduled)
+    s.update(out.scheduled)
+    for row, x in enumerate(out.scheduled):
+        x.request.append_pending(row)
+    assert a.num_drawn_tokens == 2 and a.num_pending_tokens == 2
+    assert plan(s.schedule()) == [("b", 4, 5)]  # a's second (last) token is being drawn
+
+
+def test_a_stop_token_drops_the_pending_tokens_after_it():
+    s = make()
+    r = Request("r", [1, 2, 3], SamplingParams(max_tokens=8, stop_token_ids=[50]))
+    s.add(r)
+    for row in (4, 0, 2):
+        r.append_pending(row)
+    assert r.token_ids == [1, 2, 3, -5, -1, -3] and r.output_token_ids == []
+    r.resolve_pending(10)
+    assert r.output_token_ids == [10] and r.num_pending_tokens == 2 and not r.status.finished
+    r.resolve_pending(50)
+    assert r.status is RequestStatus.FINISHED_STOPPED
+    assert r.token_ids == [1, 2, 3, 10, 50] and r.num_pending_tokens == 0

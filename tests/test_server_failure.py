@@ -26,11 +26,11 @@ def _faulty_server(fail_at_step: int):
     engine = LLMEngine(build_model(cfg, seed=0), BytesTokenizer(), CacheConfig(num_blocks=64), SchedulerConfig())
     execute, calls = engine.runner.execute, [0]
 
-    def flaky(scheduled):
+    def flaky(scheduled, *args):
         calls[0] += 1
         if calls[0] == fail_at_step:
             raise RuntimeError("injected device fault")
-        return execute(scheduled)
+        return execute(scheduled, *args)
 
     engine.runner.execute = flaky
     app = build_app(ServedModel("m", AsyncEngine(engine, Metrics("m"))))
