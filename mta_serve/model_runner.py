@@ -65,6 +65,21 @@ def fill_pending_tokens_reference(tokens: torch.Tensor, sampled: torch.Tensor) -
     tokens[pending] = sampled[-1 - tokens[pending]].to(tokens.dtype)
 
 
+def take_rows(x: torch.Tensor, rows: list[int] | slice) -> torch.Tensor:
+    """x[rows] [n, ...] (a view for a slice or consecutive rows, else a copy), queued without waiting for the
+    device: indexing with a Python list uploads the index synchronously, i.e. waits for every step queued
+    before, which would undo overlap_steps' running a step ahead."""
+    if isinstance(rows, slice):
+        return x[rows]
+    if not rows:
+        return x[:0]
+    first = rows[0]
+    if rows == list(range(first, first + len(rows))):
+        return x[first:first + len(rows)]
+    index = torch.tensor(rows, dtype=torch.long, pin_memory=x.is_cuda).to(x.device, non_blocking=True)
+    return x.index_select(0, index)
+
+
 def resolve_backend(name: str, device: torch.device) -> str:
     """`auto` -> `triton` on CUDA (when Triton is installed), else `torch`; `triton` elsewhere is an error."""
     if name == "auto":
@@ -139,7 +154,8 @@ class ModelRunner:
             return self.backend.attend(batch, layer_id, attn, q, k, v)
 
         hidden = self.model(tokens_t, positions_t, attend, fused=self.backend_name == "triton")
-        return self._logits(scheduled, [s.row for s in specs], lambda rows: self.model.logits(hidden[rows]))
+        first_rows = [s.row for s in specs]
+        return self._logits(scheduled, first_rows, lambda rows: self.model.logits(take_rows(hidden, rows)))
 
     def _execute_decode_graph(self, scheduled: list[ScheduledRequest], sampled: torch.Tensor | None) -> StepLogits:
         rows, pending = [], False
@@ -151,8 +167,8 @@ class ModelRunner:
         fill = (lambda tokens: self._fill_pending(tokens, sampled)) if pending else None
         logits = self.graphs.run(rows, fill)  # a view of the graphs' output buffer, rewritten by the next step
 
-        def logits_of(rows):  # a list index copies; a slice (prompt logprobs) must be copied explicitly
-            return logits[rows] if isinstance(rows, list) else logits[rows].clone()
+        def logits_of(rows):  # copies: the next step's replay rewrites the buffer before these are read
+            return take_rows(logits, rows).clone()
 
         return self._logits(scheduled, list(range(len(rows))), logits_of)
 

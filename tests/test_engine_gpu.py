@@ -133,6 +133,35 @@ def test_new_step_shapes_compile_no_new_kernels():
         assert [_num_compiled(k) for k in kernels] == compiled
 
 
+@pytest.mark.parametrize("new_prompt", [False, True], ids=["decode_step", "mixed_step"])
+def test_an_overlapped_step_is_launched_without_waiting_for_the_device(new_prompt):
+    """With overlap_steps, step() queues the next step behind the one in flight, reads that one's tokens
+    and returns: it never waits for work queued after the step in flight. A device sleep of about a second
+    queued between two step() calls must still be running when the second returns, for a decode step
+    (graph replay) and for a step mixing a new prompt with decodes (eager forward). A launch that
+    synchronised (a Python-list index, a blocking upload) would wait for the sleep."""
+    from mta_serve.sampling_params import SamplingParams
+
+    engine = LLMEngine(_model(), None, CacheConfig(block_size=16, num_blocks=64, attention_backend="triton"),
+                       SchedulerConfig(max_num_seqs=8))
+    assert engine.overlap_steps and engine.runner.cuda_graphs
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    for i, n in enumerate((5, 17, 33)):
+        engine.add_request(f"r{i}", list(range(1, n + 1)), params)
+    for _ in range(4):
+        engine.step()  # every request decodes from here on
+    if new_prompt:
+        engine.add_request("new", list(range(3, 40)), params)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # about a second at the H200's clock
+    engine.step()
+    busy = not torch.cuda.current_stream().query()
+    torch.cuda.synchronize()
+    assert busy, "step() waited for the device work queued after the step in flight"
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
 def test_cuda_sampler_decides_the_batch_on_the_device():
     """A batch mixing every sampling parameter is decided, and its token ids queued for the host, without a
     host synchronisation (the only wait is PendingSamples.result()), and draws on CUDA follow the
