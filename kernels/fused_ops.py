@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+
 
 def _rows_per_program(x: torch.Tensor) -> int:
     return 1 if x.is_cuda else 16
@@ -61,16 +63,17 @@ def _launch_row_norm(x, delta, out_h, weight, y, eps, scale, norm, gate_w, gate_
         x, dummy if delta is None else delta, out_h, dummy if weight is None else weight,
         dummy if gate_w is None else gate_w, dummy if gate_b is None else gate_b, y, n_rows, eps, scale,
         DIM=dim, BLOCK=triton.next_power_of_2(dim), ROWS=rows, HAS_DELTA=delta is not None, NORM=norm,
-        SCALE=scale != 1.0, GATE=gate_w is not None)
+        SCALE=scale != 1.0, GATE=gate_w is not None, **pdl.options(x))
 
 
 @triton.jit(do_not_specialize=["n_rows"])
 def _row_norm_kernel(x_ptr, delta_ptr, h_ptr, w_ptr, gw_ptr, gb_ptr, y_ptr, n_rows, eps, scale,
                      DIM: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, HAS_DELTA: tl.constexpr,
-                     NORM: tl.constexpr, SCALE: tl.constexpr, GATE: tl.constexpr):
+                     NORM: tl.constexpr, SCALE: tl.constexpr, GATE: tl.constexpr, PDL: tl.constexpr):
     """ROWS rows of DIM: x [n_rows, DIM] (+ delta, stored to h), cast to y's dtype, RMSNorm * w (* scale),
     then y * sigmoid(y . gw + gb); every step rounded to y's dtype as PyTorch rounds it.
     x, delta, h [n_rows, DIM]; w, gw [DIM]; gb [1]; y [n_rows, DIM]."""
+    pdl.wait(PDL)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
     cols = tl.arange(0, BLOCK)[None, :]
     mask = (rows < n_rows) & (cols < DIM)
@@ -182,14 +185,16 @@ def write_cache(slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q: torch.
     _write_cache_kernel[(triton.cdiv(n, rows),)](
         slots, k, v, k if q_cache is None else q, k_cache, v_cache, k_cache if q_cache is None else q_cache,
         n, k.stride(0), v.stride(0), 0 if q_cache is None else q.stride(0), KV=n_kv * head_dim,
-        QW=n_q * head_dim, BLOCK=triton.next_power_of_2(width), ROWS=rows)
+        QW=n_q * head_dim, BLOCK=triton.next_power_of_2(width), ROWS=rows, **pdl.options(k))
 
 
 @triton.jit(do_not_specialize=["n_rows", "k_stride", "v_stride", "q_stride"])
 def _write_cache_kernel(slot_ptr, k_ptr, v_ptr, q_ptr, kc_ptr, vc_ptr, qc_ptr, n_rows, k_stride, v_stride,
-                        q_stride, KV: tl.constexpr, QW: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+                        q_stride, KV: tl.constexpr, QW: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+                        PDL: tl.constexpr):
     """Row i of k, v (KV values) and q (QW values, 0: none) to cache slot slots[i] (a cache row of KV / QW
     values). slots [n_rows]; k [n_rows, k_stride]; caches [slots, KV] and [slots, QW]."""
+    pdl.wait(PDL)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
     cols = tl.arange(0, BLOCK)[None, :]
     ok = rows < n_rows

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
 from .work_items import SPLIT_CHUNK, WorkItems, cache_slots, dot_width, qk_tile, split_key_tiles, work_item
 
 
@@ -41,13 +42,14 @@ def paged_flash_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         q, k_cache, v_cache, work.block_tables, work.block_tables.stride(0), work.seq_start, work.seq_end,
         work.seq_row, work.work_seq, work.work_first, partial, stats, num_work, 1.0 / math.sqrt(head_dim),
         BLOCK_SIZE=k_cache.shape[1], BN=block_n, TILE=work.block_m, FP32=q.dtype == torch.float32, **meta,
-        num_warps=num_warps)
+        num_warps=num_warps, **pdl.options(q))
     # One-row tiles merge in one warp (H200, benchmarks/combine_sweep.py: the layer at 64 x 2048 230 -> 228 us,
     # at 256 x 2048 861 -> 849 us; at batch 1 the same, where the 32-split loads had taken the 830M baseline
     # step's combine time 152 -> 58 us).
     _flash_combine_kernel[(num_work, n_heads)](
         partial, stats, out, work.seq_start, work.seq_end, work.seq_row, work.work_seq, work.work_first,
-        num_work, TILE=work.block_m, SC=SPLIT_CHUNK, **meta, num_warps=1 if work.block_m == 1 else num_warps)
+        num_work, TILE=work.block_m, SC=SPLIT_CHUNK, **meta, num_warps=1 if work.block_m == 1 else num_warps,
+        **pdl.options(q))
     return out
 
 
@@ -56,10 +58,11 @@ def _flash_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, bt_stride, seq_start_ptr, seq_end
                   work_seq_ptr, work_first_ptr, part_ptr, stats_ptr, num_work, sm_scale,
                   BLOCK_SIZE: tl.constexpr, BN: tl.constexpr, TILE: tl.constexpr, FP32: tl.constexpr,
                   H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr,
-                  SPLITS):
+                  SPLITS, PDL: tl.constexpr):
     """One (tile, split, head): online softmax over the split's keys; rows [BM] (>= TILE, padded for dot).
     Heads vary fastest in the grid, so the programs running together read all heads of the same keys:
     whole 3 KB cache rows rather than 192-byte pieces of many (H200, 256 x 2048: 0.912 -> 0.852 ms)."""
+    pdl.wait(PDL)
     w, h, split = tl.program_id(0) // H, tl.program_id(0) % H, tl.program_id(1)
     first, start, end, row0, last_row, bt = work_item(w, work_seq_ptr, work_first_ptr, seq_start_ptr, seq_end_ptr,
                                                       seq_row_ptr, bt_ptr, bt_stride, TILE)
@@ -107,8 +110,10 @@ def _flash_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, bt_stride, seq_start_ptr, seq_end
 @triton.jit(do_not_specialize=["num_work", "SPLITS"])
 def _flash_combine_kernel(part_ptr, stats_ptr, out_ptr, seq_start_ptr, seq_end_ptr, seq_row_ptr, work_seq_ptr,
                           work_first_ptr, num_work, TILE: tl.constexpr, H: tl.constexpr, GROUP: tl.constexpr,
-                          D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, SPLITS, SC: tl.constexpr):
+                          D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, SPLITS, SC: tl.constexpr,
+                          PDL: tl.constexpr):
     """Merge the splits' (acc, max, sum) of one tile and head into normalized output rows."""
+    pdl.wait(PDL)
     w, h = tl.program_id(0), tl.program_id(1)
     seq = tl.load(work_seq_ptr + w)
     first = tl.load(work_first_ptr + w)

@@ -32,6 +32,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import pdl
+
 PLAIN, SWIGLU, ROPE = 0, 1, 2  # the kernel's epilogues
 
 
@@ -140,7 +142,7 @@ def _launch(x, weight, epilogue, block_n, block_k, num_warps, delta=None, norm=N
     cos, sin, rotated = rotary if rotary is not None else (y, y, 0)
     if epilogue == PLAIN and norm is None:
         _row_linear_kernel[(triton.cdiv(n_out, block_n),)](x, weight, y, n_out, k, weight.stride(0), BN=block_n,
-                                                            BK=block_k, num_warps=num_warps)
+                                                            BK=block_k, num_warps=num_warps, **pdl.options(x))
         return h_out, y
     pairs = 2 if epilogue == ROPE else 1
     _row_linear_fused_kernel[(triton.cdiv(n_out, pairs * block_n),)](
@@ -148,7 +150,7 @@ def _launch(x, weight, epilogue, block_n, block_k, num_warps, delta=None, norm=N
         n_out, k, weight.stride(0), 0.0 if norm is None else norm[1], rotated,
         HALF=cos.shape[-1] if rotary is not None else 1, BN=block_n, BK=block_k,
         KP=triton.next_power_of_2(k) if norm is not None else 1, ADD=delta is not None,
-        NORM=norm is not None, EPILOGUE=epilogue, num_warps=num_warps)
+        NORM=norm is not None, EPILOGUE=epilogue, num_warps=num_warps, **pdl.options(x))
     return h_out, y
 
 
@@ -158,8 +160,10 @@ def _launch(x, weight, epilogue, block_n, block_k, num_warps, delta=None, norm=N
 # stride; y_ptr [N]; cos_ptr, sin_ptr [HALF] fp32. Intermediates are rounded to y's dtype.
 
 @triton.jit
-def _row_linear_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w, BN: tl.constexpr, BK: tl.constexpr):
+def _row_linear_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w, BN: tl.constexpr, BK: tl.constexpr,
+                       PDL: tl.constexpr):
     """BN outputs: y[n] = sum_k W[n, k] x[k]. x_ptr [K]; w_ptr [N, stride_w] (unit column stride); y_ptr [N]."""
+    pdl.wait(PDL)
     n = tl.program_id(0) * BN + tl.arange(0, BN)
     acc = tl.zeros((BN,), tl.float32)
     for k0 in range(0, K, BK):
@@ -174,13 +178,14 @@ def _row_linear_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w, BN: tl.constexpr, BK
 @triton.jit
 def _row_linear_fused_kernel(x_ptr, delta_ptr, h_ptr, nw_ptr, w_ptr, cos_ptr, sin_ptr, y_ptr, N, K, stride_w, eps,
                              ROTATED, HALF: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KP: tl.constexpr,
-                             ADD: tl.constexpr, NORM: tl.constexpr, EPILOGUE: tl.constexpr):
+                             ADD: tl.constexpr, NORM: tl.constexpr, EPILOGUE: tl.constexpr, PDL: tl.constexpr):
     """_row_linear_kernel's product with a prologue and an epilogue. BN outputs y[n] = sum_k W[n, k] x[k]
     (PLAIN); with SWIGLU (W1 over W3, N = hidden) y[n] = silu(W1 x)[n] * (W3 x)[n]; with ROPE (N even) the BN
     pairs of outputs (2j, 2j + 1), rotated where below ROTATED. With NORM, x is first RMSNorm(x (+ delta)) * nw.
     (Requesting each piece of W one iteration ahead, the first before the norm's statistics, was slower on
     the H200 in 35 of 36 measured tile and variant pairs, e.g. q|k|v with norm and RoPE at 2 x 512 6.94 ->
     7.27 us: a one-off sweep during 6bdb142's development, not kept.)"""
+    pdl.wait(PDL)
     TY: tl.constexpr = y_ptr.dtype.element_ty
     pid = tl.program_id(0)
     if EPILOGUE == 2:  # ROPE: even rows in acc_a, their odd partners in acc_b

@@ -133,6 +133,17 @@ def test_new_step_shapes_compile_no_new_kernels():
         assert [_num_compiled(k) for k in kernels] == compiled
 
 
+def test_kernels_launch_with_programmatic_dependent_launch_on_hopper():
+    """On compute capability 9.0+ the row products, norms, cache writes and paged flash launch with PDL
+    (kernels.pdl), so the engine tests in this file run with it: each such kernel must wait for the one
+    before it, or outputs would race."""
+    from mta_serve.kernels import pdl
+
+    expected = dict(PDL=True, launch_pdl=True) if torch.cuda.get_device_capability()[0] >= 9 else dict(PDL=False)
+    assert pdl.options(torch.zeros(1, device="cuda")) == expected
+    assert pdl.options(torch.zeros(1)) == dict(PDL=False)
+
+
 @pytest.mark.parametrize("new_prompt", [False, True], ids=["decode_step", "mixed_step"])
 def test_an_overlapped_step_is_launched_without_waiting_for_the_device(new_prompt):
     """With overlap_steps, step() queues the next step behind the one in flight, reads that one's tokens
