@@ -5,9 +5,12 @@ visible, before touching memory, so it sees everything that kernel (and, since e
 waits, every kernel before) wrote. What it hides is the gap between one kernel's last program and the next
 one's first, which a batch-1 decode step pays once per launch (about 300 for the 830M models).
 
-H200, 830M baseline, `benchmarks/step_profile.py`, graphs on: batch 1 1.150 -> 1.038 ms, batch 64 unchanged
-(6.529 / 6.526 ms). Letting the next kernel launch right after the wait (griddepcontrol.launch_dependents)
-was slower at batch 1 (1.063 ms). On by default where the GPU has it; MTA_SERVE_PDL=0 turns it off.
+H200, `benchmarks/step_profile.py --batch 1`, graphs on, MTA_SERVE_PDL=0 and 1 interleaved twice in one
+session at 3f3ca35: 830M MTA 1.516 / 1.514 -> 1.403 / 1.405 ms, 830M baseline 1.153 / 1.152 -> 1.116 /
+1.120 ms. In a first experiment on another machine (baseline only) batch 1 went 1.150 -> 1.038 ms and batch
+64 stayed at 6.53 ms; letting the next kernel launch right after the wait (griddepcontrol.launch_dependents)
+gave 1.063 ms there. The MTA attention kernels do not take PDL yet. On by default where the GPU has it;
+MTA_SERVE_PDL=0 turns it off.
 """
 from __future__ import annotations
 
