@@ -137,9 +137,7 @@ def test_a_pending_token_is_computed_next_and_the_last_one_is_not():
 
 
 def test_a_stop_token_drops_the_pending_tokens_after_it():
-    s = make()
     r = Request("r", [1, 2, 3], SamplingParams(max_tokens=8, stop_token_ids=[50]))
-    s.add(r)
     for row in (4, 0, 2):
         r.append_pending(row)
     assert r.token_ids == [1, 2, 3, -5, -1, -3] and r.output_token_ids == []
