@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
 from .mta_attention import MTALayerParams, _mix, _normalizers_kernel, _running_max_sum, _sum_splits_kernel
 from .work_items import SPLIT_CHUNK, WorkItems, cache_slots, dot_width, split_key_tiles, work_item
 
@@ -65,18 +66,20 @@ def mixing_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     pre_mix = dummy if params.pre_mix is None else params.pre_mix
     post_mix = dummy if params.post_mix is None else params.post_mix
     scale = 1.0 / math.sqrt(head_dim)
+    launch = pdl.options(q)
     _mixed_stats_kernel[(num_items, num_splits)](q, k_cache, pre_mix, stats, scale, *seq, num_splits, **c,
-                                                 num_warps=num_warps, num_stages=num_stages)
+                                                 num_warps=num_warps, num_stages=num_stages, **launch)
     _normalizers_kernel[(num_items, n_heads)](stats, norms, dummy, 0, work.work_seq, work.work_first, work.seq_end,
                                               work.work_seq, 1, H=n_heads, RO=bm, RL=bm, SPLITS=num_splits,
-                                              RLP=bm, CQ2=1, RING=0, SC=SPLIT_CHUNK, num_warps=num_warps)
+                                              RLP=bm, CQ2=1, RING=0, SC=SPLIT_CHUNK, num_warps=num_warps,
+                                              **launch)
     _mixed_pv_kernel[(num_items, num_splits)](q, k_cache, v_cache, pre_mix, post_mix, norms, partial, scale, *seq,
                                               num_splits, POST_MIX=params.post_mix is not None,
                                               P16=pv_in_cache_dtype and q.dtype != torch.float32, **c,
-                                              num_warps=num_warps, num_stages=num_stages)
+                                              num_warps=num_warps, num_stages=num_stages, **launch)
     _sum_splits_kernel[(num_items, n_heads)](partial, out, 0, *seq, H=n_heads, D=head_dim, DP=dot_width(head_dim),
                                              RO=bm, SPLITS=num_splits, SC=SPLIT_CHUNK,
-                                             num_warps=num_warps)
+                                             num_warps=num_warps, **launch)
     return out
 
 
@@ -122,8 +125,10 @@ def _mixed_logits(q3, k_ptr, pre_mix_ptr, slots, keys, key_ok, rows, last, sm_sc
 def _mixed_stats_kernel(q_ptr, k_ptr, pre_mix_ptr, stats_ptr, sm_scale, bt_ptr, bt_stride, seq_start_ptr,
                         seq_end_ptr, seq_row_ptr, work_seq_ptr, work_first_ptr, SPLITS, H: tl.constexpr,
                         GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, HB: tl.constexpr, BM: tl.constexpr,
-                        BN: tl.constexpr, BLOCK_SIZE: tl.constexpr, PRE_MIX: tl.constexpr, FP32: tl.constexpr):
+                        BN: tl.constexpr, BLOCK_SIZE: tl.constexpr, PRE_MIX: tl.constexpr, FP32: tl.constexpr,
+                        PDL: tl.constexpr):
     """This split's max and sum of exp of the group's mixed logit rows, per head."""
+    pdl.wait(PDL)
     b, split = tl.program_id(0), tl.program_id(1)
     first, start, end, row0, last, bt = work_item(b, work_seq_ptr, work_first_ptr, seq_start_ptr, seq_end_ptr,
                                                   seq_row_ptr, bt_ptr, bt_stride, BM)
@@ -149,9 +154,10 @@ def _mixed_pv_kernel(q_ptr, k_ptr, v_ptr, pre_mix_ptr, post_mix_ptr, norm_ptr, p
                      seq_start_ptr, seq_end_ptr, seq_row_ptr, work_seq_ptr, work_first_ptr, SPLITS,
                      H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, HB: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BLOCK_SIZE: tl.constexpr, PRE_MIX: tl.constexpr,
-                     POST_MIX: tl.constexpr, FP32: tl.constexpr, P16: tl.constexpr):
+                     POST_MIX: tl.constexpr, FP32: tl.constexpr, P16: tl.constexpr, PDL: tl.constexpr):
     """This split's sum over keys of P'[h, row, j] v_j for every head of the group (normalized already);
     P16: with P' in the values' 16-bit dtype."""
+    pdl.wait(PDL)
     b, split = tl.program_id(0), tl.program_id(1)
     first, start, end, row0, last, bt = work_item(b, work_seq_ptr, work_first_ptr, seq_start_ptr, seq_end_ptr,
                                                   seq_row_ptr, bt_ptr, bt_stride, BM)

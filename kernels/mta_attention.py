@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
 from .work_items import SPLIT_CHUNK, WorkItems, cache_slots, dot_width, qk_tile, split_key_tiles, work_item
 
 
@@ -266,7 +267,8 @@ def _named_args(kernel, available: dict) -> tuple[str, ...]:
 def _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, norms, partial, items, seq,
             weights, c, sm_scale, num_warps: int | dict):
     out_tiles = triton.cdiv(c["RO"], c["OT"])
-    every = dict(**seq, **weights, **c, sm_scale=sm_scale)
+    launch = pdl.options(q)
+    every = dict(**seq, **weights, **c, sm_scale=sm_scale, PDL=launch.pop("PDL"))
 
     def streaming(tile):  # the arguments with `tile`-key tiles
         return dict(every, BN=tile, NUM_TILES=c["NUM_TILES"] * c["BN"] // tile,
@@ -274,7 +276,7 @@ def _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, nor
 
     def run(kernel, grid, *tensors, args=every):
         warps = num_warps if isinstance(num_warps, int) else num_warps.get(kernel.__name__, 4)
-        kernel[grid](*tensors, num_warps=warps, **{k: args[k] for k in _named_args(kernel, args)})
+        kernel[grid](*tensors, num_warps=warps, **launch, **{k: args[k] for k in _named_args(kernel, args)})
 
     # heads fastest in the grid of the kernels that stream K or V, as in paged_flash
     scores_args = streaming(c["SCORES_BN"])
@@ -310,10 +312,12 @@ def _scores_kernel(q_ptr, qc_ptr, k_ptr, s_ptr, sm_scale, item0, bt_ptr, bt_stri
                    seq_row_ptr, work_seq_ptr, work_first_ptr, seq_state_ptr, sring_ptr, RING_TILES,
                    H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr,
                    NUM_TILES, BLOCK_SIZE: tl.constexpr, RO: tl.constexpr, R: tl.constexpr, RT: tl.constexpr,
-                   CQ: tl.constexpr, QCACHE: tl.constexpr, FP32: tl.constexpr, SRING: tl.constexpr):
+                   CQ: tl.constexpr, QCACHE: tl.constexpr, FP32: tl.constexpr, SRING: tl.constexpr,
+                   PDL: tl.constexpr):
     """S[i, h, r, j] = q . k / sqrt(d) of row first - W + r and key j, 0 unless 0 <= j <= row. SRING 1
     (decode rows): the row goes to the sequence's ConvState scores instead; SRING 2 (prompt groups): the
     sequence's last c_q rows also go there."""
+    pdl.wait(PDL)
     LENGTH = NUM_TILES * BN  # row stride of the fp32 buffers; a product, so its divisibility is known
     b, h = tl.program_id(0) // H, tl.program_id(0) % H
     key_tile, row_tile = tl.program_id(1) % NUM_TILES, tl.program_id(1) // NUM_TILES
@@ -476,10 +480,11 @@ def _logits_kernel(s_ptr, l_ptr, stats_ptr, pre_w_ptr, pre_mix_ptr, item0, bt_pt
                    ring_ptr, sring_ptr, RING_TILES, H: tl.constexpr, BN: tl.constexpr, NUM_TILES, HB: tl.constexpr,
                    RO: tl.constexpr, R: tl.constexpr, RL: tl.constexpr, RLT: tl.constexpr, SPLITS,
                    CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr, CQ2: tl.constexpr, PRE_CONV: tl.constexpr,
-                   PRE_MIX: tl.constexpr, RING: tl.constexpr, SRING: tl.constexpr):
+                   PRE_MIX: tl.constexpr, RING: tl.constexpr, SRING: tl.constexpr, PDL: tl.constexpr):
     """L rows first - (c_q'-1) + r over this split's keys (steps 2-4 before the softmax), with max and sum.
     RING 1 (decode rows): the one row goes to the sequence's ConvState instead of l_ptr, and with SRING 1
     its score rows come from there; RING 2 (prompt groups): the sequence's last c_q' rows also go there."""
+    pdl.wait(PDL)
     LENGTH = NUM_TILES * BN  # row stride of the fp32 buffers; a product, so its divisibility is known
     RING_LENGTH = RING_TILES * BN
     b, split, row_tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -564,9 +569,11 @@ def _split_normalizers(stats_ptr, base, ok, split_stride, sums, SPLITS, SC: tl.c
 @triton.jit(do_not_specialize=["item0", "SPLITS"])
 def _normalizers_kernel(stats_ptr, norm_ptr, ring_norm_ptr, item0, work_seq_ptr, work_first_ptr, seq_end_ptr,
                         seq_state_ptr, NUM_SLOTS, H: tl.constexpr, RO: tl.constexpr, RL: tl.constexpr, SPLITS,
-                        RLP: tl.constexpr, CQ2: tl.constexpr, RING: tl.constexpr, SC: tl.constexpr):
+                        RLP: tl.constexpr, CQ2: tl.constexpr, RING: tl.constexpr, SC: tl.constexpr,
+                        PDL: tl.constexpr):
     """Per logit row of one item and head: the max over splits and 1 / (sum of exp). RING 2 (prompt
     groups): a sequence's last c_q' rows also go to its ConvState, as _logits_kernel writes them."""
+    pdl.wait(PDL)
     b, h = tl.program_id(0), tl.program_id(1)
     r = tl.arange(0, RLP)[:, None]
     ok = r < RL
@@ -593,11 +600,12 @@ def _probs_kernel(l_ptr, norm_ptr, stats_ptr, p_ptr, post_w_ptr, post_mix_ptr, i
                   HB: tl.constexpr, RO: tl.constexpr, RL: tl.constexpr, OT: tl.constexpr, SPLITS,
                   CQ2: tl.constexpr, CK2: tl.constexpr, PL2: tl.constexpr, POST_CONV: tl.constexpr,
                   POST_MIX: tl.constexpr, FP32: tl.constexpr, RING: tl.constexpr, NORM_HERE: tl.constexpr,
-                  SC: tl.constexpr):
+                  SC: tl.constexpr, PDL: tl.constexpr):
     """P' rows first + r over this split's keys: normalized probabilities -> post-conv -> post-mix. RING 1
     (decode rows): the logit rows are the sequence's ConvState rows. NORM_HERE (decode rows with one logit
     row of their own): the row's normalizers come from the splits' stats here, not from _normalizers_kernel
     (one launch fewer per layer and step); with RING 1 split 0 also keeps them in the ConvState."""
+    pdl.wait(PDL)
     LENGTH = NUM_TILES * BN  # row stride of the fp32 buffers; a product, so its divisibility is known
     b, split, row_tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     first, start, end, row0, last, bt = work_item(item0 + b, work_seq_ptr, work_first_ptr, seq_start_ptr,
@@ -657,8 +665,9 @@ def _probs_kernel(l_ptr, norm_ptr, stats_ptr, p_ptr, post_w_ptr, post_mix_ptr, i
 def _pv_kernel(p_ptr, v_ptr, part_ptr, item0, bt_ptr, bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr,
                work_seq_ptr, work_first_ptr, H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
                DP: tl.constexpr, BN: tl.constexpr, NUM_TILES, BLOCK_SIZE: tl.constexpr,
-               RO: tl.constexpr, OT: tl.constexpr, SPLITS, FP32: tl.constexpr):
+               RO: tl.constexpr, OT: tl.constexpr, SPLITS, FP32: tl.constexpr, PDL: tl.constexpr):
     """This split's sum over keys of P'[h, row, j] v_j for one head and row tile."""
+    pdl.wait(PDL)
     LENGTH = NUM_TILES * BN  # row stride of the fp32 buffers; a product, so its divisibility is known
     b, h = tl.program_id(0) // H, tl.program_id(0) % H
     split, row_tile = tl.program_id(1) % SPLITS, tl.program_id(1) // SPLITS
@@ -692,9 +701,10 @@ def _pv_kernel(p_ptr, v_ptr, part_ptr, item0, bt_ptr, bt_stride, seq_start_ptr, 
 @triton.jit(do_not_specialize=["item0", "bt_stride", "SPLITS"])
 def _sum_splits_kernel(part_ptr, out_ptr, item0, bt_ptr, bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr,
                        work_seq_ptr, work_first_ptr, H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                       RO: tl.constexpr, SPLITS, SC: tl.constexpr):
+                       RO: tl.constexpr, SPLITS, SC: tl.constexpr, PDL: tl.constexpr):
     """Output rows of one item and head: the sum of its splits (each already normalized); a decode row
     reads SC splits at once."""
+    pdl.wait(PDL)
     b, h = tl.program_id(0), tl.program_id(1)
     first, start, end, row0, last, bt = work_item(item0 + b, work_seq_ptr, work_first_ptr, seq_start_ptr,
                                                   seq_end_ptr, seq_row_ptr, bt_ptr, bt_stride, RO)

@@ -163,14 +163,19 @@ def _launch(x, weight, epilogue, block_n, block_k, num_warps, delta=None, norm=N
 def _row_linear_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w, BN: tl.constexpr, BK: tl.constexpr,
                        PDL: tl.constexpr):
     """BN outputs: y[n] = sum_k W[n, k] x[k]. x_ptr [K]; w_ptr [N, stride_w] (unit column stride); y_ptr [N]."""
-    pdl.wait(PDL)
     n = tl.program_id(0) * BN + tl.arange(0, BN)
-    acc = tl.zeros((BN,), tl.float32)
-    for k0 in range(0, K, BK):
-        k = k0 + tl.arange(0, BK)
-        w = tl.load(w_ptr + n[:, None].to(tl.int64) * stride_w + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K),
-                    other=0.0)
-        x = tl.load(x_ptr + k, mask=k < K, other=0.0)
+    k = tl.arange(0, BK)
+    if PDL < 2:
+        pdl.wait(PDL)
+    w = _w_piece(w_ptr, n, k, N, K, stride_w)
+    if PDL >= 2:  # W is written by no kernel, so its first piece is requested before the wait (pdl.py)
+        pdl.launch_dependents(PDL)
+        pdl.wait(PDL)
+    x = tl.load(x_ptr + k, mask=k < K, other=0.0)
+    acc = tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+    for k0 in range(BK, K, BK):
+        w = _w_piece(w_ptr, n, k0 + k, N, K, stride_w)
+        x = tl.load(x_ptr + k0 + k, mask=k0 + k < K, other=0.0)
         acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
     tl.store(y_ptr + n, acc.to(y_ptr.dtype.element_ty), mask=n < N)
 
@@ -184,8 +189,8 @@ def _row_linear_fused_kernel(x_ptr, delta_ptr, h_ptr, nw_ptr, w_ptr, cos_ptr, si
     pairs of outputs (2j, 2j + 1), rotated where below ROTATED. With NORM, x is first RMSNorm(x (+ delta)) * nw.
     (Requesting each piece of W one iteration ahead, the first before the norm's statistics, was slower on
     the H200 in 35 of 36 measured tile and variant pairs, e.g. q|k|v with norm and RoPE at 2 x 512 6.94 ->
-    7.27 us: a one-off sweep during 6bdb142's development, not kept.)"""
-    pdl.wait(PDL)
+    7.27 us: a one-off sweep during 6bdb142's development, not kept. Only the first piece is requested
+    early, and only at PDL level 2, where it overlaps the kernel before.)"""
     TY: tl.constexpr = y_ptr.dtype.element_ty
     pid = tl.program_id(0)
     if EPILOGUE == 2:  # ROPE: even rows in acc_a, their odd partners in acc_b
@@ -194,17 +199,28 @@ def _row_linear_fused_kernel(x_ptr, delta_ptr, h_ptr, nw_ptr, w_ptr, cos_ptr, si
     else:  # SWIGLU: W1's rows in acc_a, W3's in acc_b
         rows_a = pid * BN + tl.arange(0, BN)
         rows_b, w_rows = rows_a + N, 2 * N
+    k = tl.arange(0, BK)
+    if PDL < 2:
+        pdl.wait(PDL)
+    w_a = _w_piece(w_ptr, rows_a, k, N, K, stride_w)
+    if EPILOGUE != 0:
+        w_b = _w_piece(w_ptr, rows_b, k, w_rows, K, stride_w)
+    if PDL >= 2:  # W is written by no kernel, so its first piece is requested before the wait (pdl.py)
+        pdl.launch_dependents(PDL)
+        pdl.wait(PDL)
     inv = 1.0
     if NORM:
         inv = _rms_inverse(x_ptr, delta_ptr, h_ptr, K, eps, ADD, KP, TY)
-    acc_a = tl.zeros((BN,), tl.float32)
-    acc_b = tl.zeros((BN,), tl.float32)
-    for k0 in range(0, K, BK):
-        k = k0 + tl.arange(0, BK)
-        w_a = _w_piece(w_ptr, rows_a, k, N, K, stride_w)
+    x = _normed_input(x_ptr, delta_ptr, nw_ptr, k, K, inv, ADD, NORM, TY)[None, :]
+    acc_a = tl.sum(w_a.to(tl.float32) * x, axis=1)
+    acc_b = acc_a
+    if EPILOGUE != 0:
+        acc_b = tl.sum(w_b.to(tl.float32) * x, axis=1)
+    for k0 in range(BK, K, BK):
+        w_a = _w_piece(w_ptr, rows_a, k0 + k, N, K, stride_w)
         if EPILOGUE != 0:
-            w_b = _w_piece(w_ptr, rows_b, k, w_rows, K, stride_w)
-        x = _normed_input(x_ptr, delta_ptr, nw_ptr, k, K, inv, ADD, NORM, TY)[None, :]
+            w_b = _w_piece(w_ptr, rows_b, k0 + k, w_rows, K, stride_w)
+        x = _normed_input(x_ptr, delta_ptr, nw_ptr, k0 + k, K, inv, ADD, NORM, TY)[None, :]
         acc_a += tl.sum(w_a.to(tl.float32) * x, axis=1)
         if EPILOGUE != 0:
             acc_b += tl.sum(w_b.to(tl.float32) * x, axis=1)

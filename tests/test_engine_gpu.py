@@ -3,6 +3,8 @@ recompute on the same device, the two backends against each other, and a KV cach
 budget."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -134,14 +136,15 @@ def test_new_step_shapes_compile_no_new_kernels():
 
 
 def test_kernels_launch_with_programmatic_dependent_launch_on_hopper():
-    """On compute capability 9.0+ the row products, norms, cache writes and paged flash launch with PDL
+    """On compute capability 9.0+ the row products, norms, cache writes and attention kernels launch with PDL
     (kernels.pdl), so the engine tests in this file run with it: each such kernel must wait for the one
     before it, or outputs would race."""
     from mta_serve.kernels import pdl
 
-    expected = dict(PDL=True, launch_pdl=True) if torch.cuda.get_device_capability()[0] >= 9 else dict(PDL=False)
+    level = int(os.environ.get("MTA_SERVE_PDL", "2")) if torch.cuda.get_device_capability()[0] >= 9 else 0
+    expected = dict(PDL=level, launch_pdl=True) if level else dict(PDL=0)
     assert pdl.options(torch.zeros(1, device="cuda")) == expected
-    assert pdl.options(torch.zeros(1)) == dict(PDL=False)
+    assert pdl.options(torch.zeros(1)) == dict(PDL=0)
 
 
 @pytest.mark.parametrize("new_prompt", [False, True], ids=["decode_step", "mixed_step"])

@@ -188,3 +188,18 @@ def test_fused_prologue_and_epilogues_bf16_at_the_830m_shapes():
     assert torch.equal(h_new, h_ref)
     y13 = F.linear(x_ref.float(), w13.float())
     torch.testing.assert_close(y.float(), F.silu(y13[:, :4096]) * y13[:, 4096:], atol=1e-3, rtol=2e-2)
+
+
+def test_pdl_level_is_validated_and_off_for_cpu_tensors(monkeypatch):
+    """MTA_SERVE_PDL names a level; anything else is refused with a message naming the variable rather than
+    silently ignored, and kernels on CPU tensors (Triton's interpreter) launch without PDL."""
+    from mta_serve.kernels import pdl
+
+    monkeypatch.setenv("MTA_SERVE_PDL", "on")
+    pdl.level.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="MTA_SERVE_PDL must be one of 0, 1, 2, got 'on'"):
+            pdl.level(0)
+    finally:
+        pdl.level.cache_clear()
+    assert pdl.options(torch.zeros(1)) == dict(PDL=0)
