@@ -22,6 +22,8 @@ program; on a GPU one row per program.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -41,6 +43,31 @@ def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
     y = torch.empty_like(x)
     _launch_row_norm(x, delta, out_h, weight, y, eps, scale, norm=True, gate_w=None, gate_b=None)
     return out_h.view(h.shape), y.view(h.shape)
+
+
+@dataclass(slots=True)
+class HeadNormGate:
+    """A layer's steps 8-9 as the MTA attention kernels apply them to each (row, head) of their output, the
+    way head_norm_gate does: cast to the output's dtype, group norm, 1-d gate."""
+
+    weight: torch.Tensor | None  # [d]: the group norm's weight; None: no group norm
+    eps: float
+    scale: float  # the group norm's depth scale
+    gate_w: torch.Tensor | None  # [d]: the 1-d gate's weight row; None: no gate
+    gate_b: torch.Tensor | None  # [1]: its bias
+
+    def kernel_args(self, dummy: torch.Tensor) -> dict:
+        """norm_gate's arguments, as the kernels that end in it name them."""
+        return dict(nw_ptr=_or(self.weight, dummy), gw_ptr=_or(self.gate_w, dummy), gb_ptr=_or(self.gate_b, dummy),
+                    eps=self.eps, scale=self.scale, NORM=self.weight is not None,
+                    SCALE=self.weight is not None and self.scale != 1.0, GATE=self.gate_w is not None)
+
+
+CAST_ONLY = HeadNormGate(None, 0.0, 1.0, None, None)  # no group norm, no gate: the cast alone
+
+
+def _or(t: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
+    return dummy if t is None else t
 
 
 def head_norm_gate(heads: torch.Tensor, dtype: torch.dtype, norm_weight: torch.Tensor | None, eps: float,
@@ -84,20 +111,30 @@ def _row_norm_kernel(x_ptr, delta_ptr, h_ptr, w_ptr, gw_ptr, gb_ptr, y_ptr, n_ro
     if HAS_DELTA:
         x = (x.to(tl.float32) + tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(out_ty)
         tl.store(h_ptr + offs, x, mask=mask)
-    x = x.to(out_ty).to(tl.float32)
+    x = norm_gate(x, w_ptr, gw_ptr, gb_ptr, cols, eps, scale, DIM, NORM, SCALE, GATE, out_ty)
+    tl.store(y_ptr + offs, x.to(out_ty), mask=mask)
+
+
+@triton.jit
+def norm_gate(x, w_ptr, gw_ptr, gb_ptr, cols, eps, scale, DIM: tl.constexpr, NORM: tl.constexpr,
+              SCALE: tl.constexpr, GATE: tl.constexpr, OUT_TY: tl.constexpr):
+    """Rows x [R, BLOCK] (0 where cols [1, BLOCK] >= DIM) cast to OUT_TY, then RMSNorm * w (* scale) and
+    x * sigmoid(x . gw + gb), each step rounded to OUT_TY as PyTorch rounds it: fp32 values of OUT_TY.
+    Also the MTA attention kernels' epilogue (HeadNormGate)."""
+    x = x.to(OUT_TY).to(tl.float32)
     if NORM:
         inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / DIM + eps)
-        x = (x * inv[:, None]).to(out_ty).to(tl.float32)
+        x = (x * inv[:, None]).to(OUT_TY).to(tl.float32)
         w = tl.load(w_ptr + cols, mask=cols < DIM, other=0.0).to(tl.float32)
-        x = (x * w).to(out_ty).to(tl.float32)
+        x = (x * w).to(OUT_TY).to(tl.float32)
         if SCALE:
-            x = (x * scale).to(out_ty).to(tl.float32)
+            x = (x * scale).to(OUT_TY).to(tl.float32)
     if GATE:
         gw = tl.load(gw_ptr + cols, mask=cols < DIM, other=0.0).to(tl.float32)
-        g = (tl.sum(x * gw, axis=1) + tl.load(gb_ptr).to(tl.float32)).to(out_ty).to(tl.float32)
-        g = tl.sigmoid(g).to(out_ty).to(tl.float32)
+        g = (tl.sum(x * gw, axis=1) + tl.load(gb_ptr).to(tl.float32)).to(OUT_TY).to(tl.float32)
+        g = tl.sigmoid(g).to(OUT_TY).to(tl.float32)
         x = x * g[:, None]
-    tl.store(y_ptr + offs, x.to(out_ty), mask=mask)
+    return x
 
 
 def rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv_heads: int,

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
+from .fused_ops import CAST_ONLY, HeadNormGate
 from .mta_attention import MTALayerParams, _mix, _normalizers_kernel, _running_max_sum, _sum_splits_kernel
 from .work_items import SPLIT_CHUNK, WorkItems, cache_slots, dot_width, split_key_tiles, work_item
 
@@ -35,7 +36,7 @@ from .work_items import SPLIT_CHUNK, WorkItems, cache_slots, dot_width, split_ke
 def mixing_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, params: MTALayerParams,
                              work: WorkItems, out: torch.Tensor, key_tile: int = 16, num_splits: int = 1,
                              num_warps: int = 4, pv_in_cache_dtype: bool = False,
-                             num_stages: int = 2) -> torch.Tensor:
+                             num_stages: int = 2, head_norm: HeadNormGate = CAST_ONLY) -> torch.Tensor:
     """Rows of the work items (groups of work.block_m >= 16 rows, the rows of a tl.dot) into `out` [N, H, d]
     for a layer whose params have no pre- or post-softmax conv. q [N, H, d]: the step's queries; k_cache,
     v_cache [num_blocks, bs, G, d] already holding the step's tokens. Keys in `num_splits` splits of
@@ -43,7 +44,8 @@ def mixing_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     products (about fp32's accuracy), or with `pv_in_cache_dtype` on P' rounded to the cache dtype, as
     flash attention does (half the values tile's shared memory; an accuracy the GPU test bounds at 1e-2).
     `num_stages` buffers of each key / value tile in shared memory: Triton's Hopper default, 3, overflows
-    the H200's 227 KiB at 10 heads x 128 (16 rows, 16 keys, fp32 P'V)."""
+    the H200's 227 KiB at 10 heads x 128 (16 rows, 16 keys, fp32 P'V). The last kernel casts each output
+    row to out's dtype and applies `head_norm` (steps 8-9) to it."""
     if params.pre_kernel is not None or params.post_kernel is not None:
         raise ValueError("mixing_prefill_attention serves layers without a key-query conv; "
                          "use mta_attention.mta_paged_attention")
@@ -79,7 +81,7 @@ def mixing_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
                                               num_warps=num_warps, num_stages=num_stages, **launch)
     _sum_splits_kernel[(num_items, n_heads)](partial, out, 0, *seq, H=n_heads, D=head_dim, DP=dot_width(head_dim),
                                              RO=bm, SPLITS=num_splits, SC=SPLIT_CHUNK,
-                                             num_warps=num_warps, **launch)
+                                             num_warps=num_warps, **head_norm.kernel_args(dummy), **launch)
     return out
 
 

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
+from .fused_ops import CAST_ONLY, HeadNormGate, _or, norm_gate
 from .work_items import SPLIT_CHUNK, WorkItems, cache_slots, dot_width, qk_tile, split_key_tiles, work_item
 
 
@@ -114,7 +115,7 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
                        key_tile: int | None = None, num_warps: int | None = None, budget_bytes: int = 512 << 20,
                        max_len: int | None = None, prompt_splits: int | None = None,
                        stream_tile: int | None = None, state: ConvState | None = None,
-                       num_splits: int | None = None) -> torch.Tensor:
+                       num_splits: int | None = None, head_norm: HeadNormGate = CAST_ONLY) -> torch.Tensor:
     """Rows of the work items (groups of work.block_m rows) into `out` [N, H, d] (spec steps 0-7).
 
     q [N, H, d]: the step's new queries; q_cache [num_blocks, bs, H, d] or None (no key-query conv);
@@ -129,6 +130,7 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     kernel, or by default 4 but for decode rows DECODE_WARPS.
     With a `state` (post-conv layers; work.seq_state names each sequence's slot) prompt groups also write
     their sequences' last score and logit rows there and decode rows read the rows before theirs from it.
+    The last kernel casts each output row to out's dtype and applies `head_norm` (steps 8-9) to it.
     Nothing here synchronizes with the host.
     """
     num_items = work.work_seq.numel()
@@ -190,7 +192,7 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
         NORM_HERE=decode and rows_l == 1 and (ring == 1 or params.post_kernel is None))
     weights = dict(pre_w_ptr=_or(params.pre_kernel, dummy), post_w_ptr=_or(params.post_kernel, dummy),
                    pre_mix_ptr=_or(params.pre_mix, dummy), post_mix_ptr=_or(params.post_mix, dummy),
-                   **_state_args(state if ring else None, work, bn, widest, dummy))
+                   **_state_args(state if ring else None, work, bn, widest, dummy), **head_norm.kernel_args(dummy))
     f32 = dict(dtype=torch.float32, device=q.device)
     scores = torch.empty(wave, n_heads, rows_s, length, **f32)
     logits = dummy if ring == 1 else torch.empty(wave, n_heads, rows_l, length, **f32)
@@ -247,10 +249,6 @@ def _prompt_splits(device: torch.device, items: int, rows_l: int, length: int, k
     num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
     programs = items * triton.cdiv(rows_l, 8)
     return max(1, min(16, triton.cdiv(4 * num_sms, programs), length // (4 * key_tile)))
-
-
-def _or(t, dummy):
-    return dummy if t is None else t
 
 
 _NAMED_ARGS: dict = {}
@@ -700,10 +698,11 @@ def _pv_kernel(p_ptr, v_ptr, part_ptr, item0, bt_ptr, bt_stride, seq_start_ptr, 
 
 @triton.jit(do_not_specialize=["item0", "bt_stride", "SPLITS"])
 def _sum_splits_kernel(part_ptr, out_ptr, item0, bt_ptr, bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr,
-                       work_seq_ptr, work_first_ptr, H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                       RO: tl.constexpr, SPLITS, SC: tl.constexpr, PDL: tl.constexpr):
-    """Output rows of one item and head: the sum of its splits (each already normalized); a decode row
-    reads SC splits at once."""
+                       work_seq_ptr, work_first_ptr, nw_ptr, gw_ptr, gb_ptr, eps, scale, H: tl.constexpr,
+                       D: tl.constexpr, DP: tl.constexpr, RO: tl.constexpr, SPLITS, SC: tl.constexpr,
+                       NORM: tl.constexpr, SCALE: tl.constexpr, GATE: tl.constexpr, PDL: tl.constexpr):
+    """Output rows of one item and head: the sum of its splits (each already normalized; a decode row
+    reads SC splits at once), then fused_ops.norm_gate (HeadNormGate: nw_ptr, gw_ptr [D], gb_ptr [1])."""
     pdl.wait(PDL)
     b, h = tl.program_id(0), tl.program_id(1)
     first, start, end, row0, last, bt = work_item(item0 + b, work_seq_ptr, work_first_ptr, seq_start_ptr,
@@ -721,6 +720,8 @@ def _sum_splits_kernel(part_ptr, out_ptr, item0, bt_ptr, bt_stride, seq_start_pt
         for s in range(SPLITS):
             acc += tl.load(part_ptr + (((b * SPLITS + s) * H + h) * RO + r).to(tl.int64) * D + offs_d,
                            mask=offs_d < D, other=0.0)
+    out_ty = out_ptr.dtype.element_ty
+    acc = norm_gate(acc, nw_ptr, gw_ptr, gb_ptr, offs_d, eps, scale, D, NORM, SCALE, GATE, out_ty)
     out_row = row0 + first - start + r
-    tl.store(out_ptr + (out_row * H + h).to(tl.int64) * D + offs_d, acc.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + (out_row * H + h).to(tl.int64) * D + offs_d, acc.to(out_ty),
              mask=(first + r <= last) & (offs_d < D))

@@ -17,7 +17,9 @@ from torch import nn
 from .config import ModelConfig
 from .dense_attention import MTAWeights, dense_mta_attention
 
-# (layer_id, attention module, q [N, H, d], k [N, G, d], v [N, G, d]) -> heads [N, H, d]
+# (layer_id, attention module, q [N, H, d], k [N, G, d], v [N, G, d]) -> heads [N, H, d]. For the fused
+# forward it may instead return [N, H * d] in the model's dtype with the layer's steps 8-9 (group norm, gate)
+# already applied: the triton backend does, in its attention kernels' epilogue.
 AttendFn = Callable[[int, "MTAAttention", torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -116,6 +118,8 @@ class MTAAttention(nn.Module):
         h, q, k, v = norm_qkv_rope(h, delta, norm.weight, norm.eps, self.wqkv, cos, sin, self.n_heads,
                                    self.n_kv_heads, self.head_dim)
         heads = attend(layer_id, self, q, k, v)
+        if heads.dim() == 2:  # the backend applied steps 8-9 in its kernels (see AttendFn)
+            return h, linear(heads, self.wo.weight)
         one_d_gate = self.gate is not None and self.gate.out_features == 1
         sub = self.subln
         mixed = fused_ops.head_norm_gate(

@@ -82,16 +82,17 @@ def fused_prompt_splits(num_groups: int, max_len: int, num_sms: int) -> int:
 
 
 def fused_prompt_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, params, work,
-                           out: torch.Tensor, num_sms: int) -> torch.Tensor:
+                           out: torch.Tensor, num_sms: int, head_norm=None) -> torch.Tensor:
     """Prompt groups (work: FUSED_BLOCK_M-row groups) of a mixing-only layer through kernels.mixing_prefill
     as the engine runs them: 16-key tiles, 8 warps, fused_prompt_splits, P'V on probabilities in the cache
     dtype for 16-bit caches (as paged flash's prompt tiles). Raises Triton's OutOfResources where its tiles
-    do not fit the GPU."""
+    do not fit the GPU. `head_norm`: steps 8-9 in the last kernel (fused_ops.HeadNormGate; None: the cast)."""
+    from .kernels.fused_ops import CAST_ONLY
     from .kernels.mixing_prefill import mixing_prefill_attention
 
     splits = fused_prompt_splits(work.work_seq.numel(), work.max_len, num_sms)
     return mixing_prefill_attention(q, k_cache, v_cache, params, work, out, key_tile=16, num_splits=splits,
-                                    num_warps=8, pv_in_cache_dtype=True)
+                                    num_warps=8, pv_in_cache_dtype=True, head_norm=head_norm or CAST_ONLY)
 
 
 def mixing_only(params) -> bool:
@@ -179,6 +180,7 @@ class TritonPagedAttention(TorchPagedAttention):
         self.num_sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
                         if self.device.type == "cuda" else 2)
         self._params: dict[int, object] = {}
+        self._head_norms: dict[int, object] = {}
         self.uploader = StepUploader(self.device)
         mta = cfg.mta
         mixes = mta.wpsm or mta.wposm or mta.head_kernel_size is not None
@@ -241,23 +243,50 @@ class TritonPagedAttention(TorchPagedAttention):
         write_cache(batch.slot_mapping, k, v, q, self.k_cache[layer_id], self.v_cache[layer_id],
                     self.q_cache[layer_id])
         params = self._layer_params(layer_id, attn)
+        head_norm = self._head_norm(layer_id, attn, params)
+        out = torch.empty(q.shape, dtype=q.dtype if head_norm else torch.promote_types(q.dtype, torch.float32),
+                          device=q.device)
         q = q.to(self.k_cache[layer_id].dtype).contiguous()
-        out = torch.empty(q.shape, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
         for work in batch.launches:
-            self._run_kernels(layer_id, params, q, work, out, batch.fused_prompt)
-        return out
+            self._run_kernels(layer_id, params, q, work, out, batch.fused_prompt, head_norm)
+        return out.flatten(-2) if head_norm else out
 
-    def _run_kernels(self, layer_id: int, params, q: torch.Tensor, work, out: torch.Tensor, fused=None) -> None:
+    def _head_norm(self, layer_id: int, attn, params):
+        """The layer's steps 8-9 as its attention kernels' epilogue (fused_ops.HeadNormGate), or None where
+        the model applies them: a full [d, d] gate, or group norm or gate after paged flash. With it,
+        attend returns the heads as the fused forward takes them: [N, H * d] in the model's dtype (the
+        baseline's layers: only the cast, in paged flash's last kernel)."""
+        from .kernels.fused_ops import CAST_ONLY, HeadNormGate
+
+        if layer_id not in self._head_norms:
+            sub, gate = attn.subln, attn.gate
+            full_gate = gate is not None and gate.out_features != 1
+            if full_gate or params is None and (sub is not None or gate is not None):
+                self._head_norms[layer_id] = None
+            elif sub is None and gate is None:
+                self._head_norms[layer_id] = CAST_ONLY
+            else:
+                self._head_norms[layer_id] = HeadNormGate(
+                    None if sub is None else sub.weight, 1e-5 if sub is None else sub.eps,
+                    1.0 if sub is None else sub.scale, None if gate is None else gate.weight[0],
+                    None if gate is None else gate.bias)
+        return self._head_norms[layer_id]
+
+    def _run_kernels(self, layer_id: int, params, q: torch.Tensor, work, out: torch.Tensor, fused=None,
+                     head_norm=None) -> None:
         """One launch's rows of one layer: paged flash for a plain layer, the MTA pipeline otherwise; prompt
         rows of a mixing-only layer through the fused kernel, over `fused` (the same rows in FUSED_BLOCK_M-row
-        groups)."""
+        groups). The MTA kernels end with `head_norm` (None: the cast alone)."""
         from .kernels.mta_attention import mta_paged_attention
         from .kernels.paged_flash import paged_flash_attention
 
         k_cache, v_cache = self.k_cache[layer_id], self.v_cache[layer_id]
         decode = work.block_m == 1
+        from .kernels.fused_ops import CAST_ONLY
+
+        head_norm = head_norm or CAST_ONLY
         if not decode and fused is not None and mixing_only(params):
-            if self._fused_prompt(layer_id, params, q, fused, out):
+            if self._fused_prompt(layer_id, params, q, fused, out, head_norm):
                 return
         if params is None:
             splits = 1 if not decode else flash_splits(work.work_seq.numel(), work.max_len, self.cfg.n_heads,
@@ -266,9 +295,9 @@ class TritonPagedAttention(TorchPagedAttention):
         else:
             splits = mixing_splits(work.num_splits) if decode and mixing_only(params) else None
             mta_paged_attention(q, self.q_cache[layer_id], k_cache, v_cache, params, work, out,
-                                state=self.conv_states[layer_id], num_splits=splits)
+                                state=self.conv_states[layer_id], num_splits=splits, head_norm=head_norm)
 
-    def _fused_prompt(self, layer_id: int, params, q: torch.Tensor, work, out: torch.Tensor) -> bool:
+    def _fused_prompt(self, layer_id: int, params, q: torch.Tensor, work, out: torch.Tensor, head_norm) -> bool:
         """fused_prompt_attention for a mixing-only layer's prompt groups; False if Triton cannot build it
         here (then never again)."""
         from triton.runtime.errors import OutOfResources
@@ -277,7 +306,7 @@ class TritonPagedAttention(TorchPagedAttention):
             return False
         try:
             fused_prompt_attention(q, self.k_cache[layer_id], self.v_cache[layer_id], params, work, out,
-                                   self.num_sms)
+                                   self.num_sms, head_norm)
         except OutOfResources as exc:
             log.warning("fused mixing prompt kernel does not fit this GPU (%s); mixing-only layers' prompts "
                         "use the row pipeline", exc)
@@ -297,7 +326,7 @@ class TritonPagedAttention(TorchPagedAttention):
         prompt_len = self.prefill_block_m + 1
         tables = torch.zeros(2, -(-prompt_len // self.block_size), dtype=torch.int32, device=self.device)
         q = torch.zeros(prompt_len + 1, cfg.n_heads, cfg.head_dim, dtype=self.k_cache[0].dtype, device=self.device)
-        out = torch.empty(q.shape, dtype=torch.promote_types(q.dtype, torch.float32), device=self.device)
+        model_dtype = model.tok_embeddings.weight.dtype  # the fused forward's q, and attend's output with head_norm
         # sequence 0: a whole prompt (two row groups); sequence 1: one decode row, keys in 1 and in 2 splits;
         # both in the scratch state slot, which the prompt writes before the decode rows read it
         shapes = ((0, self.prefill_block_m, 1), (1, 1, 1), (1, 1, 2))
@@ -308,15 +337,20 @@ class TritonPagedAttention(TorchPagedAttention):
                                  FUSED_BLOCK_M, 1, self.device, only=[0])  # the prompt, for mixing-only layers
         for layer_id, layer in enumerate(model.layers):
             params = self._layer_params(layer_id, layer.attention)
+            head_norm = self._head_norm(layer_id, layer.attention, params)
             kind = None if params is None else (
                 tuple(None if t is None else tuple(t.shape) for t in (params.pre_kernel, params.post_kernel,
                                                                       params.pre_mix, params.post_mix)),
                 params.pad_key)
-            if kind in kinds:
+            epilogue = None if head_norm is None else tuple(head_norm.kernel_args(q)[k] for k in ("NORM", "SCALE",
+                                                                                                  "GATE"))
+            if (kind, epilogue) in kinds:
                 continue
-            kinds.add(kind)
+            kinds.add((kind, epilogue))
+            out = torch.empty(q.shape, dtype=model_dtype if head_norm else torch.promote_types(q.dtype, torch.float32),
+                              device=self.device)
             for work in launches:
-                self._run_kernels(layer_id, params, q, work, out, fused)
+                self._run_kernels(layer_id, params, q, work, out, fused, head_norm)
         return len(kinds)
 
     def _layer_params(self, layer_id: int, attn):

@@ -195,3 +195,38 @@ def test_fused_prompt_kernel_in_fp16_matches_the_torch_backend(monkeypatch):
     for rid, out in expected.items():
         assert got[rid].token_ids == out.token_ids
         assert max(abs(x.logprob - y.logprob) for x, y in zip(out.logprobs, got[rid].logprobs)) < 1e-2
+
+
+
+HEAD_VARIANTS = {  # (MTA options, whether the model still launches head_norm_gate)
+    "baseline": (MTAConfig(), False),
+    "norm_gate": (MTAConfig(pre_conv=[3, 3], post_conv=[2, 3], mta_layers=[0], wpsm=True, head_kernel_size=2,
+                            group_norm=True, layer_norm_rescale=True, gate="1d"), False),
+    "full_gate": (MTAConfig(wpsm=True, group_norm=True, gate="full"), True),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(HEAD_VARIANTS))
+def test_attention_kernels_apply_the_group_norm_and_gate(variant, monkeypatch):
+    """Steps 8-9 in the attention kernels' epilogue: MTA layers' group norm (with depth scales) and 1-d gate
+    in their last kernel, the baseline's cast in paged flash's, so the fused forward launches no
+    head_norm_gate between attention and the o-projection; a full [d, d] gate still takes the separate
+    path. fp16, so every rounding step counts; greedy tokens stay the torch backend's."""
+    mta, separate = HEAD_VARIANTS[variant]
+    cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, max_seq_len=64, mta=mta)
+    model = build_model(cfg, seed=5, mta_init="random", dtype=torch.float16,
+                        device="cuda" if torch.cuda.is_available() else "cpu")
+    from mta_serve.kernels import fused_ops
+
+    real, calls = fused_ops.head_norm_gate, []
+    monkeypatch.setattr(fused_ops, "head_norm_gate",
+                        lambda heads, *args, **kwargs: calls.append(heads.dtype) or real(heads, *args, **kwargs))
+    config, scheduler = dict(block_size=4, num_blocks=32), dict(max_chunk_tokens=3, max_num_batched_tokens=8)
+    got = run_all(LLMEngine(model, None, CacheConfig(attention_backend="triton", **config),
+                            SchedulerConfig(**scheduler)), PROMPTS, 5)
+    assert bool(calls) == separate
+    expected = run_all(LLMEngine(model, None, CacheConfig(attention_backend="torch", **config),
+                                 SchedulerConfig(**scheduler)), PROMPTS, 5)
+    for rid, out in expected.items():
+        assert got[rid].token_ids == out.token_ids
+        assert max(abs(x.logprob - y.logprob) for x, y in zip(out.logprobs, got[rid].logprobs)) < 1e-2

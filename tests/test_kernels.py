@@ -405,3 +405,37 @@ def test_mixing_prefill_kernel_refuses_convs_and_short_groups():
     with pytest.raises(ValueError, match="tl.dot needs 16 rows"):
         mixing_prefill_attention(q, kc, vc, layer_params(mta_weights(wpsm=True), DEVICE),
                                  build_work_items(tables, starts, ends, rows, 8, 1, DEVICE), out)
+
+
+@pytest.mark.parametrize("kernel", ["mta_decode", "mta_prefill", "mixing_prefill"])
+def test_head_norm_gate_epilogue_equals_the_separate_kernel(kernel):
+    """With a HeadNormGate the last kernel writes each row of heads cast to the output's dtype, group-normed
+    (with a depth scale) and gated: exactly what writing the fp32 rows and running fused_ops.head_norm_gate
+    over them gives (the kernel launch it replaces in the engine's forward)."""
+    from mta_serve.kernels.fused_ops import HeadNormGate, head_norm_gate
+    from mta_serve.kernels.mixing_prefill import mixing_prefill_attention
+
+    seqs, block_m = {"mta_decode": (LONG_DECODE, 1), "mta_prefill": (PREFILL, 4),
+                     "mixing_prefill": (PREFILL, 16)}[kernel]
+    weights = mta_weights(**VARIANTS["talking_heads" if kernel == "mixing_prefill" else "paper"])
+    q, qc, kc, vc, tables, starts, ends, rows = paged_inputs(seqs, 4, torch.float16)
+    g = torch.Generator().manual_seed(7)
+
+    def rand(n):
+        return torch.randn(n, generator=g).to(DEVICE, torch.float16)
+
+    norm_gate = HeadNormGate(weight=rand(D), eps=1e-5, scale=0.7, gate_w=rand(D), gate_b=rand(1))
+    work = build_work_items(tables, starts, ends, rows, block_m, 2, DEVICE)
+
+    def attend(out, **kwargs):
+        if kernel == "mixing_prefill":
+            return mixing_prefill_attention(q, kc, vc, layer_params(weights, DEVICE), work, out, num_splits=2,
+                                            **kwargs)
+        return mta_paged_attention(q, qc, kc, vc, layer_params(weights, DEVICE), work, out, key_tile=16, **kwargs)
+
+    rows32 = attend(torch.full(q.shape, float("nan"), device=DEVICE))
+    fused = attend(torch.full(q.shape, float("nan"), device=DEVICE, dtype=torch.float16), head_norm=norm_gate)
+    expected = head_norm_gate(rows32, torch.float16, norm_gate.weight, norm_gate.eps, norm_gate.scale,
+                              norm_gate.gate_w, norm_gate.gate_b)
+    assert fused.dtype == torch.float16 and not fused.isnan().any()
+    assert torch.equal(fused.flatten(-2), expected)
