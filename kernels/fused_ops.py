@@ -101,7 +101,7 @@ def _row_norm_kernel(x_ptr, delta_ptr, h_ptr, w_ptr, gw_ptr, gb_ptr, y_ptr, n_ro
     then y * sigmoid(y . gw + gb); every step rounded to y's dtype as PyTorch rounds it.
     x, delta, h [n_rows, DIM]; w, gw [DIM]; gb [1]; y [n_rows, DIM]."""
     pdl.wait(PDL)
-    pdl.launch_dependents(PDL)  # at batch 1 the next kernel is a row product: it requests its weights early
+    pdl.launch_dependents(PDL)  # a row product after it (a full-gate layer's o-projection at batch 1) reads early
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
     cols = tl.arange(0, BLOCK)[None, :]
     mask = (rows < n_rows) & (cols < DIM)
