@@ -45,7 +45,7 @@ def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
     return out_h.view(h.shape), y.view(h.shape)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, frozen=True)
 class HeadNormGate:
     """A layer's steps 8-9 as the MTA attention kernels apply them to each (row, head) of their output, the
     way head_norm_gate does: cast to the output's dtype, group norm, 1-d gate."""
@@ -101,7 +101,8 @@ def _row_norm_kernel(x_ptr, delta_ptr, h_ptr, w_ptr, gw_ptr, gb_ptr, y_ptr, n_ro
     then y * sigmoid(y . gw + gb); every step rounded to y's dtype as PyTorch rounds it.
     x, delta, h [n_rows, DIM]; w, gw [DIM]; gb [1]; y [n_rows, DIM]."""
     pdl.wait(PDL)
-    pdl.launch_dependents(PDL)  # a row product after it (a full-gate layer's o-projection at batch 1) reads early
+    pdl.launch_dependents(PDL)  # a row product after it (batch 1: the o-projection after a plain layer's
+    # group norm or gate in an MTA model) requests its weights early
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
     cols = tl.arange(0, BLOCK)[None, :]
     mask = (rows < n_rows) & (cols < DIM)

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
-from .fused_ops import CAST_ONLY, HeadNormGate, _or, norm_gate
+from .fused_ops import CAST_ONLY, HeadNormGate, norm_gate
 from .work_items import SPLIT_CHUNK, WorkItems, cache_slots, dot_width, qk_tile, split_key_tiles, work_item
 
 
@@ -116,7 +116,8 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
                        max_len: int | None = None, prompt_splits: int | None = None,
                        stream_tile: int | None = None, state: ConvState | None = None,
                        num_splits: int | None = None, head_norm: HeadNormGate = CAST_ONLY) -> torch.Tensor:
-    """Rows of the work items (groups of work.block_m rows) into `out` [N, H, d] (spec steps 0-7).
+    """Rows of the work items (groups of work.block_m rows) into `out` [N, H, d] (spec steps 0-7, and 8-9
+    with `head_norm`).
 
     q [N, H, d]: the step's new queries; q_cache [num_blocks, bs, H, d] or None (no key-query conv);
     k_cache, v_cache [num_blocks, bs, G, d], already holding the step's tokens. Buffer sizes and grids
@@ -249,6 +250,10 @@ def _prompt_splits(device: torch.device, items: int, rows_l: int, length: int, k
     num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
     programs = items * triton.cdiv(rows_l, 8)
     return max(1, min(16, triton.cdiv(4 * num_sms, programs), length // (4 * key_tile)))
+
+
+def _or(t, dummy):
+    return dummy if t is None else t
 
 
 _NAMED_ARGS: dict = {}

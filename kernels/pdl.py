@@ -1,18 +1,18 @@
 """Programmatic dependent launch (PDL, compute capability 9.0 and later): a kernel launched with it is set up
 while the kernel before it in the stream finishes, and its programs may start before that kernel ends.
 Each such kernel waits (griddepcontrol.wait) until the kernel before it has finished and its writes are
-visible before it reads anything an earlier kernel writes, so it sees everything that kernel (and, since
-every kernel in the chain waits, every kernel before) wrote. What it hides is the gap between one kernel's
-last program and the next one's first, which a batch-1 decode step pays once per launch (about 300 for the
-830M models).
+visible before it reads anything an earlier kernel writes, or writes anything, so it sees everything that
+kernel (and, since every kernel in the chain waits, every kernel before) wrote. What it hides is the gap
+between one kernel's last program and the next one's first, which a batch-1 decode step pays once per
+launch (about 300 for the 830M models).
 
 Levels (MTA_SERVE_PDL; by default 2 where the GPU has PDL):
 - 0: off;
 - 1: every kernel taking PDL waits first, and the next kernel's programs start as this one's exit;
-- 2: also, `row_linear`'s kernels request their first piece of W (written by no kernel) before waiting, and
-  let the next kernel launch (griddepcontrol.launch_dependents) as soon as they have requested it; the row
-  norms let it launch right after their wait. So at batch 1 a row product's first weight reads overlap the
-  kernel before it, and the kernel after it is set up while it runs.
+- 2: also, `row_linear`'s kernels request their first piece of W (weights are not written while the model
+  runs) before waiting, and let the next kernel launch (griddepcontrol.launch_dependents) as soon as they
+  have requested it; the row norms let it launch right after their wait. So at batch 1 a row product's
+  first weight reads overlap the kernel before it, and the kernel after it is set up while it runs.
 
 H200, `benchmarks/step_profile.py --batch 1`, graphs on, 830M configs; each bullet is one machine and session:
 - 3f3ca35, MTA_SERVE_PDL=0 and 1 interleaved twice: MTA 1.516 / 1.514 -> 1.403 / 1.405 ms, baseline 1.153 /

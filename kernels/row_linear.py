@@ -168,7 +168,7 @@ def _row_linear_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w, BN: tl.constexpr, BK
     if PDL < 2:
         pdl.wait(PDL)
     w = _w_piece(w_ptr, n, k, N, K, stride_w)
-    if PDL >= 2:  # W is written by no kernel, so its first piece is requested before the wait (pdl.py)
+    if PDL >= 2:  # W is not written while the model runs: its first piece is requested before the wait
         pdl.launch_dependents(PDL)
         pdl.wait(PDL)
     x = tl.load(x_ptr + k, mask=k < K, other=0.0)
@@ -205,7 +205,7 @@ def _row_linear_fused_kernel(x_ptr, delta_ptr, h_ptr, nw_ptr, w_ptr, cos_ptr, si
     w_a = _w_piece(w_ptr, rows_a, k, N, K, stride_w)
     if EPILOGUE != 0:
         w_b = _w_piece(w_ptr, rows_b, k, w_rows, K, stride_w)
-    if PDL >= 2:  # W is written by no kernel, so its first piece is requested before the wait (pdl.py)
+    if PDL >= 2:  # W is not written while the model runs: its first piece is requested before the wait
         pdl.launch_dependents(PDL)
         pdl.wait(PDL)
     inv = 1.0

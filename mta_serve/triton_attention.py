@@ -238,6 +238,9 @@ class TritonPagedAttention(TorchPagedAttention):
 
     def attend(self, batch: TritonBatch, layer_id: int, attn, q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> torch.Tensor:
+        """As TorchPagedAttention.attend, for the fused forward (the only forward this backend runs): heads
+        [N, H, d] in fp32, or, where the kernels applied the layer's steps 8-9 (_head_norm), [N, H * d] in
+        q's (the model's) dtype, as model.AttendFn allows."""
         from .kernels.fused_ops import write_cache
 
         write_cache(batch.slot_mapping, k, v, q, self.k_cache[layer_id], self.v_cache[layer_id],
@@ -255,7 +258,8 @@ class TritonPagedAttention(TorchPagedAttention):
         """The layer's steps 8-9 as its attention kernels' epilogue (fused_ops.HeadNormGate), or None where
         the model applies them: a full [d, d] gate, or group norm or gate after paged flash. With it,
         attend returns the heads as the fused forward takes them: [N, H * d] in the model's dtype (the
-        baseline's layers: only the cast, in paged flash's last kernel)."""
+        baseline's layers: only the cast, in paged flash's last kernel). Kept per layer like _layer_params: it
+        holds the layer's norm and gate parameters themselves, so it follows in-place weight updates."""
         from .kernels.fused_ops import CAST_ONLY, HeadNormGate
 
         if layer_id not in self._head_norms:
@@ -276,15 +280,15 @@ class TritonPagedAttention(TorchPagedAttention):
                      head_norm=None) -> None:
         """One launch's rows of one layer: paged flash for a plain layer, the MTA pipeline otherwise; prompt
         rows of a mixing-only layer through the fused kernel, over `fused` (the same rows in FUSED_BLOCK_M-row
-        groups). The MTA kernels end with `head_norm` (None: the cast alone)."""
+        groups). The MTA kernels end with `head_norm` (None: the cast alone); paged flash only casts."""
+        from .kernels.fused_ops import CAST_ONLY
         from .kernels.mta_attention import mta_paged_attention
         from .kernels.paged_flash import paged_flash_attention
 
         k_cache, v_cache = self.k_cache[layer_id], self.v_cache[layer_id]
         decode = work.block_m == 1
-        from .kernels.fused_ops import CAST_ONLY
-
         head_norm = head_norm or CAST_ONLY
+        assert params is not None or head_norm is CAST_ONLY, "paged flash has no group norm or gate epilogue"
         if not decode and fused is not None and mixing_only(params):
             if self._fused_prompt(layer_id, params, q, fused, out, head_norm):
                 return
@@ -319,7 +323,7 @@ class TritonPagedAttention(TorchPagedAttention):
         """Run every kernel variant the model needs once — decode rows (one and several key splits) and a
         prompt chunk, per distinct layer kind — on throwaway inputs, so that no request waits for Triton's
         compiler. Reads block 0 of the cache, writes nothing to it (only the scratch state slot). Returns the
-        number of layer kinds."""
+        number of layer kinds (attention kernels and steps 8-9 epilogue)."""
         from .kernels.work_items import build_work_items
 
         cfg, kinds = self.cfg, set()

@@ -197,12 +197,13 @@ def test_fused_prompt_kernel_in_fp16_matches_the_torch_backend(monkeypatch):
         assert max(abs(x.logprob - y.logprob) for x, y in zip(out.logprobs, got[rid].logprobs)) < 1e-2
 
 
-
 HEAD_VARIANTS = {  # (MTA options, whether the model still launches head_norm_gate)
     "baseline": (MTAConfig(), False),
     "norm_gate": (MTAConfig(pre_conv=[3, 3], post_conv=[2, 3], mta_layers=[0], wpsm=True, head_kernel_size=2,
                             group_norm=True, layer_norm_rescale=True, gate="1d"), False),
     "full_gate": (MTAConfig(wpsm=True, group_norm=True, gate="full"), True),
+    # layer 1 is plain: its norm and gate follow paged flash as a separate kernel, layer 0's are fused
+    "plain_layer_norm_gate": (MTAConfig(pre_conv=[3, 3], mta_layers=[0], group_norm=True, gate="1d"), True),
 }
 
 

@@ -438,4 +438,7 @@ def test_head_norm_gate_epilogue_equals_the_separate_kernel(kernel):
     expected = head_norm_gate(rows32, torch.float16, norm_gate.weight, norm_gate.eps, norm_gate.scale,
                               norm_gate.gate_w, norm_gate.gate_b)
     assert fused.dtype == torch.float16 and not fused.isnan().any()
-    assert torch.equal(fused.flatten(-2), expected)
+    # bit-equal in the interpreter; compiled, the two kernels may sum x * x in another order, which moves a
+    # value only where it sits on an fp16 rounding boundary (a skipped rounding step moves most of them)
+    torch.testing.assert_close(fused.flatten(-2), expected, atol=1e-3, rtol=1e-3)
+    assert (fused.flatten(-2) != expected).float().mean().item() <= (0.0 if DEVICE == "cpu" else 0.01)
