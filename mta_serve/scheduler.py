@@ -3,8 +3,8 @@
 Running requests go first, in arrival order; each asks for all its uncomputed tokens (a decode asks for 1, a
 prompt for the rest of its prompt; a token still being drawn on the device counts, see Request), capped by
 the step's token budget and `max_chunk_tokens`. When the cache is full, the most recently admitted running
-request is preempted: its blocks are freed and it waits, first in line, to recompute. Waiting requests are admitted in order while budget, `max_num_seqs` and blocks allow,
-starting after their cached prefix.
+request is preempted: its blocks are freed and it waits, first in line, to recompute. Waiting requests are
+admitted in order while budget, `max_num_seqs` and blocks allow, starting after their cached prefix.
 """
 from __future__ import annotations
 
