@@ -71,10 +71,10 @@ def mixing_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     launch = pdl.options(q)
     _mixed_stats_kernel[(num_items, num_splits)](q, k_cache, pre_mix, stats, scale, *seq, num_splits, **c,
                                                  num_warps=num_warps, num_stages=num_stages, **launch)
-    _normalizers_kernel[(num_items, n_heads)](stats, norms, dummy, 0, work.work_seq, work.work_first, work.seq_end,
-                                              work.work_seq, 1, H=n_heads, RO=bm, RL=bm, SPLITS=num_splits,
-                                              RLP=bm, CQ2=1, RING=0, SC=SPLIT_CHUNK, num_warps=num_warps,
-                                              **launch)
+    _normalizers_kernel[(num_items, n_heads)](stats, norms, dummy, dummy, 0, work.work_seq, work.work_first,
+                                              work.seq_end, work.work_seq, 1, H=n_heads, BN=key_tile, NUM_TILES=1,
+                                              RO=bm, RL=bm, SPLITS=num_splits, RLP=bm, CQ2=1, RING=0,
+                                              SC=SPLIT_CHUNK, num_warps=num_warps, **launch)
     _mixed_pv_kernel[(num_items, num_splits)](q, k_cache, v_cache, pre_mix, post_mix, norms, partial, scale, *seq,
                                               num_splits, POST_MIX=params.post_mix is not None,
                                               P16=pv_in_cache_dtype and q.dtype != torch.float32, **c,

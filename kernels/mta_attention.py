@@ -14,9 +14,9 @@ keep, per head, the rows the convolutions need over the keys 0..p1-1:
 4. `_pv_kernel` (item x head, split x row tile): P' @ V per split; `_sum_splits_kernel` writes the output.
 
 With a ConvState (layers with a post-conv over c_q' > 1 queries, as the engine runs them), prompt groups
-also keep each sequence's last c_q score rows and c_q' logit rows (with their normalizers) in the
-sequence's state slot, and a decode row computes only its own score and logit rows and reads the ones
-before them from the slot: the paper's 6 x 11 layer then computes 1 score row and 1 pre-conv row instead
+also keep each sequence's last c_q score rows and c_q' probability rows in the sequence's state slot, and a
+decode row computes only its own score and logit rows, reads the rows before them from the slot and writes
+its own there: the paper's 6 x 11 layer then computes 1 score row and 1 pre-conv row instead
 of 11 and 6.
 
 K is read once (stage 1), V once (stage 4). The rows in between are fp32, so the result is the reference's
@@ -84,16 +84,16 @@ RING_ALIGN = 128  # ConvState rows are a multiple of every key tile long
 @dataclass(slots=True)
 class ConvState:
     """A post-conv layer's last rows of each sequence, kept across steps (the spec's "those rows
-    themselves"): the last c_q' logit rows with their normalizers and, with a pre-conv over c_q > 1
+    themselves"): the last c_q' probability rows (softmax rows, normalized) and, with a pre-conv over c_q > 1
     queries, the last c_q score rows. A decode row then computes only its own score and logit rows and
     reads the ones before it here, instead of recomputing c_q' - 1 logit rows from c_q + c_q' - 2 more score
-    rows. Slot s keeps position p's rows at row p % c_q' (logits) and p % c_q (scores). A prompt launch
-    writes the last rows of each of its sequences; a decode launch reads them, so the caller must only put
-    a sequence in a decode launch when the previous step that computed it wrote its slot (kv_cache_manager
-    tracks that)."""
+    rows; keeping probabilities rather than logits spares its post-conv an exp per tap of those rows. Slot s
+    keeps position p's rows at row p % c_q' (probabilities) and p % c_q (scores); a row holds garbage beyond
+    its position. A prompt launch writes the last rows of each of its sequences; a decode launch reads them
+    and writes its own, so the caller must only put a sequence in a decode launch when the previous step
+    that computed it wrote its slot (kv_cache_manager tracks that)."""
 
-    logits: torch.Tensor  # [num_slots, H, c_q', length] fp32, length a multiple of RING_ALIGN
-    norms: torch.Tensor  # [2, num_slots, H, c_q'] fp32: each row's max and 1 / sum of exp
+    probs: torch.Tensor  # [num_slots, H, c_q', length] fp32, length a multiple of RING_ALIGN
     scores: torch.Tensor | None  # [num_slots, H, c_q, length] fp32, None without a pre-conv over c_q > 1
 
     @classmethod
@@ -101,13 +101,12 @@ class ConvState:
         length = triton.cdiv(max_len, RING_ALIGN) * RING_ALIGN
         f32 = dict(dtype=torch.float32, device=device)
         scores = torch.zeros(num_slots, n_heads, c_q, length, **f32) if c_q > 1 else None
-        return cls(torch.zeros(num_slots, n_heads, c_q2, length, **f32),
-                   torch.zeros(2, num_slots, n_heads, c_q2, **f32), scores)
+        return cls(torch.zeros(num_slots, n_heads, c_q2, length, **f32), scores)
 
     @staticmethod
     def num_bytes(num_slots: int, n_heads: int, c_q: int, c_q2: int, max_len: int) -> int:
         length = triton.cdiv(max_len, RING_ALIGN) * RING_ALIGN
-        return 4 * num_slots * n_heads * (c_q2 * (length + 2) + (c_q * length if c_q > 1 else 0))
+        return 4 * num_slots * n_heads * length * (c_q2 + (c_q if c_q > 1 else 0))
 
 
 def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: torch.Tensor,
@@ -146,7 +145,7 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     if ring and work.seq_state is None:
         raise ValueError("a ConvState needs work.seq_state, the state slot of each sequence")
     if ring:
-        kept = (1 if state.scores is None else state.scores.shape[2], state.logits.shape[2])
+        kept = (1 if state.scores is None else state.scores.shape[2], state.probs.shape[2])
         if kept != (cq, cq2):
             raise ValueError(f"the ConvState keeps {kept[0]} score and {kept[1]} logit rows; "
                              f"the layer needs {cq}, {cq2}")
@@ -172,7 +171,7 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
         logits_tile, probs_tile, probs_rows = _prompt_conv_tiles(params, bn, probs_tile, probs_rows)
     widest = max(bn, scores_tile, pv_tile, probs_tile, logits_tile)
     length = triton.cdiv(max(max_len or 0, work.max_len), widest) * widest
-    per_item = 4 * n_heads * length * (rows_s + (0 if ring == 1 else rows_l) + rows_o)
+    per_item = 4 * n_heads * length * (rows_s + rows_l + rows_o)
     wave = max(1, min(num_items, budget_bytes // per_item))
     if decode:
         splits = num_splits or work.num_splits
@@ -196,7 +195,7 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
                    **_state_args(state if ring else None, work, bn, widest, dummy), **head_norm.kernel_args(dummy))
     f32 = dict(dtype=torch.float32, device=q.device)
     scores = torch.empty(wave, n_heads, rows_s, length, **f32)
-    logits = dummy if ring == 1 else torch.empty(wave, n_heads, rows_l, length, **f32)
+    logits = torch.empty(wave, n_heads, rows_l, length, **f32)
     probs = torch.empty(wave, n_heads, rows_o, length, **f32)
     stats = torch.empty(2, wave, splits, n_heads, rows_l, **f32)
     norms = torch.empty(2, wave, n_heads, rows_l, **f32)
@@ -234,14 +233,12 @@ def _state_args(state: ConvState | None, work: WorkItems, key_tile: int, widest:
     """The kernels' ConvState arguments (placeholders without one); RING_TILES counts key_tile-key tiles,
     and every kernel's tile (at most `widest` keys) must divide the rows."""
     if state is None:
-        return dict(seq_state_ptr=work.work_seq, ring_ptr=dummy, ring_norm_ptr=dummy, sring_ptr=dummy,
-                    RING_TILES=1, NUM_SLOTS=1)
-    if state.logits.shape[-1] % widest:
+        return dict(seq_state_ptr=work.work_seq, ring_ptr=dummy, sring_ptr=dummy, RING_TILES=1)
+    if state.probs.shape[-1] % widest:
         raise ValueError(f"key tiles of {widest} keys do not divide the ConvState rows "
-                         f"({state.logits.shape[-1]} keys)")
-    return dict(seq_state_ptr=work.seq_state, ring_ptr=state.logits, ring_norm_ptr=state.norms,
-                sring_ptr=_or(state.scores, dummy), RING_TILES=state.logits.shape[-1] // key_tile,
-                NUM_SLOTS=state.logits.shape[0])
+                         f"({state.probs.shape[-1]} keys)")
+    return dict(seq_state_ptr=work.seq_state, ring_ptr=state.probs, sring_ptr=_or(state.scores, dummy),
+                RING_TILES=state.probs.shape[-1] // key_tile)
 
 
 def _prompt_splits(device: torch.device, items: int, rows_l: int, length: int, key_tile: int) -> int:
@@ -288,7 +285,7 @@ def _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, nor
     run(_logits_kernel, (items, c["SPLITS"], triton.cdiv(c["RL"], c["RLT"])), scores, logits, stats,
         args=streaming(c["LOGITS_BN"]))
     if not c["NORM_HERE"]:
-        run(_normalizers_kernel, (items, c["H"]), stats, norms)
+        run(_normalizers_kernel, (items, c["H"]), stats, norms, logits)
     run(_probs_kernel, (items, c["SPLITS"], triton.cdiv(c["RO"], c["PROBS_OT"])), logits, norms, stats, probs,
         args=dict(streaming(c["PROBS_BN"]), OT=c["PROBS_OT"]))
     run(_pv_kernel, (items * c["H"], c["SPLITS"] * out_tiles), probs, v_cache, partial, args=streaming(c["PV_BN"]))
@@ -400,7 +397,7 @@ def _mix(w_ptr, x, H: tl.constexpr, HB: tl.constexpr, RT: tl.constexpr, BN: tl.c
 def _row_conv(x_ptr, w_ptr, b, out0, pos0, last, key0, H: tl.constexpr, HB: tl.constexpr, ROWS: tl.constexpr,
               OUT: tl.constexpr, BN: tl.constexpr, CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr,
               LENGTH, SOFTMAX: tl.constexpr, norm_ptr=None, inv_base=0, RING: tl.constexpr = False,
-              COLUMNS_OUTER: tl.constexpr = False, cur_m=None, cur_inv=None):
+              COLUMNS_OUTER: tl.constexpr = False):
     """Key-query conv (spec steps 2 and 5) of output rows out0 .. out0 + OUT - 1 over keys key0 + [0, BN):
     y[h, r, j] = sum_{a, c} w[h, a, c] x[h, out0 + r + a, j - PL + c] -> [HB, OUT, BN], where input row i
     of x [items, H, ROWS, LENGTH] is position pos0 + i and reads 0 where its key is outside 0..position.
@@ -408,8 +405,8 @@ def _row_conv(x_ptr, w_ptr, b, out0, pos0, last, key0, H: tl.constexpr, HB: tl.c
 
     Each input row is loaded once per kernel column c and added to every output row it feeds (a rank-1
     update with the weights w[h, i - r, c]), so a row is read CK times instead of CQ x CK times. With
-    SOFTMAX, x holds logits and each row is first normalized: exp(x - max) / sum from norm_ptr (with RING,
-    the last row's from cur_m, cur_inv [HB, 1] instead: it is the decode row being computed).
+    SOFTMAX (not with RING), x holds logits and each row is first normalized: exp(x - max) / sum from
+    norm_ptr.
 
     COLUMNS_OUTER (one output row): a loop over the columns around the unrolled rows, so that a column's CQ
     loads are in flight at once. On the H200 it made the decode pre-conv faster at every batch (64 x 2048:
@@ -432,9 +429,6 @@ def _row_conv(x_ptr, w_ptr, b, out0, pos0, last, key0, H: tl.constexpr, HB: tl.c
         a = i - out0 - r  # kernel row of input row i for each output row: [1, OUT]
         row_base, row_ok, m, inv = _conv_input_row(x_ptr, norm_ptr, inv_base, b, heads, i, pos0, H, ROWS, LENGTH,
                                                    SOFTMAX, RING)
-        if SOFTMAX and RING:
-            m = tl.where(heads * 0 + i == out0 + OUT + CQ - 2, cur_m, m)
-            inv = tl.where(heads * 0 + i == out0 + OUT + CQ - 2, cur_inv, inv)
         if OUT > 1:  # prompt tiles: unrolled (_logits_kernel at 8192 tokens: 31.7 -> 25.8 ms)
             for c in tl.static_range(CK):
                 y += _conv_column(row_base, w_ptr, heads, a, keys - PL + c, row_ok, pos0 + i, last, c, m, inv,
@@ -480,16 +474,14 @@ def _conv_column(row_base, w_ptr, heads, a, shifted, row_ok, pos, last, c, m, in
 @triton.jit(do_not_specialize=["item0", "bt_stride", "NUM_TILES", "SPLITS"])
 def _logits_kernel(s_ptr, l_ptr, stats_ptr, pre_w_ptr, pre_mix_ptr, item0, bt_ptr,
                    bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr, work_seq_ptr, work_first_ptr, seq_state_ptr,
-                   ring_ptr, sring_ptr, RING_TILES, H: tl.constexpr, BN: tl.constexpr, NUM_TILES, HB: tl.constexpr,
+                   sring_ptr, RING_TILES, H: tl.constexpr, BN: tl.constexpr, NUM_TILES, HB: tl.constexpr,
                    RO: tl.constexpr, R: tl.constexpr, RL: tl.constexpr, RLT: tl.constexpr, SPLITS,
-                   CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr, CQ2: tl.constexpr, PRE_CONV: tl.constexpr,
-                   PRE_MIX: tl.constexpr, RING: tl.constexpr, SRING: tl.constexpr, PDL: tl.constexpr):
+                   CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr, PRE_CONV: tl.constexpr,
+                   PRE_MIX: tl.constexpr, SRING: tl.constexpr, PDL: tl.constexpr):
     """L rows first - (c_q'-1) + r over this split's keys (steps 2-4 before the softmax), with max and sum.
-    RING 1 (decode rows): the one row goes to the sequence's ConvState instead of l_ptr, and with SRING 1
-    its score rows come from there; RING 2 (prompt groups): the sequence's last c_q' rows also go there."""
+    SRING 1 (decode rows with a ConvState): the score rows come from the sequence's ConvState."""
     pdl.wait(PDL)
     LENGTH = NUM_TILES * BN  # row stride of the fp32 buffers; a product, so its divisibility is known
-    RING_LENGTH = RING_TILES * BN
     b, split, row_tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     first, start, end, row0, last, bt = work_item(item0 + b, work_seq_ptr, work_first_ptr, seq_start_ptr,
                                                   seq_end_ptr, seq_row_ptr, bt_ptr, bt_stride, RO)
@@ -499,16 +491,9 @@ def _logits_kernel(s_ptr, l_ptr, stats_ptr, pre_w_ptr, pre_mix_ptr, item0, bt_pt
     j3 = tl.arange(0, BN)[None, None, :]
     rows = first - (RL - RO) + r3
     ok = (h3 < H) & (r3 < RL)
-    if RING == 0:
-        dst = l_ptr + ((b * H + h3) * RL + r3).to(tl.int64) * LENGTH
-    else:
+    dst = l_ptr + ((b * H + h3) * RL + r3).to(tl.int64) * LENGTH
+    if SRING == 1:
         slot = _item_slot(seq_state_ptr, work_seq_ptr, item0 + b)
-        ring_row = ring_ptr + _ring_row(slot, h3, rows, H, CQ2) * RING_LENGTH
-        if RING == 1:
-            dst = ring_row
-        else:
-            dst = l_ptr + ((b * H + h3) * RL + r3).to(tl.int64) * LENGTH
-            keep = ok & _sequence_tail(rows, last, end, CQ2)
     m = tl.full((HB, RLT), float("-inf"), tl.float32)
     l = tl.zeros((HB, RLT), tl.float32)
     t0, t1 = split_key_tiles(tl.minimum(first - (RL - RO) + row_tile * RLT + RLT - 1, last), split, BN, SPLITS)
@@ -516,7 +501,7 @@ def _logits_kernel(s_ptr, l_ptr, stats_ptr, pre_w_ptr, pre_mix_ptr, item0, bt_pt
         keys = t * BN + j3
         if SRING == 1:
             x = _row_conv(sring_ptr, pre_w_ptr, slot, 0, first - (CQ - 1), last, t * BN, H, HB, CQ, RLT, BN,
-                          CQ, CK, PL, RING_LENGTH, False, RING=True, COLUMNS_OUTER=True)
+                          CQ, CK, PL, RING_TILES * BN, False, RING=True, COLUMNS_OUTER=True)
         elif PRE_CONV:
             x = _row_conv(s_ptr, pre_w_ptr, b, row_tile * RLT, first - (R - RO), last, t * BN, H, HB, R, RLT, BN,
                           CQ, CK, PL, LENGTH, False)
@@ -529,8 +514,6 @@ def _logits_kernel(s_ptr, l_ptr, stats_ptr, pre_w_ptr, pre_mix_ptr, item0, bt_pt
             x = _mix(pre_mix_ptr, x, H, HB, RLT, BN, True)
         x = tl.where((keys <= rows) & (rows >= 0) & (rows <= last) & (r3 < RL), x, float("-inf"))
         tl.store(dst + keys, x, mask=ok)
-        if RING == 2:
-            tl.store(ring_row + keys, x, mask=keep)
         m, l = _running_max_sum(m, l, x)
     r2 = row_tile * RLT + tl.arange(0, RLT)[None, :]
     offs = ((b * SPLITS + split) * H + heads[:, None]) * RL + r2
@@ -570,12 +553,12 @@ def _split_normalizers(stats_ptr, base, ok, split_stride, sums, SPLITS, SC: tl.c
 
 
 @triton.jit(do_not_specialize=["item0", "SPLITS"])
-def _normalizers_kernel(stats_ptr, norm_ptr, ring_norm_ptr, item0, work_seq_ptr, work_first_ptr, seq_end_ptr,
-                        seq_state_ptr, NUM_SLOTS, H: tl.constexpr, RO: tl.constexpr, RL: tl.constexpr, SPLITS,
-                        RLP: tl.constexpr, CQ2: tl.constexpr, RING: tl.constexpr, SC: tl.constexpr,
-                        PDL: tl.constexpr):
+def _normalizers_kernel(stats_ptr, norm_ptr, l_ptr, ring_ptr, item0, work_seq_ptr, work_first_ptr, seq_end_ptr,
+                        seq_state_ptr, RING_TILES, H: tl.constexpr, BN: tl.constexpr, NUM_TILES, RO: tl.constexpr,
+                        RL: tl.constexpr, SPLITS, RLP: tl.constexpr, CQ2: tl.constexpr, RING: tl.constexpr,
+                        SC: tl.constexpr, PDL: tl.constexpr, TAIL_BN: tl.constexpr = 256):
     """Per logit row of one item and head: the max over splits and 1 / (sum of exp). RING 2 (prompt
-    groups): a sequence's last c_q' rows also go to its ConvState, as _logits_kernel writes them."""
+    groups): a sequence's last c_q' rows also go to its ConvState, as probabilities (exp(L - max) / sum)."""
     pdl.wait(PDL)
     b, h = tl.program_id(0), tl.program_id(1)
     r = tl.arange(0, RLP)[:, None]
@@ -589,25 +572,31 @@ def _normalizers_kernel(stats_ptr, norm_ptr, ring_norm_ptr, item0, work_seq_ptr,
         first = tl.load(work_first_ptr + item0 + b)
         end = tl.load(seq_end_ptr + seq)
         last = tl.minimum(first + RO, end) - 1
-        rows = first - (RL - RO) + r
-        keep = ok & _sequence_tail(rows, last, end, CQ2)
-        ring_offs = _ring_row(tl.load(seq_state_ptr + seq), h, rows, H, CQ2)
-        tl.store(ring_norm_ptr + ring_offs, m, mask=keep)
-        tl.store(ring_norm_ptr + NUM_SLOTS * H * CQ2 + ring_offs, inv_l, mask=keep)
+        if last == end - 1:  # this item ends its sequence: its last rows are the ConvState's
+            rows = first - (RL - RO) + r
+            keep = ok & _sequence_tail(rows, last, end, CQ2)
+            src = l_ptr + ((b * H + h) * RL + r).to(tl.int64) * (NUM_TILES * BN)
+            dst = ring_ptr + _ring_row(tl.load(seq_state_ptr + seq), h, rows, H, CQ2) * (RING_TILES * BN)
+            for k0 in range(0, last + 1, TAIL_BN):
+                keys = k0 + tl.arange(0, TAIL_BN)[None, :]
+                row_keys = keep & (keys <= rows)
+                x = tl.load(src + keys, mask=row_keys, other=float("-inf"))
+                tl.store(dst + keys, tl.exp(x - m) * inv_l, mask=row_keys)
 
 
 @triton.jit(do_not_specialize=["item0", "bt_stride", "NUM_TILES", "SPLITS"])
 def _probs_kernel(l_ptr, norm_ptr, stats_ptr, p_ptr, post_w_ptr, post_mix_ptr, item0, bt_ptr,
                   bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr, work_seq_ptr, work_first_ptr, seq_state_ptr,
-                  ring_ptr, ring_norm_ptr, RING_TILES, NUM_SLOTS, H: tl.constexpr, BN: tl.constexpr, NUM_TILES,
+                  ring_ptr, RING_TILES, H: tl.constexpr, BN: tl.constexpr, NUM_TILES,
                   HB: tl.constexpr, RO: tl.constexpr, RL: tl.constexpr, OT: tl.constexpr, SPLITS,
                   CQ2: tl.constexpr, CK2: tl.constexpr, PL2: tl.constexpr, POST_CONV: tl.constexpr,
                   POST_MIX: tl.constexpr, FP32: tl.constexpr, RING: tl.constexpr, NORM_HERE: tl.constexpr,
                   SC: tl.constexpr, PDL: tl.constexpr):
     """P' rows first + r over this split's keys: normalized probabilities -> post-conv -> post-mix. RING 1
-    (decode rows): the logit rows are the sequence's ConvState rows. NORM_HERE (decode rows with one logit
+    (decode rows): the probability rows before the row's own are the sequence's ConvState rows, and the
+    row's own probabilities go there for the steps after this one. NORM_HERE (decode rows with one logit
     row of their own): the row's normalizers come from the splits' stats here, not from _normalizers_kernel
-    (one launch fewer per layer and step); with RING 1 split 0 also keeps them in the ConvState."""
+    (one launch fewer per layer and step)."""
     pdl.wait(PDL)
     LENGTH = NUM_TILES * BN  # row stride of the fp32 buffers; a product, so its divisibility is known
     b, split, row_tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -627,17 +616,17 @@ def _probs_kernel(l_ptr, norm_ptr, stats_ptr, p_ptr, post_w_ptr, post_mix_ptr, i
         hs = tl.arange(0, HB)[:, None]
         cur_m, cur_inv = _split_normalizers(stats_ptr, (b * SPLITS * H + hs) * RL, hs < H, H * RL,
                                             tl.num_programs(0) * SPLITS * H * RL, SPLITS, SC)
-        if RING == 1:  # for the steps after this one
-            offs = _ring_row(slot, hs, first, H, CQ2)
-            tl.store(ring_norm_ptr + offs, cur_m, mask=(hs < H) & (hs * 0 + split == 0))
-            tl.store(ring_norm_ptr + NUM_SLOTS * H * CQ2 + offs, cur_inv, mask=(hs < H) & (hs * 0 + split == 0))
     t0, t1 = split_key_tiles(tl.minimum(first + row_tile * OT + OT - 1, last), split, BN, SPLITS)
     for t in range(t0, t1):
         keys = t * BN + j3
         if RING == 1:
-            p = _row_conv(ring_ptr, post_w_ptr, slot, 0, first - (CQ2 - 1), last, t * BN, H, HB, CQ2, OT, BN, CQ2,
-                          CK2, PL2, RING_TILES * BN, True, ring_norm_ptr, NUM_SLOTS * H * CQ2, True, cur_m=cur_m,
-                          cur_inv=cur_inv)
+            p = _decode_post_conv(ring_ptr, l_ptr, post_w_ptr, slot, b, first, t * BN, cur_m, cur_inv, H, HB, BN,
+                                  CQ2, CK2, PL2, RING_TILES * BN, LENGTH)
+            # this row's probabilities (no program of this launch reads its ring row: it held row first - CQ2)
+            own = (h3 < H) & (keys <= last)
+            x = tl.load(l_ptr + (b * H + h3).to(tl.int64) * LENGTH + keys, mask=own, other=float("-inf"))
+            tl.store(ring_ptr + _ring_row(slot, h3, first, H, CQ2) * (RING_TILES * BN) + keys,
+                     tl.exp(x - cur_m[:, :, None]) * cur_inv[:, :, None], mask=own)
         elif POST_CONV:
             p = _row_conv(l_ptr, post_w_ptr, b, row_tile * OT, first - (CQ2 - 1), last, t * BN, H, HB, RL, OT, BN,
                           CQ2, CK2, PL2, LENGTH, True, norm_ptr, inv_base)
@@ -662,6 +651,29 @@ def _probs_kernel(l_ptr, norm_ptr, stats_ptr, p_ptr, post_w_ptr, post_mix_ptr, i
         if POST_MIX:
             p = _mix(post_mix_ptr, p, H, HB, OT, BN, FP32)
         tl.store(p_ptr + ((b * H + h3) * RO + r3).to(tl.int64) * LENGTH + keys, p, mask=(h3 < H) & (r3 < RO))
+
+
+@triton.jit
+def _decode_post_conv(ring_ptr, l_ptr, w_ptr, slot, b, pos, key0, m, inv, H: tl.constexpr, HB: tl.constexpr,
+                      BN: tl.constexpr, CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr, RING_LENGTH, LENGTH):
+    """Post-conv (step 5) of decode row `pos` over keys key0 + [0, BN) -> [HB, 1, BN]: the CQ - 1 rows before
+    it are probability rows in the ConvState (`slot`), its own is item b's logit row at l_ptr [items, H, 1,
+    LENGTH], normalized here with its max m and 1 / sum of exp inv [HB, 1] (an exp per tap of one row only)."""
+    heads = tl.arange(0, HB)[:, None]
+    keys = key0 + tl.arange(0, BN)[None, :]
+    a = tl.zeros((1, 1), tl.int32)
+    y = tl.zeros((HB, 1, BN), tl.float32)
+    for i in range(CQ - 1):
+        row_base, row_ok, _, _ = _conv_input_row(ring_ptr, ring_ptr, 0, slot, heads, i, pos - (CQ - 1), H, CQ,
+                                                 RING_LENGTH, False, True)
+        for c in range(CK):
+            y += _conv_column(row_base, w_ptr, heads, a + i, keys - PL + c, row_ok, pos - (CQ - 1) + i, pos, c,
+                              m, inv, H, CQ, CK, False)
+    row_base = l_ptr + (b * H + heads).to(tl.int64) * LENGTH
+    for c in range(CK):
+        y += _conv_column(row_base, w_ptr, heads, a + CQ - 1, keys - PL + c, heads < H, pos, pos, c, m, inv,
+                          H, CQ, CK, True)
+    return y
 
 
 @triton.jit(do_not_specialize=["item0", "bt_stride", "NUM_TILES", "SPLITS"])

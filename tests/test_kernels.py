@@ -308,7 +308,7 @@ def _step(qc, tables, block_size, steps):
 @pytest.mark.parametrize("post, key_tile", [((3, 3), 16), ((6, 11), 16), ((6, 11), None)])
 def test_mta_kernel_conv_state_carries_logit_rows_from_prompts_to_decode_rows(post, key_tile, monkeypatch):
     """Prompt chunks (the second starting mid-block) write each sequence's last c_q score rows and c_q'
-    logit rows into its ConvState slot; decode rows then read them instead of recomputing them, step after
+    probability rows into its ConvState slot; decode rows then read them instead of recomputing them, step after
     step. Slots are shuffled, sequences shorter than the conv window included, a slot no sequence owns is
     NaN-poisoned. key_tile None: the default tiles, with 16 heads (prompt groups' conv kernels in 64-key
     tiles) and a sequence whose chunks, ring rows and decode rows cross 64-key tiles, scratch NaN-filled."""
@@ -324,7 +324,7 @@ def test_mta_kernel_conv_state_carries_logit_rows_from_prompts_to_decode_rows(po
                                                   heads=heads)
     params, slots = layer_params(weights, DEVICE), [2, 0, 3]
     state = ConvState.allocate(4, n_heads, 3, post[0], total[-1] + 4, DEVICE)
-    state.logits[1], state.norms[:, 1], state.scores[1] = float("nan"), float("nan"), float("nan")
+    state.probs[1], state.scores[1] = float("nan"), float("nan")
     cut = 60 if wide else 17
     chunks = [[(0, 2), (0, 5), (0, cut)], [(2, 3), (5, 9), (cut, total[-1])]]
     steps = [(8, c) for c in chunks] + [(1, [(n + i, n + i + 1) for n in total]) for i in range(4)]
