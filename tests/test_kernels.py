@@ -308,14 +308,17 @@ def _step(qc, tables, block_size, steps):
 @pytest.mark.parametrize("post, key_tile", [((3, 3), 16), ((6, 11), 16), ((6, 11), None)])
 def test_mta_kernel_conv_state_carries_logit_rows_from_prompts_to_decode_rows(post, key_tile, monkeypatch):
     """Prompt chunks (the second starting mid-block) write each sequence's last c_q score rows and c_q'
-    probability rows into its ConvState slot; decode rows then read them instead of recomputing them, step after
-    step. Slots are shuffled, sequences shorter than the conv window included, a slot no sequence owns is
-    NaN-poisoned. key_tile None: the default tiles, with 16 heads (prompt groups' conv kernels in 64-key
-    tiles) and a sequence whose chunks, ring rows and decode rows cross 64-key tiles, scratch NaN-filled."""
+    probability rows into its ConvState slot; decode rows then read them instead of recomputing them, step
+    after step. Slots are shuffled, sequences shorter than the conv window included, the state starts
+    NaN-filled. 16-key tiles: decode rows take both the masked and the unmasked conv paths. key_tile None:
+    the default tiles, with 16 heads (prompt groups' conv kernels in 64-key tiles) and a sequence whose
+    chunks, ring rows and decode rows cross 64-key tiles, scratch NaN-filled."""
     from mta_serve.kernels.mta_attention import ConvState
 
     wide = key_tile is None
-    heads, total = (WIDE, [3, 9, 80]) if wide else ((H, G, D), [3, 9, 30])
+    # with 16-key tiles, decode rows on both sides of where a tile starts to lie inside every conv input row
+    # (the unmasked path): positions 41 (post 6 x 11), 50 (post 3 x 3) and 51 (pre 3 x 5)
+    heads, total = (WIDE, [3, 9, 80]) if wide else ((H, G, D), [3, 38, 48])
     if wide:
         _nan_scratch(monkeypatch)
     block_size, n_heads = 4, heads[0]
@@ -324,9 +327,10 @@ def test_mta_kernel_conv_state_carries_logit_rows_from_prompts_to_decode_rows(po
                                                   heads=heads)
     params, slots = layer_params(weights, DEVICE), [2, 0, 3]
     state = ConvState.allocate(4, n_heads, 3, post[0], total[-1] + 4, DEVICE)
-    state.probs[1], state.scores[1] = float("nan"), float("nan")
+    state.probs.fill_(float("nan"))  # rows hold garbage past their position
+    state.scores.fill_(float("nan"))
     cut = 60 if wide else 17
-    chunks = [[(0, 2), (0, 5), (0, cut)], [(2, 3), (5, 9), (cut, total[-1])]]
+    chunks = [[(0, 2), (0, 5), (0, cut)], [(2, 3), (5, total[1]), (cut, total[-1])]]
     steps = [(8, c) for c in chunks] + [(1, [(n + i, n + i + 1) for n in total]) for i in range(4)]
     for block_m, step in steps:  # 8-row prompt groups, then decode rows with their keys in 2 splits
         q, starts, ends, rows = _step(qc, tables, block_size, step)
