@@ -766,6 +766,7 @@ def _sum_splits_kernel(part_ptr, out_ptr, item0, bt_ptr, bt_stride, seq_start_pt
     """Output rows of one item and head: the sum of its splits (each already normalized; a decode row
     reads SC splits at once), then fused_ops.norm_gate (HeadNormGate: nw_ptr, gw_ptr [D], gb_ptr [1])."""
     pdl.wait(PDL)
+    pdl.launch_dependents(PDL)  # the o-projection after it requests its weights early
     b, h = tl.program_id(0), tl.program_id(1)
     first, start, end, row0, last, bt = work_item(item0 + b, work_seq_ptr, work_first_ptr, seq_start_ptr,
                                                   seq_end_ptr, seq_row_ptr, bt_ptr, bt_stride, RO)

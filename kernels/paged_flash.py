@@ -114,6 +114,7 @@ def _flash_combine_kernel(part_ptr, stats_ptr, out_ptr, seq_start_ptr, seq_end_p
                           PDL: tl.constexpr):
     """Merge the splits' (acc, max, sum) of one tile and head into normalized output rows."""
     pdl.wait(PDL)
+    pdl.launch_dependents(PDL)  # the o-projection after it requests its weights early
     w, h = tl.program_id(0), tl.program_id(1)
     seq = tl.load(work_seq_ptr + w)
     first = tl.load(work_first_ptr + w)
