@@ -500,12 +500,8 @@ def _logits_kernel(s_ptr, l_ptr, stats_ptr, pre_w_ptr, pre_mix_ptr, item0, bt_pt
     for t in range(t0, t1):
         keys = t * BN + j3
         if SRING == 1:
-            if _interior(t * BN, first, BN, CQ, CK, PL):
-                x = _unmasked_ring_conv(tl.zeros((HB, BN), tl.float32), sring_ptr, pre_w_ptr, slot, first, t * BN,
-                                        CQ, H, HB, BN, CQ, CK, PL, RING_TILES * BN)[:, None, :]
-            else:
-                x = _row_conv(sring_ptr, pre_w_ptr, slot, 0, first - (CQ - 1), last, t * BN, H, HB, CQ, RLT, BN,
-                              CQ, CK, PL, RING_TILES * BN, False, RING=True, COLUMNS_OUTER=True)
+            x = _row_conv(sring_ptr, pre_w_ptr, slot, 0, first - (CQ - 1), last, t * BN, H, HB, CQ, RLT, BN,
+                          CQ, CK, PL, RING_TILES * BN, False, RING=True, COLUMNS_OUTER=True)
         elif PRE_CONV:
             x = _row_conv(s_ptr, pre_w_ptr, b, row_tile * RLT, first - (R - RO), last, t * BN, H, HB, R, RLT, BN,
                           CQ, CK, PL, LENGTH, False)
@@ -665,59 +661,18 @@ def _decode_post_conv(ring_ptr, l_ptr, w_ptr, slot, b, pos, key0, m, inv, H: tl.
     LENGTH], normalized here with its max m and 1 / sum of exp inv [HB, 1] (an exp per tap of one row only)."""
     heads = tl.arange(0, HB)[:, None]
     keys = key0 + tl.arange(0, BN)[None, :]
-    y = tl.zeros((HB, BN), tl.float32)
-    if _interior(key0, pos, BN, CQ, CK, PL):
-        y = _unmasked_ring_conv(y, ring_ptr, w_ptr, slot, pos, key0, CQ - 1, H, HB, BN, CQ, CK, PL, RING_LENGTH)
-        own = l_ptr + (b * H + tl.minimum(heads, H - 1)).to(tl.int64) * LENGTH
-        y = _unmasked_taps(y, own, w_ptr, heads, keys, CQ - 1, m, inv, H, CQ, CK, PL, True)
-    else:
-        a = tl.zeros((1, 1), tl.int32)
-        for i in range(CQ - 1):
-            row_base, row_ok, _, _ = _conv_input_row(ring_ptr, ring_ptr, 0, slot, heads, i, pos - (CQ - 1), H, CQ,
-                                                     RING_LENGTH, False, True)
-            for c in range(CK):
-                y += tl.reshape(_conv_column(row_base, w_ptr, heads, a + i, keys - PL + c, row_ok,
-                                             pos - (CQ - 1) + i, pos, c, m, inv, H, CQ, CK, False), (HB, BN))
-        row_base = l_ptr + (b * H + heads).to(tl.int64) * LENGTH
+    a = tl.zeros((1, 1), tl.int32)
+    y = tl.zeros((HB, 1, BN), tl.float32)
+    for i in range(CQ - 1):
+        row_base, row_ok, _, _ = _conv_input_row(ring_ptr, ring_ptr, 0, slot, heads, i, pos - (CQ - 1), H, CQ,
+                                                 RING_LENGTH, False, True)
         for c in range(CK):
-            y += tl.reshape(_conv_column(row_base, w_ptr, heads, a + CQ - 1, keys - PL + c, heads < H, pos, pos, c,
-                                         m, inv, H, CQ, CK, True), (HB, BN))
-    return y[:, None, :]
-
-
-@triton.jit
-def _interior(key0, pos, BN: tl.constexpr, CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr):
-    """Whether the conv of decode row `pos` over keys key0 + [0, BN) reads only keys inside every one of its
-    input rows (positions pos - (CQ - 1) .. pos), so that it needs no masks."""
-    return (key0 >= PL) & (key0 + BN + CK - PL - 2 <= pos - (CQ - 1))
-
-
-@triton.jit
-def _unmasked_ring_conv(y, ring_ptr, w_ptr, slot, pos, key0, NR: tl.constexpr, H: tl.constexpr, HB: tl.constexpr,
-                        BN: tl.constexpr, CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr, RING_LENGTH):
-    """y [HB, BN] plus the taps of the conv of decode row `pos` over interior keys key0 + [0, BN) (_interior)
-    on its first NR input rows (kernel rows 0 .. NR - 1), which are ConvState rows of `slot`."""
-    heads = tl.arange(0, HB)[:, None]
-    keys = key0 + tl.arange(0, BN)[None, :]
-    for i in tl.static_range(NR):
-        row = ring_ptr + _ring_row(slot, tl.minimum(heads, H - 1), pos - (CQ - 1) + i, H, CQ) * RING_LENGTH
-        y = _unmasked_taps(y, row, w_ptr, heads, keys, i, 0.0, 0.0, H, CQ, CK, PL, False)
-    return y
-
-
-@triton.jit
-def _unmasked_taps(y, row_ptr, w_ptr, heads, keys, a: tl.constexpr, m, inv, H: tl.constexpr, CQ: tl.constexpr,
-                   CK: tl.constexpr, PL: tl.constexpr, SOFTMAX: tl.constexpr):
-    """y [HB, BN] + sum_c w[h, a, c] x[h, keys - PL + c] for one input row (pointers row_ptr [HB, 1], valid for
-    every head) where every shifted key lies inside the row: unmasked loads at constant offsets from one
-    pointer tile, rather than a mask and an address per tap. With SOFTMAX, x holds logits: exp(x - m) * inv."""
-    ptrs = row_ptr + (keys - PL)
-    for c in tl.static_range(CK):
-        w = tl.load(w_ptr + heads * (CQ * CK) + a * CK + c, mask=heads < H, other=0.0)
-        x = tl.load(ptrs + c)
-        if SOFTMAX:
-            x = tl.exp(x - m) * inv
-        y += w * x
+            y += _conv_column(row_base, w_ptr, heads, a + i, keys - PL + c, row_ok, pos - (CQ - 1) + i, pos, c,
+                              m, inv, H, CQ, CK, False)
+    row_base = l_ptr + (b * H + heads).to(tl.int64) * LENGTH
+    for c in range(CK):
+        y += _conv_column(row_base, w_ptr, heads, a + CQ - 1, keys - PL + c, heads < H, pos, pos, c, m, inv,
+                          H, CQ, CK, True)
     return y
 
 

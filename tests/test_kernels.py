@@ -306,18 +306,18 @@ def _step(qc, tables, block_size, steps):
 
 
 @pytest.mark.parametrize("post, key_tile", [((3, 3), 16), ((6, 11), 16), ((6, 11), None)])
-def test_mta_kernel_conv_state_carries_logit_rows_from_prompts_to_decode_rows(post, key_tile, monkeypatch):
+def test_mta_kernel_conv_state_carries_rows_from_prompts_to_decode_rows(post, key_tile, monkeypatch):
     """Prompt chunks (the second starting mid-block) write each sequence's last c_q score rows and c_q'
     probability rows into its ConvState slot; decode rows then read them instead of recomputing them, step
     after step. Slots are shuffled, sequences shorter than the conv window included, the state starts
-    NaN-filled. 16-key tiles: decode rows take both the masked and the unmasked conv paths. key_tile None:
+    NaN-filled, so that a read past a row's position shows. key_tile None:
     the default tiles, with 16 heads (prompt groups' conv kernels in 64-key tiles) and a sequence whose
     chunks, ring rows and decode rows cross 64-key tiles, scratch NaN-filled."""
     from mta_serve.kernels.mta_attention import ConvState
 
     wide = key_tile is None
-    # with 16-key tiles, decode rows on both sides of where a tile starts to lie inside every conv input row
-    # (the unmasked path): positions 41 (post 6 x 11), 50 (post 3 x 3) and 51 (pre 3 x 5)
+    # with 16-key tiles, decode rows on both sides of where a tile starts to lie inside every conv input row:
+    # positions 41 (post 6 x 11), 50 (post 3 x 3) and 51 (pre 3 x 5)
     heads, total = (WIDE, [3, 9, 80]) if wide else ((H, G, D), [3, 38, 48])
     if wide:
         _nan_scratch(monkeypatch)
