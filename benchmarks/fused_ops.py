@@ -3,7 +3,8 @@ model's shapes in bf16: time per call, and bytes that must move / time against t
 
 Rows: 1 and 64 (decode batches) and 8192 (a prefill chunk). Each reference is the model's own PyTorch path
 (model.RMSNorm after the residual add, apply_rope on separate q and k projections, norm_and_gate, silu * w3,
-three index_copy_ cache writes).
+three index_copy_ cache writes, torch.argmax over fp32 logit rows: the sampler's greedy tokens, up to 1024
+rows).
 
     python benchmarks/fused_ops.py [--rows 1 64 8192] [--out benchmarks/results/fused_ops.json]
 """
@@ -41,6 +42,7 @@ def cases(cfg: ModelConfig, n: int, dtype: torch.dtype):
     blocks = -(-n // 16) + 1
     caches = [torch.zeros(blocks, 16, c, d, dtype=dtype, device=dev) for c in (kv, kv, heads)]
     slots = torch.randperm(blocks * 16, device=dev)[:n].to(torch.int32)
+    logits = torch.randn(n, cfg.vocab_size, device=dev) if n <= 1024 else None
     q, k, v = (qkv[:, :heads * d].view(n, heads, d).contiguous(), qkv[:, heads * d:(heads + kv) * d].view(n, kv, d),
                qkv[:, (heads + kv) * d:].view(n, kv, d))
 
@@ -66,7 +68,9 @@ def cases(cfg: ModelConfig, n: int, dtype: torch.dtype):
          3 * n * hidden * size),
         ("write_cache", lambda: fused_ops.write_cache(slots, k, v, q, *caches), ref_write,
          2 * n * (heads + 2 * kv) * d * size),
-    ]
+    ] + ([] if n > 1024 else [  # the sampler's greedy tokens: one fp32 logit row per sequence
+        ("argmax_rows", lambda: fused_ops.argmax_rows(logits), lambda: torch.argmax(logits, dim=-1),
+         n * cfg.vocab_size * 4)])
 
 
 def bench_us(fn) -> float:

@@ -16,6 +16,16 @@ import torch
 from .request import Request, TokenLogprob
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """logits [B, vocab] -> [B] int64, each row's first index of its maximum: on CUDA the two-pass Triton
+    kernel (fused_ops.argmax_rows: a batch-1 row spread over the GPU), elsewhere torch.argmax."""
+    if logits.is_cuda:
+        from .kernels.fused_ops import argmax_rows
+
+        return argmax_rows(logits)
+    return torch.argmax(logits, dim=-1)
+
+
 class Sampler:
     def __init__(self, seed: int | None = None):
         self.seed = seed
@@ -29,7 +39,7 @@ class Sampler:
     def sample_async(self, logits: torch.Tensor, requests: list[Request]) -> "PendingSamples":
         """Queue the batch's decision on the logits' device and the copy of its token ids to the host; the
         host waits only in PendingSamples.result()."""
-        tokens = torch.argmax(logits, dim=-1)  # [B]: plain greedy rows are done
+        tokens = greedy_tokens(logits)  # [B]: plain greedy rows are done
         rest = [i for i, r in enumerate(requests) if not _plain_greedy(r)]
         if rest:
             rows = _on(logits.device, rest, torch.long)

@@ -187,3 +187,26 @@ def test_fill_pending_tokens_replaces_placeholders_only(dtype):
     assert expected.tolist() == [3, 41, 0, 1999, 12, 7, 5, 9, 1998, 41, 0, 77, 0, 2, 8, 6, 4, 1999, 11]
     fused_ops.fill_pending_tokens(tokens, sampled)
     assert tokens.dtype == dtype and tokens.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_argmax_rows_is_torch_argmax(dtype):
+    """The greedy token of each row, with 64-entry chunks over a 1000-entry vocabulary (16 chunks, the last
+    partial): random rows, the maximum tied across chunks and inside one (the first index wins), the maximum
+    in the last partial chunk, a row of -inf, a row holding NaN; on the GPU also the 830M's vocabulary in
+    the default chunks."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 1000, generator=gen).to(dtype)
+    x[1, [70, 900]] = 50.0  # tied across chunks
+    x[2, [130, 131]] = 50.0  # tied inside a chunk
+    x[3, 999] = 50.0  # in the last, partial chunk
+    x[4] = float("-inf")
+    x[5, [300, 700]] = float("nan")  # torch: the first NaN
+    x = x.to(DEVICE)
+    expected = torch.argmax(x.float(), dim=-1)
+    assert expected[[1, 2, 3, 4, 5]].tolist() == [70, 130, 999, 0, 300]
+    got = fused_ops.argmax_rows(x, chunk=64)
+    assert got.dtype == torch.int64 and got.tolist() == expected.tolist()
+    if DEVICE == "cuda":
+        logits = torch.randn(64, 128256, device=DEVICE).to(dtype)
+        assert fused_ops.argmax_rows(logits).tolist() == torch.argmax(logits, dim=-1).tolist()
