@@ -226,7 +226,7 @@ def _prompt_conv_tiles(params: MTALayerParams, bn: int, probs_tile: int, probs_r
 # Warps per kernel of decode rows (the others: 4). H200, conv layer at 64 x 2048 (benchmarks/kernels.py
 # --breakdown): _pv 129 -> 108 us with 2 warps (more programs resident per SM), _probs 128 -> 106 us with 8
 # (its [heads, keys] tiles of 128 keys).
-DECODE_WARPS = {"_pv_kernel": 2, "_probs_kernel": 8}
+DECODE_WARPS = {"_pv_kernel": 2, "_probs_kernel": 2}
 
 
 def _state_args(state: ConvState | None, work: WorkItems, key_tile: int, widest: int, dummy: torch.Tensor) -> dict:
