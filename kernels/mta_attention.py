@@ -127,7 +127,7 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     in the two that read K and V (powers of two; by default 128, and `key_tile` for prompt groups' P'V);
     unless `key_tile` is given, decode rows' probabilities kernel uses 128-key tiles and, in layers of 9-16
     heads, prompt groups' conv kernels those of _prompt_conv_tiles. `num_warps` for every
-    kernel, or by default 4 but for decode rows DECODE_WARPS.
+    kernel, or by default 4 but for decode rows decode_warps'.
     With a `state` (post-conv layers; work.seq_state names each sequence's slot) prompt groups also write
     their sequences' last score and logit rows there and decode rows read the rows before theirs from it.
     The last kernel casts each output row to out's dtype and applies `head_norm` (steps 8-9) to it.
@@ -206,7 +206,8 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
                    seq_start_ptr=work.seq_start, seq_end_ptr=work.seq_end, seq_row_ptr=work.seq_row,
                    work_seq_ptr=work.work_seq, work_first_ptr=work.work_first)
         _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, norms, partial, items, seq,
-                weights, c, 1.0 / math.sqrt(head_dim), num_warps or (DECODE_WARPS if decode else {}))
+                weights, c, 1.0 / math.sqrt(head_dim),
+                num_warps or (decode_warps(wave * splits, splits, length, _num_sms(q.device)) if decode else {}))
     return out
 
 
@@ -225,8 +226,18 @@ def _prompt_conv_tiles(params: MTALayerParams, bn: int, probs_tile: int, probs_r
 
 # Warps per kernel of decode rows (the others: 4). H200, conv layer at 64 x 2048 (benchmarks/kernels.py
 # --breakdown): _pv 129 -> 108 us with 2 warps (more programs resident per SM), _probs 128 -> 106 us with 8
-# (its [heads, keys] tiles of 128 keys).
-DECODE_WARPS = {"_pv_kernel": 2, "_probs_kernel": 2}
+# (its [heads, keys] tiles of 128 keys); _probs_kernel's count is decode_warps'.
+DECODE_WARPS = {"_pv_kernel": 2, "_probs_kernel": 8}
+
+
+def decode_warps(num_programs: int, num_splits: int, length: int, num_sms: int) -> dict:
+    """DECODE_WARPS, but with _probs_kernel in 2 warps where its (row, split) programs number at least two
+    per SM and each split spans more than one 128-key tile. Since the ConvState keeps probability rows, the
+    H200's conv layer (benchmarks/kernels.py, 8 warps at 094c412 against 2 at ef904d7, one session) was
+    faster with 2 warps at exactly those of the 12 decode shapes (64 x 2048: 0.373 -> 0.353 ms, 256 x 8192:
+    5.821 -> 5.679) and slower at the others (1 x 2048: 0.035 -> 0.044, 16 x 2048: 0.109 -> 0.118)."""
+    many = num_programs >= 2 * num_sms and length > 128 * num_splits
+    return dict(DECODE_WARPS, _probs_kernel=2) if many else DECODE_WARPS
 
 
 def _state_args(state: ConvState | None, work: WorkItems, key_tile: int, widest: int, dummy: torch.Tensor) -> dict:
@@ -244,9 +255,13 @@ def _state_args(state: ConvState | None, work: WorkItems, key_tile: int, widest:
 def _prompt_splits(device: torch.device, items: int, rows_l: int, length: int, key_tile: int) -> int:
     """Key splits for a wave of prompt groups: its (item, split, 8-row tile) programs should fill every SM
     four times over, with at least four key tiles per split."""
-    num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
     programs = items * triton.cdiv(rows_l, 8)
+    num_sms = _num_sms(device)
     return max(1, min(16, triton.cdiv(4 * num_sms, programs), length // (4 * key_tile)))
+
+
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
 
 
 def _or(t, dummy):

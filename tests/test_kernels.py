@@ -343,6 +343,18 @@ def test_mta_kernel_conv_state_carries_rows_from_prompts_to_decode_rows(post, ke
         torch.testing.assert_close(out, reference, atol=2e-5, rtol=1e-5)
 
 
+def test_decode_warps_give_probs_two_warps_only_for_many_multi_tile_splits():
+    """The H200's (132 SMs) decode shapes as the engine splits them: 2 warps for _probs_kernel at 64 x 2048 (9
+    splits) and 16 x 8192 (32 splits); 8 where programs are few (1 x 8192) or a split is one tile (16 x 2048,
+    64 x 512); _pv_kernel always 2."""
+    from mta_serve.kernels.mta_attention import decode_warps
+
+    shapes = {(64, 9, 2048): 2, (16, 32, 8192): 2, (256, 3, 512): 2, (1, 32, 8192): 8, (16, 32, 2048): 8,
+              (64, 8, 512): 8}
+    for (batch, splits, length), warps in shapes.items():
+        assert decode_warps(batch * splits, splits, length, 132) == {"_pv_kernel": 2, "_probs_kernel": warps}
+
+
 def test_mta_kernel_conv_state_must_fit_the_layer():
     from mta_serve.kernels.mta_attention import ConvState
 
