@@ -11,8 +11,9 @@ Levels (MTA_SERVE_PDL; by default 2 where the GPU has PDL):
 - 1: every kernel taking PDL waits first, and the next kernel's programs start as this one's exit;
 - 2: also, `row_linear`'s kernels request their first piece of W (weights are not written while the model
   runs) before waiting, and let the next kernel launch (griddepcontrol.launch_dependents) as soon as they
-  have requested it; the row norms let it launch right after their wait. So at batch 1 a row product's
-  first weight reads overlap the kernel before it, and the kernel after it is set up while it runs.
+  have requested it; the row norms and the last attention kernels (`_sum_splits_kernel`, paged flash's
+  combine), each followed by a row product, let it launch right after their wait. So at batch 1 a row
+  product's first weight reads overlap the kernel before it, and the kernel after it is set up while it runs.
 
 H200, `benchmarks/step_profile.py --batch 1`, graphs on, 830M configs; each bullet is one machine and session:
 - 3f3ca35, MTA_SERVE_PDL=0 and 1 interleaved twice: MTA 1.516 / 1.514 -> 1.403 / 1.405 ms, baseline 1.153 /
@@ -22,6 +23,8 @@ H200, `benchmarks/step_profile.py --batch 1`, graphs on, 830M configs; each bull
   1.339, baseline 1.076 / 1.074. Level 2 with the launch let after the wait instead: MTA 1.352 / 1.350 /
   1.349 / 1.353, baseline 1.085 / 1.084 / 1.083 / 1.086. At batch 64 that variant gave MTA 7.907 ms and
   baseline 6.532 ms, a516a9c 7.930 and 6.530 ms.
+- the last attention kernels' early launch (a19dbdd against 6efe5cc, step_profile_h200_ab_cf41583_6efe5cc_a19dbdd.json):
+  MTA 1.333 -> 1.307 ms, baseline 1.055 -> 1.025 ms.
 In a first experiment (b65911b, baseline only) letting every kernel's successor launch right after the wait,
 with nothing requested before it, was slower than level 1: 1.063 against 1.038 ms.
 """
