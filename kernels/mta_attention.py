@@ -129,7 +129,8 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     heads, prompt groups' conv kernels those of _prompt_conv_tiles. `num_warps` for every
     kernel, or by default 4 but for decode rows decode_warps'.
     With a `state` (post-conv layers; work.seq_state names each sequence's slot) prompt groups also write
-    their sequences' last score and logit rows there and decode rows read the rows before theirs from it.
+    their sequences' last score and probability rows there, and decode rows read the rows before theirs
+    from it and write their own.
     The last kernel casts each output row to out's dtype and applies `head_norm` (steps 8-9) to it.
     Nothing here synchronizes with the host.
     """
@@ -147,7 +148,7 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     if ring:
         kept = (1 if state.scores is None else state.scores.shape[2], state.probs.shape[2])
         if kept != (cq, cq2):
-            raise ValueError(f"the ConvState keeps {kept[0]} score and {kept[1]} logit rows; "
+            raise ValueError(f"the ConvState keeps {kept[0]} score and {kept[1]} probability rows; "
                              f"the layer needs {cq}, {cq2}")
     # Decode rows that read the previous rows from the state compute only their own score and logit rows.
     rows_s, rows_l = (1, 1) if ring == 1 else (rows_o + cq - 1 + cq2 - 1, rows_o + cq2 - 1)

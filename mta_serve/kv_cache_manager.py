@@ -5,7 +5,7 @@ A block's hash covers its tokens and, through its parent's hash, every token bef
 token exactly what depends only on that prefix (K, V and, for key-query-conv layers, the query), so a hit is
 exact however the prefix was computed: whole, in chunks, or after a preemption.
 
-A state slot holds what belongs to one request rather than to a prefix: the last score and logit rows of its
+A state slot holds what belongs to one request rather than to a prefix: the last score and probability rows of its
 post-conv layers (kernels.mta_attention.ConvState). A request gets one when the runner first asks and keeps
 it until its blocks are freed (finish, abort, preemption). The manager also records up to which position
 the slot's rows are current, so that only a request continuing exactly there reads them.

@@ -170,7 +170,7 @@ class TritonPagedAttention(TorchPagedAttention):
         super().__init__(cfg, num_blocks, block_size, dtype, device)
         self.device = torch.device(device)
         self.prefill_block_m = prefill_block_m
-        # Post-conv layers keep each request's last score and logit rows (slot num_state_slots: the graphs'
+        # Post-conv layers keep each request's last score and probability rows (slot num_state_slots: the graphs'
         # padding rows). Without slots, decode rows recompute them.
         self.scratch_state = num_state_slots
         layers = set(conv_state_layers(cfg)) if num_state_slots else set()

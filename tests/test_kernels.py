@@ -362,7 +362,7 @@ def test_mta_kernel_conv_state_must_fit_the_layer():
     work = build_work_items(tables, starts, ends, rows, 1, 1, DEVICE, states=list(range(len(DECODE))))
     params = layer_params(mta_weights(pre=(3, 5), post=(2, 3)), DEVICE)
     out = torch.empty(q.shape, device=DEVICE)
-    with pytest.raises(ValueError, match="keeps 3 score and 3 logit rows; the layer needs 3, 2"):
+    with pytest.raises(ValueError, match="keeps 3 score and 3 probability rows; the layer needs 3, 2"):
         mta_paged_attention(q, qc, kc, vc, params, work, out, state=ConvState.allocate(5, H, 3, 3, 32, DEVICE))
     for tiles in (dict(key_tile=256), dict(stream_tile=256)):
         with pytest.raises(ValueError, match="tiles of 256 keys do not divide"):
