@@ -234,7 +234,7 @@ DECODE_WARPS = {"_pv_kernel": 2, "_probs_kernel": 8}
 def decode_warps(num_programs: int, num_splits: int, length: int, num_sms: int) -> dict:
     """DECODE_WARPS, but with _probs_kernel in 2 warps where its (row, split) programs number at least two
     per SM and each split spans more than one 128-key tile. Since the ConvState keeps probability rows, the
-    H200's conv layer (benchmarks/kernels.py, 8 warps at 094c412 against 2 at ef904d7, one session) was
+    H200's conv layer (benchmarks/kernels.py, 8 warps at 094c412 against 2 at ef904d7, two machines) was
     faster with 2 warps at exactly those of the 12 decode shapes (64 x 2048: 0.373 -> 0.353 ms, 256 x 8192:
     5.821 -> 5.679) and slower at the others (1 x 2048: 0.035 -> 0.044, 16 x 2048: 0.109 -> 0.118)."""
     many = num_programs >= 2 * num_sms and length > 128 * num_splits

@@ -316,8 +316,8 @@ def test_mta_kernel_conv_state_carries_rows_from_prompts_to_decode_rows(post, ke
     from mta_serve.kernels.mta_attention import ConvState
 
     wide = key_tile is None
-    # with 16-key tiles, decode rows on both sides of where a tile starts to lie inside every conv input row:
-    # positions 41 (post 6 x 11), 50 (post 3 x 3) and 51 (pre 3 x 5)
+    # decode rows at 38-41 and 48-51: conv windows over several 16-key tiles, state rows from both prompt
+    # chunks and earlier decode rows
     heads, total = (WIDE, [3, 9, 80]) if wide else ((H, G, D), [3, 38, 48])
     if wide:
         _nan_scratch(monkeypatch)
