@@ -32,6 +32,9 @@ from .fused_ops import CAST_ONLY, HeadNormGate
 from .mta_attention import MTALayerParams, _mix, _normalizers_kernel, _running_max_sum, _sum_splits_kernel
 from .work_items import SPLIT_CHUNK, WorkItems, cache_slots, dot_width, split_key_tiles, work_item
 
+# _normalizers_kernel's conv arguments for a layer without convs or ConvState
+_NO_CONV = dict(CQ=1, CK=1, PL=0, CQP=1, CQ2=1, CK2=1, PL2=0, CQ2P=1, RING=0, SRING=0)
+
 
 def mixing_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, params: MTALayerParams,
                              work: WorkItems, out: torch.Tensor, key_tile: int = 16, num_splits: int = 1,
@@ -71,10 +74,10 @@ def mixing_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     launch = pdl.options(q)
     _mixed_stats_kernel[(num_items, num_splits)](q, k_cache, pre_mix, stats, scale, *seq, num_splits, **c,
                                                  num_warps=num_warps, num_stages=num_stages, **launch)
-    _normalizers_kernel[(num_items, n_heads)](stats, norms, dummy, dummy, 0, work.work_seq, work.work_first,
-                                              work.seq_end, work.work_seq, 1, H=n_heads, BN=key_tile, NUM_TILES=1,
-                                              RO=bm, RL=bm, SPLITS=num_splits, RLP=bm, CQ2=1, RING=0,
-                                              SC=SPLIT_CHUNK, num_warps=num_warps, **launch)
+    no_state = (dummy,) * 6 + (0, work.work_seq, work.work_first, work.seq_end, work.work_seq, 1)
+    _normalizers_kernel[(num_items, n_heads)](stats, norms, *no_state, H=n_heads, BN=key_tile, NUM_TILES=1, RO=bm,
+                                              R=bm, RL=bm, SPLITS=num_splits, RLP=bm, **_NO_CONV, SC=SPLIT_CHUNK,
+                                              num_warps=num_warps, **launch)
     _mixed_pv_kernel[(num_items, num_splits)](q, k_cache, v_cache, pre_mix, post_mix, norms, partial, scale, *seq,
                                               num_splits, POST_MIX=params.post_mix is not None,
                                               P16=pv_in_cache_dtype and q.dtype != torch.float32, **c,

@@ -13,11 +13,12 @@ keep, per head, the rows the convolutions need over the keys 0..p1-1:
 3. `_probs_kernel` (item, split, row tile): softmax rows -> post-conv -> post-mix -> P' [items, H, rows, T];
 4. `_pv_kernel` (item x head, split x row tile): P' @ V per split; `_sum_splits_kernel` writes the output.
 
-With a ConvState (layers with a post-conv over c_q' > 1 queries, as the engine runs them), prompt groups
-also keep each sequence's last c_q score rows and c_q' probability rows in the sequence's state slot, and a
-decode row computes only its own score and logit rows, reads the rows before them from the slot and writes
-its own there: the paper's 6 x 11 layer then computes 1 score row and 1 pre-conv row instead
-of 11 and 6.
+With a ConvState (layers with a post-conv over c_q' > 1 queries, as the engine runs them), a sequence's
+state slot keeps, for each conv, the partial sums of the next c-1 rows' outputs over the rows computed so
+far: prompt groups write them from their last rows, and a decode row computes only its own score and logit
+rows, finishes its own outputs from the partial sums and adds its taps to those of the rows after it. The
+paper's 6 x 11 layer then computes 1 score row and 1 pre-conv row instead of 11 and 6, and each conv reads
+one shifted input row 11 times instead of 6 rows 11 times.
 
 K is read once (stage 1), V once (stage 4). The rows in between are fp32, so the result is the reference's
 up to summation order (for 16-bit models the post-softmax head mixing and prompt P'V products are tf32x3
@@ -83,25 +84,28 @@ RING_ALIGN = 128  # ConvState rows are a multiple of every key tile long
 
 @dataclass(slots=True)
 class ConvState:
-    """A post-conv layer's last rows of each sequence, kept across steps (the spec's "those rows
-    themselves"): the last c_q' probability rows (softmax rows, normalized) and, with a pre-conv over c_q > 1
-    queries, the last c_q score rows. A decode row then computes only its own score and logit rows and
-    reads the ones before it here, instead of recomputing c_q' - 1 logit rows from c_q + c_q' - 2 more score
-    rows; keeping probabilities rather than logits spares its post-conv an exp per tap of those rows. Slot s
-    keeps position p's rows at row p % c_q' (probabilities) and p % c_q (scores); a row holds garbage beyond
-    its position. A prompt launch writes the last rows of each of its sequences; a decode launch reads them
-    and writes its own, so the caller must only put a sequence in a decode launch when the previous step
-    that computed it wrote its slot (kv_cache_manager tracks that)."""
+    """What a post-conv layer keeps of each sequence across steps (the spec's decode state), per conv over
+    c > 1 queries: for each of the c - 1 rows after the last one computed, the partial sum of its conv
+    output (before head mixing and masking) over the taps of rows already computed. Output row u of a conv
+    over rows u - c + 1 .. u is then the kept partial sum plus the taps of row u itself, which a decode row
+    computes from its own score (pre-conv) or probability (post-conv) row; it adds those taps to the
+    partial sums of rows u + 1 .. u + c - 1 too. So a decode row reads its own input row at the c_k shifts
+    and c - 1 partial rows once, instead of c input rows at c_k shifts each, and never recomputes earlier
+    rows. Slot s keeps row u's partial sums at row u % c (c rows: the one a step reads is not the one it
+    starts); a row holds garbage beyond key u. A prompt launch writes the partial sums after the last row
+    of each of its sequences; a decode launch reads them and writes the next ones, so the caller must only
+    put a sequence in a decode launch when the previous step that computed it wrote its slot
+    (kv_cache_manager tracks that)."""
 
-    probs: torch.Tensor  # [num_slots, H, c_q', length] fp32, length a multiple of RING_ALIGN
-    scores: torch.Tensor | None  # [num_slots, H, c_q, length] fp32, None without a pre-conv over c_q > 1
+    post: torch.Tensor  # [num_slots, H, c_q', length] fp32, length a multiple of RING_ALIGN: post-conv sums
+    pre: torch.Tensor | None  # [num_slots, H, c_q, length] fp32, None without a pre-conv over c_q > 1
 
     @classmethod
     def allocate(cls, num_slots: int, n_heads: int, c_q: int, c_q2: int, max_len: int, device) -> "ConvState":
         length = triton.cdiv(max_len, RING_ALIGN) * RING_ALIGN
         f32 = dict(dtype=torch.float32, device=device)
-        scores = torch.zeros(num_slots, n_heads, c_q, length, **f32) if c_q > 1 else None
-        return cls(torch.zeros(num_slots, n_heads, c_q2, length, **f32), scores)
+        pre = torch.zeros(num_slots, n_heads, c_q, length, **f32) if c_q > 1 else None
+        return cls(torch.zeros(num_slots, n_heads, c_q2, length, **f32), pre)
 
     @staticmethod
     def num_bytes(num_slots: int, n_heads: int, c_q: int, c_q2: int, max_len: int) -> int:
@@ -127,10 +131,10 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     in the two that read K and V (powers of two; by default 128, and `key_tile` for prompt groups' P'V);
     unless `key_tile` is given, decode rows' probabilities kernel uses 128-key tiles and, in layers of 9-16
     heads, prompt groups' conv kernels those of _prompt_conv_tiles. `num_warps` for every
-    kernel, or by default 4 but for decode rows decode_warps'.
+    kernel, or by default 4 but for decode rows DECODE_WARPS' (RING_DECODE_WARPS' with a ConvState).
     With a `state` (post-conv layers; work.seq_state names each sequence's slot) prompt groups also write
-    their sequences' last score and probability rows there, and decode rows read the rows before theirs
-    from it and write their own.
+    the conv partial sums after their sequences' last rows there, and decode rows finish their outputs from
+    it and write the next partial sums.
     The last kernel casts each output row to out's dtype and applies `head_norm` (steps 8-9) to it.
     Nothing here synchronizes with the host.
     """
@@ -146,11 +150,11 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     if ring and work.seq_state is None:
         raise ValueError("a ConvState needs work.seq_state, the state slot of each sequence")
     if ring:
-        kept = (1 if state.scores is None else state.scores.shape[2], state.probs.shape[2])
+        kept = (1 if state.pre is None else state.pre.shape[2], state.post.shape[2])
         if kept != (cq, cq2):
-            raise ValueError(f"the ConvState keeps {kept[0]} score and {kept[1]} probability rows; "
-                             f"the layer needs {cq}, {cq2}")
-    # Decode rows that read the previous rows from the state compute only their own score and logit rows.
+            raise ValueError(f"the ConvState is for convs over {kept[0]} (pre) and {kept[1]} (post) queries; "
+                             f"the layer's are over {cq}, {cq2}")
+    # Decode rows that finish their convs from the state compute only their own score and logit rows.
     rows_s, rows_l = (1, 1) if ring == 1 else (rows_o + cq - 1 + cq2 - 1, rows_o + cq2 - 1)
     # Measured on the H200 (benchmarks/kernels.py --sweep); prompt groups use narrow key tiles so that the
     # [heads, 16 rows, keys] head-mixing product fits in shared memory (the conv kernels of 16-head blocks:
@@ -164,8 +168,9 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     # with 128-key tiles rather than 32), but not their _pv_kernel (4.97 -> 7.25 ms).
     scores_tile = stream_tile or 128
     pv_tile = stream_tile or (128 if decode else bn)
-    # the decode post-conv likewise (with 8 warps: 64 x 2048, 128 -> 106 us)
-    probs_tile = 128 if decode and not key_tile else bn
+    # the decode post-conv likewise (with 8 warps: 64 x 2048, 128 -> 106 us), but for decode rows finishing
+    # it from a ConvState (their [heads, c_q', keys] partial sums: RING_DECODE_WARPS)
+    probs_tile = 128 if decode and ring != 1 and not key_tile else bn
     hb = triton.next_power_of_2(n_heads)
     logits_tile, probs_rows = bn, 1 if decode else 16
     if not (decode or key_tile) and hb == 16:
@@ -187,10 +192,12 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
         RLT=min(8, triton.next_power_of_2(rows_l)), RLP=triton.next_power_of_2(rows_l), OT=1 if decode else 16,
         PROBS_OT=probs_rows, SPLITS=splits, SC=SPLIT_CHUNK,
         CQ=cq, CK=ck, PL=left_pad(params.pad_key, ck), CQ2=cq2, CK2=ck2, PL2=left_pad(params.pad_key, ck2),
+        CQP=triton.next_power_of_2(cq), CQ2P=triton.next_power_of_2(cq2),
         PRE_CONV=params.pre_kernel is not None, POST_CONV=params.post_kernel is not None,
         PRE_MIX=params.pre_mix is not None, POST_MIX=params.post_mix is not None,
         QCACHE=q_cache is not None, FP32=q.dtype == torch.float32, RING=ring, SRING=ring if cq > 1 else 0,
-        NORM_HERE=decode and rows_l == 1 and (ring == 1 or params.post_kernel is None))
+        NORM_HERE=decode and rows_l == 1 and (ring == 1 or params.post_kernel is None),
+        TAIL_BN=key_tile or 128)
     weights = dict(pre_w_ptr=_or(params.pre_kernel, dummy), post_w_ptr=_or(params.post_kernel, dummy),
                    pre_mix_ptr=_or(params.pre_mix, dummy), post_mix_ptr=_or(params.post_mix, dummy),
                    **_state_args(state if ring else None, work, bn, widest, dummy), **head_norm.kernel_args(dummy))
@@ -208,7 +215,7 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
                    work_seq_ptr=work.work_seq, work_first_ptr=work.work_first)
         _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, norms, partial, items, seq,
                 weights, c, 1.0 / math.sqrt(head_dim),
-                num_warps or (decode_warps(wave * splits, splits, length, _num_sms(q.device)) if decode else {}))
+                num_warps or (RING_DECODE_WARPS if ring == 1 else DECODE_WARPS if decode else {}))
     return out
 
 
@@ -227,18 +234,11 @@ def _prompt_conv_tiles(params: MTALayerParams, bn: int, probs_tile: int, probs_r
 
 # Warps per kernel of decode rows (the others: 4). H200, conv layer at 64 x 2048 (benchmarks/kernels.py
 # --breakdown): _pv 129 -> 108 us with 2 warps (more programs resident per SM), _probs 128 -> 106 us with 8
-# (its [heads, keys] tiles of 128 keys); _probs_kernel's count is decode_warps'.
+# (its [heads, keys] tiles of 128 keys). Decode rows finishing their convs from a ConvState: _probs in 4
+# warps over 32-key tiles (--kernel-sweep at 64 x 2048: 59 us, against 62 / 96 with 2 / 8 warps and
+# 67-70 us with 64- or 128-key tiles at their best warp count).
 DECODE_WARPS = {"_pv_kernel": 2, "_probs_kernel": 8}
-
-
-def decode_warps(num_programs: int, num_splits: int, length: int, num_sms: int) -> dict:
-    """DECODE_WARPS, but with _probs_kernel in 2 warps where its (row, split) programs number at least two
-    per SM and each split spans more than one 128-key tile. Since the ConvState keeps probability rows, the
-    H200's conv layer (benchmarks/kernels.py, 8 warps at 094c412 against 2 at ef904d7, two machines) was
-    faster with 2 warps at exactly those of the 12 decode shapes (64 x 2048: 0.373 -> 0.353 ms, 256 x 8192:
-    5.821 -> 5.679) and slower at the others (1 x 2048: 0.035 -> 0.044, 16 x 2048: 0.109 -> 0.118)."""
-    many = num_programs >= 2 * num_sms and length > 128 * num_splits
-    return dict(DECODE_WARPS, _probs_kernel=2) if many else DECODE_WARPS
+RING_DECODE_WARPS = {"_pv_kernel": 2}
 
 
 def _state_args(state: ConvState | None, work: WorkItems, key_tile: int, widest: int, dummy: torch.Tensor) -> dict:
@@ -246,11 +246,11 @@ def _state_args(state: ConvState | None, work: WorkItems, key_tile: int, widest:
     and every kernel's tile (at most `widest` keys) must divide the rows."""
     if state is None:
         return dict(seq_state_ptr=work.work_seq, ring_ptr=dummy, sring_ptr=dummy, RING_TILES=1)
-    if state.probs.shape[-1] % widest:
+    if state.post.shape[-1] % widest:
         raise ValueError(f"key tiles of {widest} keys do not divide the ConvState rows "
-                         f"({state.probs.shape[-1]} keys)")
-    return dict(seq_state_ptr=work.seq_state, ring_ptr=state.probs, sring_ptr=_or(state.scores, dummy),
-                RING_TILES=state.probs.shape[-1] // key_tile)
+                         f"({state.post.shape[-1]} keys)")
+    return dict(seq_state_ptr=work.seq_state, ring_ptr=state.post, sring_ptr=_or(state.pre, dummy),
+                RING_TILES=state.post.shape[-1] // key_tile)
 
 
 def _prompt_splits(device: torch.device, items: int, rows_l: int, length: int, key_tile: int) -> int:
@@ -301,7 +301,7 @@ def _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, nor
     run(_logits_kernel, (items, c["SPLITS"], triton.cdiv(c["RL"], c["RLT"])), scores, logits, stats,
         args=streaming(c["LOGITS_BN"]))
     if not c["NORM_HERE"]:
-        run(_normalizers_kernel, (items, c["H"]), stats, norms, logits)
+        run(_normalizers_kernel, (items, c["H"]), stats, norms, logits, scores)
     run(_probs_kernel, (items, c["SPLITS"], triton.cdiv(c["RO"], c["PROBS_OT"])), logits, norms, stats, probs,
         args=dict(streaming(c["PROBS_BN"]), OT=c["PROBS_OT"]))
     run(_pv_kernel, (items * c["H"], c["SPLITS"] * out_tiles), probs, v_cache, partial, args=streaming(c["PV_BN"]))
@@ -325,14 +325,11 @@ def _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, nor
 
 @triton.jit(do_not_specialize=["item0", "bt_stride", "NUM_TILES"])
 def _scores_kernel(q_ptr, qc_ptr, k_ptr, s_ptr, sm_scale, item0, bt_ptr, bt_stride, seq_start_ptr, seq_end_ptr,
-                   seq_row_ptr, work_seq_ptr, work_first_ptr, seq_state_ptr, sring_ptr, RING_TILES,
-                   H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr,
-                   NUM_TILES, BLOCK_SIZE: tl.constexpr, RO: tl.constexpr, R: tl.constexpr, RT: tl.constexpr,
-                   CQ: tl.constexpr, QCACHE: tl.constexpr, FP32: tl.constexpr, SRING: tl.constexpr,
+                   seq_row_ptr, work_seq_ptr, work_first_ptr, H: tl.constexpr, GROUP: tl.constexpr,
+                   D: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr, NUM_TILES, BLOCK_SIZE: tl.constexpr,
+                   RO: tl.constexpr, R: tl.constexpr, RT: tl.constexpr, QCACHE: tl.constexpr, FP32: tl.constexpr,
                    PDL: tl.constexpr):
-    """S[i, h, r, j] = q . k / sqrt(d) of row first - W + r and key j, 0 unless 0 <= j <= row. SRING 1
-    (decode rows): the row goes to the sequence's ConvState scores instead; SRING 2 (prompt groups): the
-    sequence's last c_q rows also go there."""
+    """S[i, h, r, j] = q . k / sqrt(d) of row first - W + r and key j, 0 unless 0 <= j <= row."""
     pdl.wait(PDL)
     LENGTH = NUM_TILES * BN  # row stride of the fp32 buffers; a product, so its divisibility is known
     b, h = tl.program_id(0) // H, tl.program_id(0) % H
@@ -361,16 +358,8 @@ def _scores_kernel(q_ptr, qc_ptr, k_ptr, s_ptr, sm_scale, item0, bt_ptr, bt_stri
                 mask=key_ok[:, None] & dmask, other=0.0)
     s = qk_tile(q, k, RT == 1, FP32)
     s = tl.where((keys[None, :] <= rows[:, None]) & row_ok[:, None], s * sm_scale, 0.0)
-    mask = (r[:, None] < R) & key_ok[None, :]
-    if SRING != 0:
-        ring_rows = _ring_row(_item_slot(seq_state_ptr, work_seq_ptr, item0 + b), h, rows, H, CQ)[:, None]
-        ring_ptrs = sring_ptr + ring_rows * (RING_TILES * BN) + keys[None, :]
-    if SRING == 1:
-        tl.store(ring_ptrs, s, mask=mask)
-    else:
-        tl.store(s_ptr + ((b * H + h) * R + r).to(tl.int64)[:, None] * LENGTH + keys[None, :], s, mask=mask)
-    if SRING == 2:
-        tl.store(ring_ptrs, s, mask=mask & _sequence_tail(rows, last, end, CQ)[:, None])
+    tl.store(s_ptr + ((b * H + h) * R + r).to(tl.int64)[:, None] * LENGTH + keys[None, :], s,
+             mask=(r[:, None] < R) & key_ok[None, :])
 
 
 @triton.jit
@@ -384,13 +373,6 @@ def _ring_row(slot, heads, rows, H: tl.constexpr, ROWS: tl.constexpr):
     """Row index (int64) of positions `rows` (negative ones clamped to 0) and `heads` in a ConvState tensor
     [slots, H, ROWS, ...], which keeps position p at row p % ROWS."""
     return ((slot * H + heads) * ROWS + tl.where(rows < 0, 0, rows) % ROWS).to(tl.int64)
-
-
-@triton.jit
-def _sequence_tail(rows, last, end, N: tl.constexpr):
-    """Which of `rows` are among the last N positions of a sequence whose work item ends it (last = end - 1):
-    what prompt groups write to the ConvState. The scalar test is broadcast first, for Triton's interpreter."""
-    return (rows >= 0) & (rows > last - N) & (rows <= last) & (rows * 0 + last == end - 1)
 
 
 @triton.jit
@@ -412,39 +394,22 @@ def _mix(w_ptr, x, H: tl.constexpr, HB: tl.constexpr, RT: tl.constexpr, BN: tl.c
 @triton.jit
 def _row_conv(x_ptr, w_ptr, b, out0, pos0, last, key0, H: tl.constexpr, HB: tl.constexpr, ROWS: tl.constexpr,
               OUT: tl.constexpr, BN: tl.constexpr, CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr,
-              LENGTH, SOFTMAX: tl.constexpr, norm_ptr=None, inv_base=0, RING: tl.constexpr = False,
-              COLUMNS_OUTER: tl.constexpr = False):
+              LENGTH, SOFTMAX: tl.constexpr, norm_ptr=None, inv_base=0):
     """Key-query conv (spec steps 2 and 5) of output rows out0 .. out0 + OUT - 1 over keys key0 + [0, BN):
     y[h, r, j] = sum_{a, c} w[h, a, c] x[h, out0 + r + a, j - PL + c] -> [HB, OUT, BN], where input row i
     of x [items, H, ROWS, LENGTH] is position pos0 + i and reads 0 where its key is outside 0..position.
-    With RING, x is a ConvState ([slots, H, ROWS, LENGTH], b the slot) keeping position p at row p % ROWS.
 
     Each input row is loaded once per kernel column c and added to every output row it feeds (a rank-1
     update with the weights w[h, i - r, c]), so a row is read CK times instead of CQ x CK times. With
-    SOFTMAX (not with RING), x holds logits and each row is first normalized: exp(x - max) / sum from
-    norm_ptr.
-
-    COLUMNS_OUTER (one output row): a loop over the columns around the unrolled rows, so that a column's CQ
-    loads are in flight at once. On the H200 it made the decode pre-conv faster at every batch (64 x 2048:
-    76 -> 68 us, 256 x 2048: 362 -> 255, 1 x 8192: 58 -> 23) but the post-conv slower from batch 16 up
-    (64 x 2048: 114 -> 146 us), so only the pre-conv uses it."""
+    SOFTMAX, x holds logits and each row is first normalized: exp(x - max) / sum from norm_ptr."""
     heads = tl.arange(0, HB)[:, None]
     r = tl.arange(0, OUT)[None, :]
     keys = key0 + tl.arange(0, BN)[None, :]
     y = tl.zeros((HB, OUT, BN), tl.float32)
-    if OUT == 1 and COLUMNS_OUTER:
-        for c in range(CK):
-            for ii in tl.static_range(CQ):
-                i = out0 + ii
-                row_base, row_ok, m, inv = _conv_input_row(x_ptr, norm_ptr, inv_base, b, heads, i, pos0, H, ROWS,
-                                                           LENGTH, SOFTMAX, RING)
-                y += _conv_column(row_base, w_ptr, heads, i - out0 - r, keys - PL + c, row_ok, pos0 + i, last, c,
-                                  m, inv, H, CQ, CK, SOFTMAX)
-        return y
     for i in range(out0, out0 + OUT + CQ - 1):
         a = i - out0 - r  # kernel row of input row i for each output row: [1, OUT]
         row_base, row_ok, m, inv = _conv_input_row(x_ptr, norm_ptr, inv_base, b, heads, i, pos0, H, ROWS, LENGTH,
-                                                   SOFTMAX, RING)
+                                                   SOFTMAX)
         if OUT > 1:  # prompt tiles: unrolled (_logits_kernel at 8192 tokens: 31.7 -> 25.8 ms)
             for c in tl.static_range(CK):
                 y += _conv_column(row_base, w_ptr, heads, a, keys - PL + c, row_ok, pos0 + i, last, c, m, inv,
@@ -458,16 +423,15 @@ def _row_conv(x_ptr, w_ptr, b, out0, pos0, last, key0, H: tl.constexpr, HB: tl.c
 
 @triton.jit
 def _conv_input_row(x_ptr, norm_ptr, inv_base, b, heads, i, pos0, H: tl.constexpr, ROWS: tl.constexpr, LENGTH,
-                    SOFTMAX: tl.constexpr, RING: tl.constexpr):
+                    SOFTMAX: tl.constexpr):
     """Input row i of _row_conv: (pointers [HB, 1], which heads hold it, its max and 1 / sum of exp)."""
-    row = (pos0 + i + ROWS) % ROWS if RING else i  # pos0 + i > -ROWS: the window starts at most there
     # (the position broadcast over heads first: Triton's interpreter rejects a scalar mask term)
     row_ok = (heads < H) & (heads * 0 + i < ROWS) & (heads * 0 + pos0 + i >= 0)
-    row_base = x_ptr + ((b * H + heads) * ROWS + row).to(tl.int64) * LENGTH
+    row_base = x_ptr + ((b * H + heads) * ROWS + i).to(tl.int64) * LENGTH
     m = tl.zeros(heads.shape, tl.float32)
     inv = tl.zeros(heads.shape, tl.float32)
     if SOFTMAX:
-        norm_offs = (b * H + heads) * ROWS + row
+        norm_offs = (b * H + heads) * ROWS + i
         m = tl.load(norm_ptr + norm_offs, mask=row_ok, other=0.0)
         inv = tl.load(norm_ptr + inv_base + norm_offs, mask=row_ok, other=0.0)
     return row_base, row_ok, m, inv
@@ -492,10 +456,11 @@ def _logits_kernel(s_ptr, l_ptr, stats_ptr, pre_w_ptr, pre_mix_ptr, item0, bt_pt
                    bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr, work_seq_ptr, work_first_ptr, seq_state_ptr,
                    sring_ptr, RING_TILES, H: tl.constexpr, BN: tl.constexpr, NUM_TILES, HB: tl.constexpr,
                    RO: tl.constexpr, R: tl.constexpr, RL: tl.constexpr, RLT: tl.constexpr, SPLITS,
-                   CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr, PRE_CONV: tl.constexpr,
+                   CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr, CQP: tl.constexpr, PRE_CONV: tl.constexpr,
                    PRE_MIX: tl.constexpr, SRING: tl.constexpr, PDL: tl.constexpr):
     """L rows first - (c_q'-1) + r over this split's keys (steps 2-4 before the softmax), with max and sum.
-    SRING 1 (decode rows with a ConvState): the score rows come from the sequence's ConvState."""
+    SRING 1 (decode rows with a ConvState): the pre-conv is finished from the sequence's ConvState, whose
+    partial sums of the next rows (keys up to last + CQ - 1) this row's taps go into."""
     pdl.wait(PDL)
     LENGTH = NUM_TILES * BN  # row stride of the fp32 buffers; a product, so its divisibility is known
     b, split, row_tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -512,12 +477,13 @@ def _logits_kernel(s_ptr, l_ptr, stats_ptr, pre_w_ptr, pre_mix_ptr, item0, bt_pt
         slot = _item_slot(seq_state_ptr, work_seq_ptr, item0 + b)
     m = tl.full((HB, RLT), float("-inf"), tl.float32)
     l = tl.zeros((HB, RLT), tl.float32)
-    t0, t1 = split_key_tiles(tl.minimum(first - (RL - RO) + row_tile * RLT + RLT - 1, last), split, BN, SPLITS)
+    last_key = tl.minimum(first - (RL - RO) + row_tile * RLT + RLT - 1, last)
+    t0, t1 = split_key_tiles(last_key + (CQ - 1 if SRING == 1 else 0), split, BN, SPLITS)
     for t in range(t0, t1):
         keys = t * BN + j3
         if SRING == 1:
-            x = _row_conv(sring_ptr, pre_w_ptr, slot, 0, first - (CQ - 1), last, t * BN, H, HB, CQ, RLT, BN,
-                          CQ, CK, PL, RING_TILES * BN, False, RING=True, COLUMNS_OUTER=True)
+            x = _decode_conv(s_ptr, sring_ptr, pre_w_ptr, slot, b, first, t * BN, 0.0, 0.0, H, HB, BN, CQ, CQP, CK,
+                             PL, RING_TILES * BN, LENGTH, False)
         elif PRE_CONV:
             x = _row_conv(s_ptr, pre_w_ptr, b, row_tile * RLT, first - (R - RO), last, t * BN, H, HB, R, RLT, BN,
                           CQ, CK, PL, LENGTH, False)
@@ -529,7 +495,7 @@ def _logits_kernel(s_ptr, l_ptr, stats_ptr, pre_w_ptr, pre_mix_ptr, item0, bt_pt
             # prefill at 8192 tokens: 2.2 -> 3.2 ms), unlike the post-mix in _probs_kernel
             x = _mix(pre_mix_ptr, x, H, HB, RLT, BN, True)
         x = tl.where((keys <= rows) & (rows >= 0) & (rows <= last) & (r3 < RL), x, float("-inf"))
-        tl.store(dst + keys, x, mask=ok)
+        tl.store(dst + keys, x, mask=ok & (keys < LENGTH))
         m, l = _running_max_sum(m, l, x)
     r2 = row_tile * RLT + tl.arange(0, RLT)[None, :]
     offs = ((b * SPLITS + split) * H + heads[:, None]) * RL + r2
@@ -569,12 +535,16 @@ def _split_normalizers(stats_ptr, base, ok, split_stride, sums, SPLITS, SC: tl.c
 
 
 @triton.jit(do_not_specialize=["item0", "SPLITS"])
-def _normalizers_kernel(stats_ptr, norm_ptr, l_ptr, ring_ptr, item0, work_seq_ptr, work_first_ptr, seq_end_ptr,
-                        seq_state_ptr, RING_TILES, H: tl.constexpr, BN: tl.constexpr, NUM_TILES, RO: tl.constexpr,
-                        RL: tl.constexpr, SPLITS, RLP: tl.constexpr, CQ2: tl.constexpr, RING: tl.constexpr,
-                        SC: tl.constexpr, PDL: tl.constexpr, TAIL_BN: tl.constexpr = 256):
+def _normalizers_kernel(stats_ptr, norm_ptr, l_ptr, s_ptr, ring_ptr, sring_ptr, pre_w_ptr, post_w_ptr, item0,
+                        work_seq_ptr, work_first_ptr, seq_end_ptr, seq_state_ptr, RING_TILES, H: tl.constexpr,
+                        BN: tl.constexpr, NUM_TILES, RO: tl.constexpr, R: tl.constexpr, RL: tl.constexpr, SPLITS,
+                        RLP: tl.constexpr, CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr, CQP: tl.constexpr,
+                        CQ2: tl.constexpr, CK2: tl.constexpr, PL2: tl.constexpr, CQ2P: tl.constexpr,
+                        RING: tl.constexpr, SRING: tl.constexpr, SC: tl.constexpr, PDL: tl.constexpr,
+                        TAIL_BN: tl.constexpr = 128):
     """Per logit row of one item and head: the max over splits and 1 / (sum of exp). RING 2 (prompt
-    groups): a sequence's last c_q' rows also go to its ConvState, as probabilities (exp(L - max) / sum)."""
+    groups): where the item ends its sequence, the post-conv's (and with SRING 2 the pre-conv's) partial
+    sums of the rows after its last go to the sequence's ConvState."""
     pdl.wait(PDL)
     b, h = tl.program_id(0), tl.program_id(1)
     r = tl.arange(0, RLP)[:, None]
@@ -588,16 +558,40 @@ def _normalizers_kernel(stats_ptr, norm_ptr, l_ptr, ring_ptr, item0, work_seq_pt
         first = tl.load(work_first_ptr + item0 + b)
         end = tl.load(seq_end_ptr + seq)
         last = tl.minimum(first + RO, end) - 1
-        if last == end - 1:  # this item ends its sequence: its last rows are the ConvState's
-            rows = first - (RL - RO) + r
-            keep = ok & _sequence_tail(rows, last, end, CQ2)
-            src = l_ptr + ((b * H + h) * RL + r).to(tl.int64) * (NUM_TILES * BN)
-            dst = ring_ptr + _ring_row(tl.load(seq_state_ptr + seq), h, rows, H, CQ2) * (RING_TILES * BN)
-            for k0 in range(0, last + 1, TAIL_BN):
-                keys = k0 + tl.arange(0, TAIL_BN)[None, :]
-                row_keys = keep & (keys <= rows)
-                x = tl.load(src + keys, mask=row_keys, other=float("-inf"))
-                tl.store(dst + keys, tl.exp(x - m) * inv_l, mask=row_keys)
+        if last == end - 1:  # this item ends its sequence: the partial sums after it are the ConvState's
+            slot = tl.load(seq_state_ptr + seq)
+            tl.debug_barrier()  # the post-conv reads the normalizers just stored, by other threads
+            _tail_partials(l_ptr, norm_ptr, tl.num_programs(0) * H * RL, ring_ptr, post_w_ptr, slot, b, h,
+                           first - (RL - RO), last, H, RL, NUM_TILES * BN, RING_TILES * BN, CQ2, CQ2P, CK2, PL2,
+                           TAIL_BN, True)
+            if SRING == 2:
+                _tail_partials(s_ptr, norm_ptr, 0, sring_ptr, pre_w_ptr, slot, b, h, first - (R - RO), last, H, R,
+                               NUM_TILES * BN, RING_TILES * BN, CQ, CQP, CK, PL, TAIL_BN, False)
+
+
+@triton.jit
+def _tail_partials(x_ptr, norm_ptr, inv_base, ring_ptr, w_ptr, slot, b, h, pos0, last, H: tl.constexpr,
+                   ROWS: tl.constexpr, LENGTH, RING_LENGTH, C: tl.constexpr, CP: tl.constexpr, CK: tl.constexpr,
+                   PL: tl.constexpr, BN: tl.constexpr, SOFTMAX: tl.constexpr):
+    """Head h's partial conv sums of rows last + 1 .. last + C - 1 over the taps of rows up to `last` (input
+    rows of item b in x [items, H, ROWS, LENGTH], row i at position pos0 + i; logits normalized from
+    norm_ptr with SOFTMAX) -> ConvState ring_ptr [slots, H, C, RING_LENGTH], row u at u % C, keys up to u."""
+    heads = tl.zeros((1, 1), tl.int32) + h
+    k = tl.arange(0, CP)[None, :]  # output row last + k
+    for k0 in range(0, last + C, BN):
+        keys = k0 + tl.arange(0, BN)[None, :]
+        y = tl.zeros((1, CP, BN), tl.float32)
+        for d in range(C - 1):  # input row last - d: kernel row C - 1 - k - d of output row last + k
+            i = last - d - pos0
+            row_base, row_ok, m, inv = _conv_input_row(x_ptr, norm_ptr, inv_base, b, heads, i, pos0, H, ROWS,
+                                                       LENGTH, SOFTMAX)
+            for c in range(CK):
+                y += _conv_column(row_base, w_ptr, heads, C - 1 - k - d, keys - PL + c, row_ok, last - d, last, c,
+                                  m, inv, H, C, CK, SOFTMAX)
+        k3 = k[:, :, None]
+        j3 = keys[:, None, :]
+        dst = ring_ptr + _ring_row(slot, h, last + k3, H, C) * RING_LENGTH + j3
+        tl.store(dst, y, mask=(k3 >= 1) & (k3 < C) & (j3 <= last + k3) & (j3 < RING_LENGTH))
 
 
 @triton.jit(do_not_specialize=["item0", "bt_stride", "NUM_TILES", "SPLITS"])
@@ -605,12 +599,13 @@ def _probs_kernel(l_ptr, norm_ptr, stats_ptr, p_ptr, post_w_ptr, post_mix_ptr, i
                   bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr, work_seq_ptr, work_first_ptr, seq_state_ptr,
                   ring_ptr, RING_TILES, H: tl.constexpr, BN: tl.constexpr, NUM_TILES,
                   HB: tl.constexpr, RO: tl.constexpr, RL: tl.constexpr, OT: tl.constexpr, SPLITS,
-                  CQ2: tl.constexpr, CK2: tl.constexpr, PL2: tl.constexpr, POST_CONV: tl.constexpr,
-                  POST_MIX: tl.constexpr, FP32: tl.constexpr, RING: tl.constexpr, NORM_HERE: tl.constexpr,
+                  CQ2: tl.constexpr, CK2: tl.constexpr, PL2: tl.constexpr, CQ2P: tl.constexpr,
+                  POST_CONV: tl.constexpr, POST_MIX: tl.constexpr, FP32: tl.constexpr, RING: tl.constexpr,
+                  NORM_HERE: tl.constexpr,
                   SC: tl.constexpr, PDL: tl.constexpr):
     """P' rows first + r over this split's keys: normalized probabilities -> post-conv -> post-mix. RING 1
-    (decode rows): the probability rows before the row's own are the sequence's ConvState rows, and the
-    row's own probabilities go there for the steps after this one. NORM_HERE (decode rows with one logit
+    (decode rows): the post-conv is finished from the sequence's ConvState, whose partial sums of the next
+    rows (keys up to last + CQ2 - 1) this row's taps go into. NORM_HERE (decode rows with one logit
     row of their own): the row's normalizers come from the splits' stats here, not from _normalizers_kernel
     (one launch fewer per layer and step)."""
     pdl.wait(PDL)
@@ -632,17 +627,13 @@ def _probs_kernel(l_ptr, norm_ptr, stats_ptr, p_ptr, post_w_ptr, post_mix_ptr, i
         hs = tl.arange(0, HB)[:, None]
         cur_m, cur_inv = _split_normalizers(stats_ptr, (b * SPLITS * H + hs) * RL, hs < H, H * RL,
                                             tl.num_programs(0) * SPLITS * H * RL, SPLITS, SC)
-    t0, t1 = split_key_tiles(tl.minimum(first + row_tile * OT + OT - 1, last), split, BN, SPLITS)
+    last_key = tl.minimum(first + row_tile * OT + OT - 1, last)
+    t0, t1 = split_key_tiles(last_key + (CQ2 - 1 if RING == 1 else 0), split, BN, SPLITS)
     for t in range(t0, t1):
         keys = t * BN + j3
         if RING == 1:
-            p = _decode_post_conv(ring_ptr, l_ptr, post_w_ptr, slot, b, first, t * BN, cur_m, cur_inv, H, HB, BN,
-                                  CQ2, CK2, PL2, RING_TILES * BN, LENGTH)
-            # this row's probabilities (no program of this launch reads its ring row: it held row first - CQ2)
-            own = (h3 < H) & (keys <= last)
-            x = tl.load(l_ptr + (b * H + h3).to(tl.int64) * LENGTH + keys, mask=own, other=float("-inf"))
-            tl.store(ring_ptr + _ring_row(slot, h3, first, H, CQ2) * (RING_TILES * BN) + keys,
-                     tl.exp(x - cur_m[:, :, None]) * cur_inv[:, :, None], mask=own)
+            p = _decode_conv(l_ptr, ring_ptr, post_w_ptr, slot, b, first, t * BN, cur_m, cur_inv, H, HB, BN, CQ2,
+                             CQ2P, CK2, PL2, RING_TILES * BN, LENGTH, True)
         elif POST_CONV:
             p = _row_conv(l_ptr, post_w_ptr, b, row_tile * OT, first - (CQ2 - 1), last, t * BN, H, HB, RL, OT, BN,
                           CQ2, CK2, PL2, LENGTH, True, norm_ptr, inv_base)
@@ -666,30 +657,36 @@ def _probs_kernel(l_ptr, norm_ptr, stats_ptr, p_ptr, post_w_ptr, post_mix_ptr, i
         p = tl.where((keys <= rows) & (rows <= last), p, 0.0)
         if POST_MIX:
             p = _mix(post_mix_ptr, p, H, HB, OT, BN, FP32)
-        tl.store(p_ptr + ((b * H + h3) * RO + r3).to(tl.int64) * LENGTH + keys, p, mask=(h3 < H) & (r3 < RO))
+        tl.store(p_ptr + ((b * H + h3) * RO + r3).to(tl.int64) * LENGTH + keys, p,
+                 mask=(h3 < H) & (r3 < RO) & (keys < LENGTH))
 
 
 @triton.jit
-def _decode_post_conv(ring_ptr, l_ptr, w_ptr, slot, b, pos, key0, m, inv, H: tl.constexpr, HB: tl.constexpr,
-                      BN: tl.constexpr, CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr, RING_LENGTH, LENGTH):
-    """Post-conv (step 5) of decode row `pos` over keys key0 + [0, BN) -> [HB, 1, BN]: the CQ - 1 rows before
-    it are probability rows in the ConvState (`slot`), its own is item b's logit row at l_ptr [items, H, 1,
-    LENGTH], normalized here with its max m and 1 / sum of exp inv [HB, 1] (an exp per tap of one row only)."""
+def _decode_conv(x_ptr, ring_ptr, w_ptr, slot, b, pos, key0, m, inv, H: tl.constexpr, HB: tl.constexpr,
+                 BN: tl.constexpr, C: tl.constexpr, CP: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr,
+                 RING_LENGTH, LENGTH, SOFTMAX: tl.constexpr):
+    """Key-query conv (step 2 or 5) of decode row `pos` over keys key0 + [0, BN) -> [HB, 1, BN]. The row's
+    own input row is item b's at x_ptr [items, H, 1, LENGTH] (logits normalized with their max m and 1 / sum
+    of exp inv [HB, 1] when SOFTMAX); the taps of the C - 1 rows before it are the partial sum the ConvState
+    `slot` (ring_ptr [slots, H, C, RING_LENGTH], row u at u % C) keeps for it. The row's taps also go into
+    the partial sums of rows pos + 1 .. pos + C - 1 (that of pos + C - 1 starts here), at their keys up to
+    their positions, so the caller's tiles must reach key pos + C - 1."""
     heads = tl.arange(0, HB)[:, None]
     keys = key0 + tl.arange(0, BN)[None, :]
-    a = tl.zeros((1, 1), tl.int32)
-    y = tl.zeros((HB, 1, BN), tl.float32)
-    for i in range(CQ - 1):
-        row_base, row_ok, _, _ = _conv_input_row(ring_ptr, ring_ptr, 0, slot, heads, i, pos - (CQ - 1), H, CQ,
-                                                 RING_LENGTH, False, True)
-        for c in range(CK):
-            y += _conv_column(row_base, w_ptr, heads, a + i, keys - PL + c, row_ok, pos - (CQ - 1) + i, pos, c,
-                              m, inv, H, CQ, CK, False)
-    row_base = l_ptr + (b * H + heads).to(tl.int64) * LENGTH
+    k = tl.arange(0, CP)[None, :]  # output row pos + k, whose kernel row C - 1 - k this row is
+    row_base = x_ptr + (b * H + heads).to(tl.int64) * LENGTH
+    h3, k3, j3 = heads[:, :, None], k[:, :, None], keys[:, None, :]
+    sums = ring_ptr + _ring_row(slot, h3, pos + k3, H, C) * RING_LENGTH + j3
+    ok = (h3 < H) & (j3 <= pos + k3) & (j3 < RING_LENGTH)
+    # Rows pos .. pos + C - 2 have partial sums; row pos + C - 1's ring row held row pos - 1's, read by no one.
+    # Loaded before the taps, so that their memory latency overlaps them (H200, 64 x 2048, 32-key tiles,
+    # 4 warps: _probs 108 -> 59 us, _logits 93 -> 52 us against loading them after).
+    y = tl.load(sums, mask=ok & (k3 < C - 1), other=0.0)
     for c in range(CK):
-        y += _conv_column(row_base, w_ptr, heads, a + CQ - 1, keys - PL + c, heads < H, pos, pos, c, m, inv,
-                          H, CQ, CK, True)
-    return y
+        y += _conv_column(row_base, w_ptr, heads, C - 1 - k, keys - PL + c, heads < H, pos, pos, c, m, inv,
+                          H, C, CK, SOFTMAX)
+    tl.store(sums, y, mask=ok & (k3 >= 1) & (k3 < C))
+    return tl.sum(tl.where(k3 == 0, y, 0.0), axis=1)[:, None, :]
 
 
 @triton.jit(do_not_specialize=["item0", "bt_stride", "NUM_TILES", "SPLITS"])

@@ -103,10 +103,10 @@ def test_conv_states_are_allocated_for_post_conv_layers_and_budgeted_exactly():
                        SchedulerConfig(max_num_seqs=5))
     states = engine.runner.backend.conv_states
     assert [s is not None for s in states] == [True, False, True]
-    tensors = [t for s in states if s is not None for t in (s.probs, s.scores)]
+    tensors = [t for s in states if s is not None for t in (s.post, s.pre)]
     allocated = sum(t.numel() * t.element_size() for t in tensors)
-    assert allocated == conv_state_bytes(cfg, 5) and states[0].probs.shape == (6, 4, 3, 128)
-    assert states[0].scores.shape == (6, 4, 4, 128)
+    assert allocated == conv_state_bytes(cfg, 5) and states[0].post.shape == (6, 4, 3, 128)
+    assert states[0].pre.shape == (6, 4, 4, 128)
     plain = ModelConfig(dim=32, n_layers=2, n_heads=4, vocab_size=VOCAB, mta=MTAConfig(pre_conv=[2, 3], wpsm=True))
     assert conv_state_bytes(plain, 5) == 0  # no post-conv: decode rows need no earlier rows
 

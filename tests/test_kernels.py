@@ -307,8 +307,8 @@ def _step(qc, tables, block_size, steps):
 
 @pytest.mark.parametrize("post, key_tile", [((3, 3), 16), ((6, 11), 16), ((6, 11), None)])
 def test_mta_kernel_conv_state_carries_rows_from_prompts_to_decode_rows(post, key_tile, monkeypatch):
-    """Prompt chunks (the second starting mid-block) write each sequence's last c_q score rows and c_q'
-    probability rows into its ConvState slot; decode rows then read them instead of recomputing them, step
+    """Prompt chunks (the second starting mid-block) write the conv partial sums after each sequence's last
+    row into its ConvState slot; decode rows then finish their convs from them and write the next ones, step
     after step. Slots are shuffled, sequences shorter than the conv window included, the state starts
     NaN-filled, so that a read past a row's position shows. key_tile None:
     the default tiles, with 16 heads (prompt groups' conv kernels in 64-key tiles) and a sequence whose
@@ -316,9 +316,9 @@ def test_mta_kernel_conv_state_carries_rows_from_prompts_to_decode_rows(post, ke
     from mta_serve.kernels.mta_attention import ConvState
 
     wide = key_tile is None
-    # decode rows at 38-41 and 48-51: conv windows over several 16-key tiles, state rows from both prompt
-    # chunks and earlier decode rows
-    heads, total = (WIDE, [3, 9, 80]) if wide else ((H, G, D), [3, 38, 48])
+    # decode rows at 46-49 and 48-51: conv windows over several 16-key tiles, state rows from both prompt
+    # chunks and earlier decode rows, partial sums reaching past a row's 16-key tile into the next
+    heads, total = (WIDE, [3, 9, 80]) if wide else ((H, G, D), [3, 46, 48])
     if wide:
         _nan_scratch(monkeypatch)
     block_size, n_heads = 4, heads[0]
@@ -327,8 +327,8 @@ def test_mta_kernel_conv_state_carries_rows_from_prompts_to_decode_rows(post, ke
                                                   heads=heads)
     params, slots = layer_params(weights, DEVICE), [2, 0, 3]
     state = ConvState.allocate(4, n_heads, 3, post[0], total[-1] + 4, DEVICE)
-    state.probs.fill_(float("nan"))  # rows hold garbage past their position
-    state.scores.fill_(float("nan"))
+    state.post.fill_(float("nan"))  # rows hold garbage past their keys
+    state.pre.fill_(float("nan"))
     cut = 60 if wide else 17
     chunks = [[(0, 2), (0, 5), (0, cut)], [(2, 3), (5, total[1]), (cut, total[-1])]]
     steps = [(8, c) for c in chunks] + [(1, [(n + i, n + i + 1) for n in total]) for i in range(4)]
@@ -343,18 +343,6 @@ def test_mta_kernel_conv_state_carries_rows_from_prompts_to_decode_rows(post, ke
         torch.testing.assert_close(out, reference, atol=2e-5, rtol=1e-5)
 
 
-def test_decode_warps_give_probs_two_warps_only_for_many_multi_tile_splits():
-    """The H200's (132 SMs) decode shapes as the engine splits them: 2 warps for _probs_kernel at 64 x 2048 (9
-    splits) and 16 x 8192 (32 splits); 8 where programs are few (1 x 8192) or a split is one tile (16 x 2048,
-    64 x 512); _pv_kernel always 2."""
-    from mta_serve.kernels.mta_attention import decode_warps
-
-    shapes = {(64, 9, 2048): 2, (16, 32, 8192): 2, (256, 3, 512): 2, (1, 32, 8192): 8, (16, 32, 2048): 8,
-              (64, 8, 512): 8}
-    for (batch, splits, length), warps in shapes.items():
-        assert decode_warps(batch * splits, splits, length, 132) == {"_pv_kernel": 2, "_probs_kernel": warps}
-
-
 def test_mta_kernel_conv_state_must_fit_the_layer():
     from mta_serve.kernels.mta_attention import ConvState
 
@@ -362,7 +350,7 @@ def test_mta_kernel_conv_state_must_fit_the_layer():
     work = build_work_items(tables, starts, ends, rows, 1, 1, DEVICE, states=list(range(len(DECODE))))
     params = layer_params(mta_weights(pre=(3, 5), post=(2, 3)), DEVICE)
     out = torch.empty(q.shape, device=DEVICE)
-    with pytest.raises(ValueError, match="keeps 3 score and 3 probability rows; the layer needs 3, 2"):
+    with pytest.raises(ValueError, match=r"convs over 3 \(pre\) and 3 \(post\) queries; the layer's are over 3, 2"):
         mta_paged_attention(q, qc, kc, vc, params, work, out, state=ConvState.allocate(5, H, 3, 3, 32, DEVICE))
     for tiles in (dict(key_tile=256), dict(stream_tile=256)):
         with pytest.raises(ValueError, match="tiles of 256 keys do not divide"):
