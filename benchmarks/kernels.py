@@ -2,8 +2,8 @@
 
 Shapes are the 830M model's attention (16 heads x 96, G = H), bf16, paged with 16-token blocks:
 - decode: batch x context for (a) a paper MTA-conv layer (6x11 pre and post conv, wpsm, all-head
-  head_kernel; its decode rows read the previous score and logit rows from a ConvState, as in the engine;
-  also without the state, "conv_recompute"), (b) a mixing-only layer (wpsm + head_kernel), (c) plain
+  head_kernel; its decode rows finish their convs from a ConvState's partial sums, as in the engine;
+  also without the state, recomputing the rows before them: "conv_recompute"), (b) a mixing-only layer (wpsm + head_kernel), (c) plain
   attention (paged flash kernel), and
   (d) torch SDPA on contiguous K/V;
 - prefill of one whole prompt for (a), (b), (c) vs SDPA (flash, causal) and the dense reference

@@ -9,7 +9,8 @@ keep, per head, the rows the convolutions need over the keys 0..p1-1:
    W = (c_q-1) + (c_q'-1) -> S [items, H, rows + W, T];
 2. `_logits_kernel` (item, split, row tile): pre-conv over S (its key halo is a shifted read), pre-mix,
    masking -> L [items, H, rows + c_q'-1, T] and each split's max and sum of exp;
-   `_normalizers_kernel` combines the splits (decode rows with one logit row: `_probs_kernel` does);
+   `_normalizers_kernel` combines the splits (decode rows with one logit row: `_probs_kernel` does) and
+   writes prompt groups' ConvState sums;
 3. `_probs_kernel` (item, split, row tile): softmax rows -> post-conv -> post-mix -> P' [items, H, rows, T];
 4. `_pv_kernel` (item x head, split x row tile): P' @ V per split; `_sum_splits_kernel` writes the output.
 
@@ -129,9 +130,9 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     Decode rows use `num_splits` key splits (default work.num_splits); prompt groups `prompt_splits`, by
     default enough to fill the GPU. `key_tile` keys per tile in the conv and softmax kernels, `stream_tile`
     in the two that read K and V (powers of two; by default 128, and `key_tile` for prompt groups' P'V);
-    unless `key_tile` is given, decode rows' probabilities kernel uses 128-key tiles and, in layers of 9-16
-    heads, prompt groups' conv kernels those of _prompt_conv_tiles. `num_warps` for every
-    kernel, or by default 4 but for decode rows DECODE_WARPS' (RING_DECODE_WARPS' with a ConvState).
+    unless `key_tile` is given, decode rows' probabilities kernel uses 128-key tiles (32 with a ConvState)
+    and, in layers of 9-16 heads, prompt groups' conv kernels those of _prompt_conv_tiles. `num_warps` for
+    every kernel, or by default 4 but for decode rows DECODE_WARPS' (RING_DECODE_WARPS' with a ConvState).
     With a `state` (post-conv layers; work.seq_state names each sequence's slot) prompt groups also write
     the conv partial sums after their sequences' last rows there, and decode rows finish their outputs from
     it and write the next partial sums.
@@ -168,8 +169,8 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     # with 128-key tiles rather than 32), but not their _pv_kernel (4.97 -> 7.25 ms).
     scores_tile = stream_tile or 128
     pv_tile = stream_tile or (128 if decode else bn)
-    # the decode post-conv likewise (with 8 warps: 64 x 2048, 128 -> 106 us), but for decode rows finishing
-    # it from a ConvState (their [heads, c_q', keys] partial sums: RING_DECODE_WARPS)
+    # the decode post-conv likewise (with 8 warps: 64 x 2048, 128 -> 106 us), but not that of decode rows
+    # finishing it from a ConvState, whose [heads, c_q', keys] partial sums take 32-key tiles (RING_DECODE_WARPS)
     probs_tile = 128 if decode and ring != 1 and not key_tile else bn
     hb = triton.next_power_of_2(n_heads)
     logits_tile, probs_rows = bn, 1 if decode else 16
@@ -197,7 +198,7 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
         PRE_MIX=params.pre_mix is not None, POST_MIX=params.post_mix is not None,
         QCACHE=q_cache is not None, FP32=q.dtype == torch.float32, RING=ring, SRING=ring if cq > 1 else 0,
         NORM_HERE=decode and rows_l == 1 and (ring == 1 or params.post_kernel is None),
-        TAIL_BN=key_tile or 128)
+        TAIL_BN=key_tile or 128)  # key tiles of the ConvState sums prompt groups write
     weights = dict(pre_w_ptr=_or(params.pre_kernel, dummy), post_w_ptr=_or(params.post_kernel, dummy),
                    pre_mix_ptr=_or(params.pre_mix, dummy), post_mix_ptr=_or(params.post_mix, dummy),
                    **_state_args(state if ring else None, work, bn, widest, dummy), **head_norm.kernel_args(dummy))
@@ -601,8 +602,7 @@ def _probs_kernel(l_ptr, norm_ptr, stats_ptr, p_ptr, post_w_ptr, post_mix_ptr, i
                   HB: tl.constexpr, RO: tl.constexpr, RL: tl.constexpr, OT: tl.constexpr, SPLITS,
                   CQ2: tl.constexpr, CK2: tl.constexpr, PL2: tl.constexpr, CQ2P: tl.constexpr,
                   POST_CONV: tl.constexpr, POST_MIX: tl.constexpr, FP32: tl.constexpr, RING: tl.constexpr,
-                  NORM_HERE: tl.constexpr,
-                  SC: tl.constexpr, PDL: tl.constexpr):
+                  NORM_HERE: tl.constexpr, SC: tl.constexpr, PDL: tl.constexpr):
     """P' rows first + r over this split's keys: normalized probabilities -> post-conv -> post-mix. RING 1
     (decode rows): the post-conv is finished from the sequence's ConvState, whose partial sums of the next
     rows (keys up to last + CQ2 - 1) this row's taps go into. NORM_HERE (decode rows with one logit

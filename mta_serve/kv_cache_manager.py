@@ -5,10 +5,10 @@ A block's hash covers its tokens and, through its parent's hash, every token bef
 token exactly what depends only on that prefix (K, V and, for key-query-conv layers, the query), so a hit is
 exact however the prefix was computed: whole, in chunks, or after a preemption.
 
-A state slot holds what belongs to one request rather than to a prefix: the last score and probability rows of its
-post-conv layers (kernels.mta_attention.ConvState). A request gets one when the runner first asks and keeps
-it until its blocks are freed (finish, abort, preemption). The manager also records up to which position
-the slot's rows are current, so that only a request continuing exactly there reads them.
+A state slot holds what belongs to one request rather than to a prefix: the partial conv sums of the next rows
+of its post-conv layers (kernels.mta_attention.ConvState). A request gets one when the runner first asks and
+keeps it until its blocks are freed (finish, abort, preemption). The manager also records up to which
+position the slot's sums are current, so that only a request continuing exactly there reads them.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ class KVCacheManager:
         self.num_state_slots = num_state_slots  # at least the scheduler's max_num_seqs
         self._free_states = list(range(num_state_slots - 1, -1, -1))
         self._state_slots: dict[str, int] = {}
-        self._state_ends: dict[str, int] = {}  # request -> the sequence length its slot's rows belong to
+        self._state_ends: dict[str, int] = {}  # request -> the sequence length its slot's sums belong to
         self.block_tables: dict[str, list[Block]] = {}
         self._block_ids: dict[str, list[int]] = {}  # the same tables as ids: read for every request every step
         self._hashes: dict[str, list[bytes]] = {}  # hashes of each request's full blocks, in order

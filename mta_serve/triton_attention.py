@@ -170,8 +170,8 @@ class TritonPagedAttention(TorchPagedAttention):
         super().__init__(cfg, num_blocks, block_size, dtype, device)
         self.device = torch.device(device)
         self.prefill_block_m = prefill_block_m
-        # Post-conv layers keep each request's last score and probability rows (slot num_state_slots: the graphs'
-        # padding rows). Without slots, decode rows recompute them.
+        # Post-conv layers keep each request's partial conv sums of its next rows (slot num_state_slots: the
+        # graphs' padding rows). Without slots, decode rows recompute the rows before them.
         self.scratch_state = num_state_slots
         layers = set(conv_state_layers(cfg)) if num_state_slots else set()
         self.conv_states = [ConvState.allocate(num_state_slots + 1, cfg.n_heads, *_conv_rows(cfg), cfg.max_seq_len,
