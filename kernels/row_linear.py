@@ -14,7 +14,8 @@ of mostly idle GPU), so a second kernel, `_row_linear_fused_kernel`, takes on th
   the norm's statistics itself from one load of the row (from L2), and the first program stores the new
   residual;
 - an epilogue: the SwiGLU of a w1|w3 product (fused_ops.silu_mul's work), or RoPE on the q and k parts of a
-  q|k|v product (fused_ops.rope's work), a program then holding pairs of rows.
+  q|k|v product (fused_ops.rope's work), a program then holding pairs of rows, and optionally the k, v (and
+  q) parts' paged-cache writes (fused_ops.write_cache's work; the engine's MTA layers).
 The forward uses `norm_qkv_rope` and `norm_linear(..., silu_mul=True)`: H200, 6bdb142, one CUDA graph over 24
 weights (`benchmarks/row_linear.py`), add_rms_norm + row_linear + rope 9.53 -> 6.93 us for q|k|v, add_rms_norm
 + row_linear + silu_mul 11.15 -> 8.93 us for w1|w3.
@@ -69,17 +70,24 @@ def norm_linear(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.
 
 def norm_qkv_rope(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                   wqkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv_heads: int,
-                  head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                  head_dim: int, cache: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                      torch.Tensor]:
     """(h + delta, q [M, H, d], k [M, G, d], v [M, G, d]): norm_linear's product with the fused q|k|v weight
     followed by fused_ops.rope (cos, sin [M, d / 2] fp32); one kernel when M == 1, where q, k and v are
-    views of one [1, (H + 2G) d] row."""
+    views of one [1, (H + 2G) d] row. With `cache` = (slots [M] int, k_cache, v_cache, q_cache or None;
+    caches [blocks, block_size, heads, d]) k, v (and q) also go to those cache slots, as
+    fused_ops.write_cache writes them: in the same kernel when M == 1 (one launch fewer per layer)."""
     if not _one_row(h, wqkv):
-        from .fused_ops import rope
+        from .fused_ops import rope, write_cache
 
         h, qkv = norm_linear(h, delta, norm_weight, eps, wqkv)
-        return (h, *rope(qkv, cos, sin, n_heads, n_kv_heads, head_dim))
+        q, k, v = rope(qkv, cos, sin, n_heads, n_kv_heads, head_dim)
+        if cache is not None:
+            write_cache(cache[0], k, v, q, *cache[1:])
+        return h, q, k, v
     rotary = (cos, sin, (n_heads + n_kv_heads) * head_dim)
-    h, qkv = row_norm_linear(h, delta, norm_weight, eps, wqkv, ROPE, rotary)
+    h, qkv = _launch(h, wqkv, ROPE, None, None, 4, delta, (norm_weight, eps), rotary,
+                     None if cache is None else (*cache, n_heads * head_dim))
     q_end, k_end = n_heads * head_dim, (n_heads + n_kv_heads) * head_dim
     return (h, qkv[:, :q_end].view(1, n_heads, head_dim), qkv[:, q_end:k_end].view(1, n_kv_heads, head_dim),
             qkv[:, k_end:].view(1, n_kv_heads, head_dim))
@@ -121,8 +129,9 @@ def row_norm_linear(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: to
     return _launch(h, weight, epilogue, block_n, block_k, num_warps, delta, (norm_weight, eps), rotary)
 
 
-def _launch(x, weight, epilogue, block_n, block_k, num_warps, delta=None, norm=None, rotary=None):
-    """(new residual, or x without a norm; y) of the kernel over x [1, K] and weight [N, K]."""
+def _launch(x, weight, epilogue, block_n, block_k, num_warps, delta=None, norm=None, rotary=None, cache=None):
+    """(new residual, or x without a norm; y) of the kernel over x [1, K] and weight [N, K]; with ROPE and
+    cache = (slots, k_cache, v_cache, q_cache or None, H * d) y's k, v (and q) parts also go to the caches."""
     width, k = weight.shape
     if x.shape != (1, k):
         raise ValueError(f"row_linear takes one row of {k} values, got x of shape {tuple(x.shape)}")
@@ -140,6 +149,7 @@ def _launch(x, weight, epilogue, block_n, block_k, num_warps, delta=None, norm=N
     h_out = torch.empty_like(x) if delta is not None else x
     y = torch.empty(1, n_out, dtype=x.dtype, device=x.device)
     cos, sin, rotated = rotary if rotary is not None else (y, y, 0)
+    slots, k_cache, v_cache, q_cache, q_width = cache if cache is not None else (y, y, y, None, 0)
     if epilogue == PLAIN and norm is None:
         _row_linear_kernel[(triton.cdiv(n_out, block_n),)](x, weight, y, n_out, k, weight.stride(0), BN=block_n,
                                                             BK=block_k, num_warps=num_warps, **pdl.options(x))
@@ -147,17 +157,20 @@ def _launch(x, weight, epilogue, block_n, block_k, num_warps, delta=None, norm=N
     pairs = 2 if epilogue == ROPE else 1
     _row_linear_fused_kernel[(triton.cdiv(n_out, pairs * block_n),)](
         x, x if delta is None else delta.contiguous(), h_out, y if norm is None else norm[0], weight, cos, sin, y,
-        n_out, k, weight.stride(0), 0.0 if norm is None else norm[1], rotated,
-        HALF=cos.shape[-1] if rotary is not None else 1, BN=block_n, BK=block_k,
-        KP=triton.next_power_of_2(k) if norm is not None else 1, ADD=delta is not None,
-        NORM=norm is not None, EPILOGUE=epilogue, num_warps=num_warps, **pdl.options(x))
+        slots, k_cache, v_cache, k_cache if q_cache is None else q_cache, n_out, k, weight.stride(0),
+        0.0 if norm is None else norm[1], rotated, q_width, HALF=cos.shape[-1] if rotary is not None else 1,
+        BN=block_n, BK=block_k, KP=triton.next_power_of_2(k) if norm is not None else 1, ADD=delta is not None,
+        NORM=norm is not None, EPILOGUE=epilogue, CACHE=0 if cache is None else 1 if q_cache is None else 2,
+        num_warps=num_warps, **pdl.options(x))
     return h_out, y
 
 
 # ---- device code ----------------------------------------------------------------------------------------
 # x_ptr [K]: the input row (with a NORM prologue: the residual h); delta_ptr [K]: added to it (ADD), the sum
 # stored to h_ptr [K] by program 0; nw_ptr [K]: the RMSNorm weight; w_ptr [rows, stride_w], unit column
-# stride; y_ptr [N]; cos_ptr, sin_ptr [HALF] fp32. Intermediates are rounded to y's dtype.
+# stride; y_ptr [N]; cos_ptr, sin_ptr [HALF] fp32; slot_ptr [1] int: the row's cache slot; kc_ptr, vc_ptr
+# [slots, KD], qc_ptr [slots, QD] (QD = H d, KD = G d = (N - QD) / 2): the paged caches, each slot one row.
+# Intermediates are rounded to y's dtype.
 
 @triton.jit
 def _row_linear_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w, BN: tl.constexpr, BK: tl.constexpr,
@@ -181,12 +194,14 @@ def _row_linear_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w, BN: tl.constexpr, BK
 
 
 @triton.jit
-def _row_linear_fused_kernel(x_ptr, delta_ptr, h_ptr, nw_ptr, w_ptr, cos_ptr, sin_ptr, y_ptr, N, K, stride_w, eps,
-                             ROTATED, HALF: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KP: tl.constexpr,
-                             ADD: tl.constexpr, NORM: tl.constexpr, EPILOGUE: tl.constexpr, PDL: tl.constexpr):
+def _row_linear_fused_kernel(x_ptr, delta_ptr, h_ptr, nw_ptr, w_ptr, cos_ptr, sin_ptr, y_ptr, slot_ptr, kc_ptr,
+                             vc_ptr, qc_ptr, N, K, stride_w, eps, ROTATED, QD, HALF: tl.constexpr, BN: tl.constexpr,
+                             BK: tl.constexpr, KP: tl.constexpr, ADD: tl.constexpr, NORM: tl.constexpr,
+                             EPILOGUE: tl.constexpr, CACHE: tl.constexpr, PDL: tl.constexpr):
     """_row_linear_kernel's product with a prologue and an epilogue. BN outputs y[n] = sum_k W[n, k] x[k]
     (PLAIN); with SWIGLU (W1 over W3, N = hidden) y[n] = silu(W1 x)[n] * (W3 x)[n]; with ROPE (N even) the BN
-    pairs of outputs (2j, 2j + 1), rotated where below ROTATED. With NORM, x is first RMSNorm(x (+ delta)) * nw.
+    pairs of outputs (2j, 2j + 1), rotated where below ROTATED, and with CACHE 1 (2) the k and v (and q)
+    outputs also stored to the caches. With NORM, x is first RMSNorm(x (+ delta)) * nw.
     (Requesting each piece of W one iteration ahead, the first before the norm's statistics, was slower on
     the H200 in 35 of 36 measured tile and variant pairs, e.g. q|k|v with norm and RoPE at 2 x 512 6.94 ->
     7.27 us: a one-off sweep during 6bdb142's development, not kept. Only the first piece is requested
@@ -232,8 +247,9 @@ def _row_linear_fused_kernel(x_ptr, delta_ptr, h_ptr, nw_ptr, w_ptr, cos_ptr, si
         act = (af / (1.0 + tl.exp(-af))).to(TY)
         tl.store(y_ptr + rows_a, (act.to(tl.float32) * acc_b.to(TY).to(tl.float32)).to(TY), mask=rows_a < N)
     else:
-        _store_rotated(y_ptr, cos_ptr, sin_ptr, rows_a, a.to(tl.float32), acc_b.to(TY).to(tl.float32), N,
-                       ROTATED, HALF, TY)
+        e, o = _rotated(cos_ptr, sin_ptr, rows_a, a.to(tl.float32), acc_b.to(TY).to(tl.float32), ROTATED, HALF)
+        _store_qkv(y_ptr, slot_ptr, kc_ptr, vc_ptr, qc_ptr, rows_a, e.to(TY), N, QD, CACHE)
+        _store_qkv(y_ptr, slot_ptr, kc_ptr, vc_ptr, qc_ptr, rows_a + 1, o.to(TY), N, QD, CACHE)
 
 
 @triton.jit
@@ -276,14 +292,30 @@ def _rms_inverse(x_ptr, delta_ptr, h_ptr, K, eps, ADD: tl.constexpr, KP: tl.cons
 
 
 @triton.jit
-def _store_rotated(y_ptr, cos_ptr, sin_ptr, rows, e, o, N, ROTATED, HALF: tl.constexpr, TY: tl.constexpr):
+def _rotated(cos_ptr, sin_ptr, rows, e, o, ROTATED, HALF: tl.constexpr):
     """Pairs (e, o) of outputs (rows, rows + 1) rotated as fused_ops' _rope_kernel rotates them (two products
-    then one add, no fused multiply-add) where rows < ROTATED, else stored as they are."""
+    then one add, no fused multiply-add) where rows < ROTATED, else as they are."""
     j = (rows // 2) % HALF
     c = tl.load(cos_ptr + j)
     s = tl.load(sin_ptr + j)
     turn = rows < ROTATED
     new_e = tl.where(turn, tl.fma(e, c, 0.0) - tl.fma(o, s, 0.0), e)
     new_o = tl.where(turn, tl.fma(e, s, 0.0) + tl.fma(o, c, 0.0), o)
-    tl.store(y_ptr + rows, new_e.to(TY), mask=rows < N)
-    tl.store(y_ptr + rows + 1, new_o.to(TY), mask=rows < N)
+    return new_e, new_o
+
+
+@triton.jit
+def _store_qkv(y_ptr, slot_ptr, kc_ptr, vc_ptr, qc_ptr, n, value, N, QD, CACHE: tl.constexpr):
+    """Outputs n of a q|k|v row (QD q values, then k and v, KD each) to y and, with CACHE 1 (2), the k and v
+    (and q) ones to their cache rows at slot slot_ptr[0], converted as fused_ops' _write_cache_kernel
+    converts them."""
+    tl.store(y_ptr + n, value, mask=n < N)
+    if CACHE == 0:
+        return
+    slot = tl.load(slot_ptr).to(tl.int64)
+    kd = (N - QD) // 2
+    value = value.to(kc_ptr.dtype.element_ty)
+    tl.store(kc_ptr + slot * kd + (n - QD), value, mask=(n >= QD) & (n < QD + kd))
+    tl.store(vc_ptr + slot * kd + (n - QD - kd), value, mask=(n >= QD + kd) & (n < N))
+    if CACHE == 2:
+        tl.store(qc_ptr + slot * QD + n, value, mask=n < QD)

@@ -17,6 +17,7 @@ check everything but the capture itself, and graphs on and off compute the same 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -169,7 +170,8 @@ class DecodeGraphs:
         def attend(layer_id, attn, q, k, v):
             return self.backend.attend(batch, layer_id, attn, q, k, v)
 
-        hidden = self.model(tokens, positions, attend, fused=True)
+        hidden = self.model(tokens, positions, attend, fused=True,
+                            cache_of=functools.partial(self.backend.cache_of, batch))
         self.logits[:size].copy_(self.model.logits(hidden))
 
     @torch.inference_mode()

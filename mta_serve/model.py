@@ -21,6 +21,10 @@ from .dense_attention import MTAWeights, dense_mta_attention
 # forward it may instead return [N, H * d] in the model's dtype with the layer's steps 8-9 (group norm, gate)
 # already applied: the triton backend does, in its attention kernels' epilogue.
 AttendFn = Callable[[int, "MTAAttention", torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (layer_id, attention module) -> where the fused forward writes the step's k, v (and q) before attend:
+# (slots [N] int, k_cache, v_cache, q_cache or None), caches [blocks, block_size, heads, d]
+# (kernels.row_linear.norm_qkv_rope's cache), or None where attend writes them itself
+CacheFn = Callable[[int, "MTAAttention"], tuple | None]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -108,15 +112,17 @@ class MTAAttention(nn.Module):
         heads = attend(layer_id, self, q, k, v)
         return self.wo(self.norm_and_gate(heads.to(x.dtype)).flatten(-2))
 
-    def forward_fused(self, h, delta, norm: RMSNorm, cos, sin, attend: "AttendFn", layer_id: int):
+    def forward_fused(self, h, delta, norm: RMSNorm, cos, sin, attend: "AttendFn", layer_id: int,
+                      cache_of: "CacheFn | None" = None):
         """(h + delta, forward(norm(h + delta))) through kernels.fused_ops, kernels.row_linear (which takes
-        the residual add, the norm and RoPE into the q|k|v product of one-row steps) and the fused q|k|v
-        weight (MTATransformer.fuse_projections)."""
+        the residual add, the norm, RoPE and, with cache_of, the cache write into the q|k|v product of
+        one-row steps) and the fused q|k|v weight (MTATransformer.fuse_projections)."""
         from .kernels import fused_ops
         from .kernels.row_linear import linear, norm_qkv_rope
 
+        cache = None if cache_of is None else cache_of(layer_id, self)
         h, q, k, v = norm_qkv_rope(h, delta, norm.weight, norm.eps, self.wqkv, cos, sin, self.n_heads,
-                                   self.n_kv_heads, self.head_dim)
+                                   self.n_kv_heads, self.head_dim, cache)
         heads = attend(layer_id, self, q, k, v)
         if heads.dim() == 2:  # the backend applied steps 8-9 in its kernels (see AttendFn)
             return h, linear(heads, self.wo.weight)
@@ -168,10 +174,11 @@ class TransformerBlock(nn.Module):
         h = x + self.attention(self.attention_norm(x), cos, sin, attend, layer_id)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def forward_fused(self, h, delta, cos, sin, attend: "AttendFn", layer_id: int):
+    def forward_fused(self, h, delta, cos, sin, attend: "AttendFn", layer_id: int, cache_of: "CacheFn | None" = None):
         """The block's input is h + delta (delta None: h), and so is its output: each residual add is
         fused into the norm that follows it."""
-        h, delta = self.attention.forward_fused(h, delta, self.attention_norm, cos, sin, attend, layer_id)
+        h, delta = self.attention.forward_fused(h, delta, self.attention_norm, cos, sin, attend, layer_id,
+                                                cache_of)
         return self.feed_forward.forward_fused(h, delta, self.ffn_norm)
 
 
@@ -185,29 +192,30 @@ class MTATransformer(nn.Module):
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, attend: "AttendFn",
-                fused: bool = False) -> torch.Tensor:
+                fused: bool = False, cache_of: "CacheFn | None" = None) -> torch.Tensor:
         """tokens, positions [N] -> final hidden states [N, dim] (after the last norm).
 
         `attend(layer_id, attention_module, q, k, v) -> heads [N, H, d]` is the attention backend: the dense
         reference here, the paged cache in the engine. `fused`: norms, RoPE, gate and SiLU as Triton kernels
         (kernels.fused_ops) and fused q|k|v and w1|w3 GEMMs; needs fuse_projections() first. The PyTorch
-        path is the reference it is tested against.
+        path is the reference it is tested against. `cache_of` (fused only): each layer's cache destination
+        (CacheFn), written from the q|k|v product before `attend` is called.
         """
         h = self.tok_embeddings(tokens)
         cos, sin = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta,
                                torch.promote_types(h.dtype, torch.float32))
         if fused:
-            return self._forward_fused(h, cos, sin, attend)
+            return self._forward_fused(h, cos, sin, attend, cache_of)
         for layer_id, layer in enumerate(self.layers):
             h = layer(h, cos, sin, attend, layer_id)
         return self.norm(h)
 
-    def _forward_fused(self, h, cos, sin, attend: "AttendFn") -> torch.Tensor:
+    def _forward_fused(self, h, cos, sin, attend: "AttendFn", cache_of: "CacheFn | None") -> torch.Tensor:
         from .kernels import fused_ops
 
         delta = None
         for layer_id, layer in enumerate(self.layers):
-            h, delta = layer.forward_fused(h, delta, cos, sin, attend, layer_id)
+            h, delta = layer.forward_fused(h, delta, cos, sin, attend, layer_id, cache_of)
         return fused_ops.add_rms_norm(h, delta, self.norm.weight, self.norm.eps)[1]
 
     @torch.no_grad()

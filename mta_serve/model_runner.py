@@ -1,6 +1,7 @@
 """Runs one forward over a step's mixed batch (prompt chunks and decodes alike) through the paged cache."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -153,7 +154,9 @@ class ModelRunner:
         def attend(layer_id, attn, q, k, v):
             return self.backend.attend(batch, layer_id, attn, q, k, v)
 
-        hidden = self.model(tokens_t, positions_t, attend, fused=self.backend_name == "triton")
+        fused = self.backend_name == "triton"
+        cache_of = functools.partial(self.backend.cache_of, batch) if fused else None
+        hidden = self.model(tokens_t, positions_t, attend, fused=fused, cache_of=cache_of)
         first_rows = [s.row for s in specs]
         return self._logits(scheduled, first_rows, lambda rows: self.model.logits(take_rows(hidden, rows)))
 

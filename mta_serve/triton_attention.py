@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -45,6 +45,7 @@ class TritonBatch:
     slot_mapping: torch.Tensor  # [N] int32: cache slot of each new token
     launches: list  # kernels.work_items.WorkItems, one per tile height (decode rows, prompt chunks)
     fused_prompt: object = None  # the prompt chunks again in FUSED_BLOCK_M-row groups (mixing-only layers)
+    cached_layers: set = field(default_factory=set)  # layers whose new tokens the forward writes (cache_of)
 
 
 def decode_splits(num_sequences: int, max_len: int, num_sms: int) -> int:
@@ -236,15 +237,28 @@ class TritonPagedAttention(TorchPagedAttention):
     def _num_splits(self, num_sequences: int, max_len: int) -> int:
         return decode_splits(num_sequences, max_len, self.num_sms)
 
+    def cache_of(self, batch: TritonBatch, layer_id: int, attn) -> tuple | None:
+        """The layer's cache destination for the fused forward (model.CacheFn): its q|k|v product writes the
+        step's new tokens there (at batch 1 in the product's own kernel, a launch fewer per layer), and
+        attend then leaves them as they are. None for plain layers, whose attend keeps writing them: on the
+        H200 the fold made the MTA layers' batch-1 step faster (830M MTA 1.224 -> 1.207 ms) but the
+        baseline's, where paged flash follows the product, slower (0.999 -> 1.022 / 1.024 ms)."""
+        if self._layer_params(layer_id, attn) is None:
+            return None
+        batch.cached_layers.add(layer_id)
+        return batch.slot_mapping, self.k_cache[layer_id], self.v_cache[layer_id], self.q_cache[layer_id]
+
     def attend(self, batch: TritonBatch, layer_id: int, attn, q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> torch.Tensor:
         """As TorchPagedAttention.attend, for the fused forward (the only forward this backend runs): heads
         [N, H, d] in fp32, or, where the kernels applied the layer's steps 8-9 (_head_norm), [N, H * d] in
-        q's (the model's) dtype, as model.AttendFn allows."""
+        q's (the model's) dtype, as model.AttendFn allows. Writes the new tokens to the caches first unless
+        the forward did (cache_of)."""
         from .kernels.fused_ops import write_cache
 
-        write_cache(batch.slot_mapping, k, v, q, self.k_cache[layer_id], self.v_cache[layer_id],
-                    self.q_cache[layer_id])
+        if layer_id not in batch.cached_layers:
+            write_cache(batch.slot_mapping, k, v, q, self.k_cache[layer_id], self.v_cache[layer_id],
+                        self.q_cache[layer_id])
         params = self._layer_params(layer_id, attn)
         head_norm = self._head_norm(layer_id, attn, params)
         out = torch.empty(q.shape, dtype=q.dtype if head_norm else torch.promote_types(q.dtype, torch.float32),

@@ -111,6 +111,26 @@ def test_conv_states_are_allocated_for_post_conv_layers_and_budgeted_exactly():
     assert conv_state_bytes(plain, 5) == 0  # no post-conv: decode rows need no earlier rows
 
 
+def test_the_forward_writes_the_caches_of_mta_layers_only():
+    """cache_of hands the fused forward the cache destination of MTA layers (their q|k|v product then writes
+    the step's new tokens, at batch 1 in its own kernel) and None for plain layers, whose attend keeps
+    writing them; attend skips its write only for the layers handed out."""
+    from mta_serve.triton_attention import TritonBatch
+
+    cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, vocab_size=VOCAB,
+                      mta=MTAConfig(pre_conv=[2, 3], mta_layers=[1]))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build_model(cfg, seed=3, device=device)
+    engine = LLMEngine(model, None, CacheConfig(block_size=4, num_blocks=8, attention_backend="triton"),
+                       SchedulerConfig())
+    backend = engine.runner.backend
+    batch = TritonBatch(torch.tensor([5], dtype=torch.int32, device=device), [])
+    assert backend.cache_of(batch, 0, model.layers[0].attention) is None
+    slots, k_cache, v_cache, q_cache = backend.cache_of(batch, 1, model.layers[1].attention)
+    assert slots is batch.slot_mapping and k_cache is backend.k_cache[1] and v_cache is backend.v_cache[1]
+    assert q_cache is backend.q_cache[1] is not None and batch.cached_layers == {1}
+
+
 # layers whose prompts the fused kernel serves: head mixing without a key-query conv
 MIXING_MODELS = {"conv_layer_0": (MODELS["paper_variants"], [1, 2]),
                  "no_convs": (MTAConfig(wpsm=True, head_kernel_size=2), [0, 1, 2])}

@@ -153,6 +153,35 @@ def test_norm_qkv_rope_is_the_norm_the_product_and_rope(dtype, tiles):
         assert all(torch.equal(a, b) for a, b in zip(two, rope(F.linear(x2, wqkv), cos2, sin2, 3, 1, 8)))
 
 
+@pytest.mark.parametrize("with_q", [False, True])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_norm_qkv_rope_writes_the_caches_as_write_cache(with_q, rows):
+    """With a cache destination, norm_qkv_rope's k and v (and q) land in the paged caches exactly as
+    fused_ops.write_cache puts them (one row: from the product's epilogue; two rows: through write_cache),
+    and nothing else in the caches changes; 3 query heads, 1 key/value head of 8 values, 4-slot blocks."""
+    from mta_serve.kernels.fused_ops import write_cache
+
+    h, delta, norm_w = _norm_inputs(torch.float32)
+    wqkv = _randn(40, 300, dtype=torch.float32, seed=10)
+    if rows == 2:
+        h, delta = torch.cat([h, h.flip(1)]), torch.cat([delta, delta])
+    cos, sin = rope_angles(torch.tensor([7, 2][:rows], device=DEVICE), 8, 10000.0)
+    slots = torch.tensor([9, 2][:rows], dtype=torch.int32, device=DEVICE)
+
+    def caches():  # k, v [3 blocks, 4, 1, 8], q [3, 4, 3, 8]: NaN, so a write of the wrong length shows
+        return [torch.full((3, 4, n, 8), float("nan"), device=DEVICE) for n in (1, 1, 3)]
+
+    got, want = caches(), caches()
+    if not with_q:
+        got[2] = want[2] = None
+    _, q, k, v = norm_qkv_rope(h, delta, norm_w, 1e-5, wqkv, cos, sin, 3, 1, 8, cache=(slots, *got))
+    write_cache(slots, k, v, q, *want)
+    for g, w in zip(got, want):
+        if w is not None:
+            assert torch.equal(g.isnan(), w.isnan()) and torch.equal(g.nan_to_num(), w.nan_to_num())
+    assert (got[0].view(-1, 8)[slots.long()] == k.view(rows, 8)).all()
+
+
 @gpu_only
 @pytest.mark.parametrize("shape", [(4608, 1536), (1536, 1536), (8192, 1536), (1536, 4096)])
 def test_row_linear_bf16_at_the_830m_shapes(shape):
