@@ -679,8 +679,9 @@ def _decode_conv(x_ptr, ring_ptr, w_ptr, slot, b, pos, key0, m, inv, H: tl.const
     sums = ring_ptr + _ring_row(slot, h3, pos + k3, H, C) * RING_LENGTH + j3
     ok = (h3 < H) & (j3 <= pos + k3) & (j3 < RING_LENGTH)
     # Rows pos .. pos + C - 2 have partial sums; row pos + C - 1's ring row held row pos - 1's, read by no one.
-    # Loaded before the taps, so that their memory latency overlaps them (H200, 64 x 2048, 32-key tiles,
-    # 4 warps: _probs 108 -> 59 us, _logits 93 -> 52 us against loading them after).
+    # Loaded before the taps, so that their memory latency overlaps them (H200, 64 x 2048, against loading
+    # them after: _probs 108 -> 59 us, _logits 93 -> 52 us at 32-key tiles and 4 warps; 70 -> 59 and 56 -> 51
+    # us at each order's best tiles and warps).
     y = tl.load(sums, mask=ok & (k3 < C - 1), other=0.0)
     for c in range(CK):
         y += _conv_column(row_base, w_ptr, heads, C - 1 - k, keys - PL + c, heads < H, pos, pos, c, m, inv,
