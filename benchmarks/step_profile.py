@@ -52,11 +52,11 @@ def time_steps(llm: LLM, steps: int, device: torch.device) -> tuple[list[float],
     it has enqueued the whole forward; everything else in the step's wall time is host work the GPU waits
     for (scheduling, input building, sampling read-back, postprocessing)."""
     runner = llm.engine.runner
-    execute, spans, rows = runner.execute, [], []
+    execute, spans, rows, timing = runner.execute, [], [], [False]
 
     def timed_execute(scheduled, *args):
         rows.append(len(scheduled))
-        if device.type != "cuda":
+        if device.type != "cuda" or not timing[0]:
             return execute(scheduled, *args)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -71,6 +71,9 @@ def time_steps(llm: LLM, steps: int, device: torch.device) -> tuple[list[float],
         # One untimed step first, so that with overlap_steps every timed step() completes a step launched
         # inside the timing (and launches the next): no synchronisation here or between steps.
         llm.engine.step()
+        # Spans only of the forwards launched inside the timed steps: the untimed step's forward starts on the
+        # GPU the sync above left idle, so its span also holds the host time before the device got work.
+        timing[0] = True
         for _ in range(steps):
             # No synchronisation between steps: with overlap_steps a step() returns with the next step
             # running on the device, and the time between returns is what a client sees per token.
