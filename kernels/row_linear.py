@@ -86,8 +86,8 @@ def norm_qkv_rope(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: torc
             write_cache(cache[0], k, v, q, *cache[1:])
         return h, q, k, v
     rotary = (cos, sin, (n_heads + n_kv_heads) * head_dim)
-    h, qkv = _launch(h, wqkv, ROPE, None, None, 4, delta, (norm_weight, eps), rotary,
-                     None if cache is None else (*cache, n_heads * head_dim))
+    h, qkv = row_norm_linear(h, delta, norm_weight, eps, wqkv, ROPE, rotary,
+                             cache=None if cache is None else (*cache, n_heads * head_dim))
     q_end, k_end = n_heads * head_dim, (n_heads + n_kv_heads) * head_dim
     return (h, qkv[:, :q_end].view(1, n_heads, head_dim), qkv[:, q_end:k_end].view(1, n_kv_heads, head_dim),
             qkv[:, k_end:].view(1, n_kv_heads, head_dim))
@@ -121,12 +121,13 @@ def row_linear_silu_mul(x: torch.Tensor, w13: torch.Tensor, block_n: int | None 
 
 def row_norm_linear(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                     weight: torch.Tensor, epilogue: int = PLAIN, rotary: tuple | None = None,
-                    block_n: int | None = None, block_k: int | None = None,
-                    num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+                    block_n: int | None = None, block_k: int | None = None, num_warps: int = 4,
+                    cache: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(h + delta [1, K], the product of RMSNorm(h + delta) * norm_weight with weight, then `epilogue`).
     With ROPE, rotary = (cos, sin [1, d / 2] fp32, the number of leading outputs rotated in interleaved pairs
-    of each d-value head) and block_n pairs of rows per program."""
-    return _launch(h, weight, epilogue, block_n, block_k, num_warps, delta, (norm_weight, eps), rotary)
+    of each d-value head) and block_n pairs of rows per program, and with `cache` (_launch's) the k, v (and
+    q) outputs also go to the paged caches."""
+    return _launch(h, weight, epilogue, block_n, block_k, num_warps, delta, (norm_weight, eps), rotary, cache)
 
 
 def _launch(x, weight, epilogue, block_n, block_k, num_warps, delta=None, norm=None, rotary=None, cache=None):
