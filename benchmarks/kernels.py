@@ -9,13 +9,15 @@ Shapes are the 830M model's attention (16 heads x 96, G = H), bf16, paged with 1
 - prefill of one whole prompt for (a), (b), (c) vs SDPA (flash, causal) and the dense reference
   (dense_attention.attention_probs, which materializes the T x T maps), each through the engine's prompt
   path ((b): the fused two-pass kernel, kernels/mixing_prefill.py), and (b) also through the row pipeline
-  ("mixing_rows", its fallback); with --fused-sweep the fused kernel's tile configs and split counts;
+  ("mixing_rows", its fallback); with --fused-sweep the fused kernel's tile configs and split counts, with
+  --prompt-conv-sweep (a)'s prompt conv kernel's key tiles and warps;
 Achieved bandwidth = bytes that must move (K and V once, the queries, the output) / time; the copy
 bandwidth of a 2 GiB device-to-device copy is measured in the same run. Kernel times are CUDA-graph replays
 (the kernels' device time, without Python's launch cost). Prints a table, writes JSON.
 
     python benchmarks/kernels.py [--out benchmarks/results/kernels_h200.json] [--quick] [--sweep [KIND ...]]
-        [--breakdown] [--kernel-sweep] [--split-sweep] [--fused-sweep] [--no-dense] [--no-decode]
+        [--breakdown] [--kernel-sweep] [--split-sweep] [--fused-sweep] [--prompt-conv-sweep] [--no-dense]
+        [--no-decode]
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ import triton.testing
 
 from common import commit, copy_bandwidth, write_result
 from mta_serve.dense_attention import MTAWeights, attention_probs
+from mta_serve.kernels import mta_attention
 from mta_serve.kernels.mixing_prefill import mixing_prefill_attention
 from mta_serve.kernels.mta_attention import ConvState, layer_params, mta_paged_attention
 from mta_serve.kernels.paged_flash import paged_flash_attention
@@ -325,6 +328,29 @@ def kernel_sweep(num_sms: int) -> list[dict]:
     return rows
 
 
+# (key tile, warps) of _prompt_conv_kernel tried by --prompt-conv-sweep
+PROMPT_CONV_CONFIGS = [(64, 1), (64, 2), (128, 1), (128, 2), (128, 4), (256, 2), (256, 4), (256, 8)]
+
+
+def prompt_conv_sweep(lengths, block_m: int) -> list[dict]:
+    """(a)'s prefill and per-kernel times with _prompt_conv_kernel at each of PROMPT_CONV_CONFIGS (what
+    mta_attention.CONV_BN and PROMPT_WARPS rest on)."""
+    rows, default = [], mta_attention.CONV_BN
+    for length in lengths:
+        inputs = paged_batch(1, length, length)
+        for block, warps in PROMPT_CONV_CONFIGS:
+            mta_attention.CONV_BN = block
+            fn = run_paged("conv", inputs, block_m, 1, num_warps={"_prompt_conv_kernel": warps})
+            row = dict(tokens=length, key_tile=block, warps=warps, ms=bench_ms(fn), kernels_us=kernel_times(fn, 3))
+            rows.append(row)
+            print(f"prompt conv sweep T={length} {block}-key tiles, {warps} warps: {row['ms']:.2f} ms, "
+                  f"_prompt_conv_kernel {row['kernels_us']['_prompt_conv_kernel']:.0f} us", flush=True)
+        mta_attention.CONV_BN = default
+        del inputs
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="benchmarks/results/kernels_h200.json")
@@ -342,6 +368,8 @@ def main() -> int:
                    "64 x 2048 at every warp count and conv/softmax key tile")
     p.add_argument("--split-sweep", action="store_true", help="also time every key-split count of (a), (b) "
                    "and (c) at each decode shape, against the engine's rules")
+    p.add_argument("--prompt-conv-sweep", action="store_true", help="also time (a)'s prefill at each of "
+                   "PROMPT_CONV_CONFIGS (the prompt conv kernel's key tile and warps)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py: error: needs a CUDA device", file=sys.stderr)
@@ -360,6 +388,8 @@ def main() -> int:
         breakdown=breakdown(num_sms, args.prefill_block_m) if args.breakdown else None,
         kernel_sweep=kernel_sweep(num_sms) if args.kernel_sweep else None,
         split_sweep=split_sweep(batches, contexts, num_sms) if args.split_sweep else None,
+        prompt_conv_sweep=(prompt_conv_sweep([2048] if args.quick else [2048, 8192], args.prefill_block_m)
+                           if args.prompt_conv_sweep else None),
         decode=None if args.no_decode else decode_rows(batches, contexts, copy_bw, num_sms),
         prefill=prefill_rows([2048] if args.quick else [2048, 8192], args.prefill_block_m, not args.no_dense,
                              args.fused_sweep),

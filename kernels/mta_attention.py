@@ -8,7 +8,8 @@ keep, per head, the rows the convolutions need over the keys 0..p1-1:
 1. `_scores_kernel` (item x head, key tile x row tile): raw masked scores of rows p0-W .. p1-1, with
    W = (c_q-1) + (c_q'-1) -> S [items, H, rows + W, T];
 2. `_logits_kernel` (item, split, row tile): pre-conv over S (its key halo is a shifted read), pre-mix,
-   masking -> L [items, H, rows + c_q'-1, T] and each split's max and sum of exp;
+   masking -> L [items, H, rows + c_q'-1, T] and each split's max and sum of exp; for prompt groups the
+   pre-conv runs before it as `_prompt_conv_kernel` (item x head, key tile), which streams the rows once;
    `_normalizers_kernel` combines the splits (decode rows with one logit row: `_probs_kernel` does) and
    writes prompt groups' ConvState sums;
 3. `_probs_kernel` (item, split, row tile): softmax rows -> post-conv -> post-mix -> P' [items, H, rows, T];
@@ -116,7 +117,7 @@ class ConvState:
 
 def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: torch.Tensor,
                        v_cache: torch.Tensor, params: MTALayerParams, work: WorkItems, out: torch.Tensor,
-                       key_tile: int | None = None, num_warps: int | None = None, budget_bytes: int = 512 << 20,
+                       key_tile: int | None = None, num_warps: int | dict | None = None, budget_bytes: int = 512 << 20,
                        max_len: int | None = None, prompt_splits: int | None = None,
                        stream_tile: int | None = None, state: ConvState | None = None,
                        num_splits: int | None = None, head_norm: HeadNormGate = CAST_ONLY) -> torch.Tensor:
@@ -130,9 +131,10 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     Decode rows use `num_splits` key splits (default work.num_splits); prompt groups `prompt_splits`, by
     default enough to fill the GPU. `key_tile` keys per tile in the conv and softmax kernels, `stream_tile`
     in the two that read K and V (powers of two; by default 128, and `key_tile` for prompt groups' P'V);
-    unless `key_tile` is given, decode rows' probabilities kernel uses 128-key tiles (32 with a ConvState)
-    and, in layers of 9-16 heads, prompt groups' conv kernels those of _prompt_conv_tiles. `num_warps` for
-    every kernel, or by default 4 but for decode rows DECODE_WARPS' (RING_DECODE_WARPS' with a ConvState).
+    unless `key_tile` is given, decode rows' probabilities kernel uses 128-key tiles (32 with a ConvState).
+    Prompt groups' key-query convs run in _prompt_conv_kernel's CONV_BN-key tiles. `num_warps` for every
+    kernel (or a dict by kernel name), by default 4 but for decode rows DECODE_WARPS' (RING_DECODE_WARPS'
+    with a ConvState) and for prompt groups PROMPT_WARPS'.
     With a `state` (post-conv layers; work.seq_state names each sequence's slot) prompt groups also write
     the conv partial sums after their sequences' last rows there, and decode rows finish their outputs from
     it and write the next partial sums.
@@ -158,8 +160,7 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     # Decode rows that finish their convs from the state compute only their own score and logit rows.
     rows_s, rows_l = (1, 1) if ring == 1 else (rows_o + cq - 1 + cq2 - 1, rows_o + cq2 - 1)
     # Measured on the H200 (benchmarks/kernels.py --sweep); prompt groups use narrow key tiles so that the
-    # [heads, 16 rows, keys] head-mixing product fits in shared memory (the conv kernels of 16-head blocks:
-    # _prompt_conv_tiles).
+    # [heads, 16 rows, keys] head-mixing product fits in shared memory.
     # (conv layer at 64 x 2048: _logits 67 -> 61 us with 32-key tiles rather than 64; but decode rows that
     # recompute their earlier rows, without a ConvState, went 510 -> 785 us: they keep 64)
     bn = key_tile or (128 if decode and cq == 1 and cq2 == 1 else 64 if decode and ring == 0 else 32)
@@ -173,12 +174,12 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     # finishing it from a ConvState, whose [heads, c_q', keys] partial sums take 32-key tiles (RING_DECODE_WARPS)
     probs_tile = 128 if decode and ring != 1 and not key_tile else bn
     hb = triton.next_power_of_2(n_heads)
-    logits_tile, probs_rows = bn, 1 if decode else 16
-    if not (decode or key_tile) and hb == 16:
-        logits_tile, probs_tile, probs_rows = _prompt_conv_tiles(params, bn, probs_tile, probs_rows)
-    widest = max(bn, scores_tile, pv_tile, probs_tile, logits_tile)
+    probs_rows = 1 if decode else 16
+    widest = max(bn, scores_tile, pv_tile, probs_tile, CONV_BN)
     length = triton.cdiv(max(max_len or 0, work.max_len), widest) * widest
-    per_item = 4 * n_heads * length * (rows_s + rows_l + rows_o)
+    # prompt groups' pre-conv output (rows_l rows) goes where P' later does
+    rows_p = rows_l if not decode and params.pre_kernel is not None else rows_o
+    per_item = 4 * n_heads * length * (rows_s + rows_l + rows_p)
     wave = max(1, min(num_items, budget_bytes // per_item))
     if decode:
         splits = num_splits or work.num_splits
@@ -188,7 +189,7 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     c = dict(
         H=n_heads, GROUP=n_heads // k_cache.shape[2], D=head_dim, DP=dot_width(head_dim), BN=bn,
         NUM_TILES=length // bn, SCORES_BN=scores_tile, PV_BN=pv_tile, PROBS_BN=probs_tile,
-        LOGITS_BN=logits_tile, BLOCK_SIZE=k_cache.shape[1], HB=hb, RO=rows_o, R=rows_s, RL=rows_l,
+        BLOCK_SIZE=k_cache.shape[1], HB=hb, RO=rows_o, R=rows_s, RL=rows_l,
         RT=1 if rows_s == 1 else max(16, min(32, triton.next_power_of_2(rows_s))),
         RLT=min(8, triton.next_power_of_2(rows_l)), RLP=triton.next_power_of_2(rows_l), OT=1 if decode else 16,
         PROBS_OT=probs_rows, SPLITS=splits, SC=SPLIT_CHUNK,
@@ -198,6 +199,7 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
         PRE_MIX=params.pre_mix is not None, POST_MIX=params.post_mix is not None,
         QCACHE=q_cache is not None, FP32=q.dtype == torch.float32, RING=ring, SRING=ring if cq > 1 else 0,
         NORM_HERE=decode and rows_l == 1 and (ring == 1 or params.post_kernel is None),
+        PROMPT_CONV=not decode, PROBS_IN=False,
         TAIL_BN=key_tile or 128)  # key tiles of the ConvState sums prompt groups write
     weights = dict(pre_w_ptr=_or(params.pre_kernel, dummy), post_w_ptr=_or(params.post_kernel, dummy),
                    pre_mix_ptr=_or(params.pre_mix, dummy), post_mix_ptr=_or(params.post_mix, dummy),
@@ -205,7 +207,7 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     f32 = dict(dtype=torch.float32, device=q.device)
     scores = torch.empty(wave, n_heads, rows_s, length, **f32)
     logits = torch.empty(wave, n_heads, rows_l, length, **f32)
-    probs = torch.empty(wave, n_heads, rows_o, length, **f32)
+    probs = torch.empty(wave, n_heads, rows_p, length, **f32)
     stats = torch.empty(2, wave, splits, n_heads, rows_l, **f32)
     norms = torch.empty(2, wave, n_heads, rows_l, **f32)
     partial = torch.empty(wave, splits, n_heads, rows_o, head_dim, **f32)
@@ -216,21 +218,14 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
                    work_seq_ptr=work.work_seq, work_first_ptr=work.work_first)
         _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, norms, partial, items, seq,
                 weights, c, 1.0 / math.sqrt(head_dim),
-                num_warps or (RING_DECODE_WARPS if ring == 1 else DECODE_WARPS if decode else {}))
+                num_warps or (RING_DECODE_WARPS if ring == 1 else DECODE_WARPS if decode else PROMPT_WARPS))
     return out
 
 
-def _prompt_conv_tiles(params: MTALayerParams, bn: int, probs_tile: int, probs_rows: int) -> tuple[int, int, int]:
-    """(_logits key tile, _probs key tile, _probs rows per program) of prompt groups in a layer whose heads
-    pad to a 16-head block (9-16 heads: the 830M's 16, the 550M's 10), the block the tiles were measured
-    for. H200, bf16, conv layer's prefill at 4096 tokens (benchmarks/results/conv_tile_sweep_h200_1807f15.json):
-    _logits 7.92 -> 5.93 ms with 64-key tiles (8 rows), _probs 8.46 -> 6.01 ms with 64 keys x 8 rows. _pv keeps
-    its 16 rows (with 8: 1.29 -> 2.27 ms). Neighbouring tiles were 20-230x slower (register spills: _probs at
-    64 keys x 16 rows 331 ms, _logits at 64 keys x 4 rows 133 ms), so only these measured pairs are used."""
-    logits_tile = 64 if params.pre_kernel is not None else bn
-    if params.post_kernel is not None:
-        probs_tile, probs_rows = 64, 8
-    return logits_tile, probs_tile, probs_rows
+# _prompt_conv_kernel's key tile and warps: H200, the conv layer's prefill at 8192 tokens (both convs):
+# 15.4 ms at 64 keys x 1 warp, 128 x 2 and 256 x 4 alike, 18.7-19.0 ms at twice those warps.
+CONV_BN = 128
+PROMPT_WARPS = {"_prompt_conv_kernel": 2}
 
 
 # Warps per kernel of decode rows (the others: 4). H200, conv layer at 64 x 2048 (benchmarks/kernels.py
@@ -299,12 +294,25 @@ def _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, nor
     scores_args = streaming(c["SCORES_BN"])
     run(_scores_kernel, (items * c["H"], scores_args["NUM_TILES"] * triton.cdiv(c["R"], c["RT"])), q,
         q if q_cache is None else q_cache, k_cache, scores, args=scores_args)
-    run(_logits_kernel, (items, c["SPLITS"], triton.cdiv(c["RL"], c["RLT"])), scores, logits, stats,
-        args=streaming(c["LOGITS_BN"]))
+    def conv(x, w_ptr, y, rows_in, rows_out, cq, ck, pl, softmax):  # prompt groups' key-query convs
+        args = dict(streaming(CONV_BN), ROWS_IN=rows_in, ROWS_OUT=rows_out, C=cq, CP=triton.next_power_of_2(cq),
+                    CK=ck, PL=pl, SOFTMAX=softmax)
+        run(_prompt_conv_kernel, (items * c["H"], args["NUM_TILES"]), x, norms, weights[w_ptr], y, args=args)
+
+    logits_in, logits_args = scores, streaming(c["BN"])
+    if c["PROMPT_CONV"] and c["PRE_CONV"]:  # the conv's output rows (RL) go to `probs`, free until P'
+        conv(scores, "pre_w_ptr", probs, c["R"], c["RL"], c["CQ"], c["CK"], c["PL"], False)
+        logits_in, logits_args = probs, dict(logits_args, PRE_CONV=False, R=c["RL"])
+    run(_logits_kernel, (items, c["SPLITS"], triton.cdiv(c["RL"], c["RLT"])), logits_in, logits, stats,
+        args=logits_args)
     if not c["NORM_HERE"]:
         run(_normalizers_kernel, (items, c["H"]), stats, norms, logits, scores)
-    run(_probs_kernel, (items, c["SPLITS"], triton.cdiv(c["RO"], c["PROBS_OT"])), logits, norms, stats, probs,
-        args=dict(streaming(c["PROBS_BN"]), OT=c["PROBS_OT"]))
+    probs_in, probs_args = logits, dict(streaming(c["PROBS_BN"]), OT=c["PROBS_OT"])
+    if c["PROMPT_CONV"] and c["POST_CONV"]:  # the conv's output rows (RO) go to `scores`, read no more
+        conv(logits, "post_w_ptr", scores, c["RL"], c["RO"], c["CQ2"], c["CK2"], c["PL2"], True)
+        probs_in, probs_args = scores, dict(probs_args, POST_CONV=False, PROBS_IN=True, RL=c["RO"])
+    run(_probs_kernel, (items, c["SPLITS"], triton.cdiv(c["RO"], c["PROBS_OT"])), probs_in, norms, stats, probs,
+        args=probs_args)
     run(_pv_kernel, (items * c["H"], c["SPLITS"] * out_tiles), probs, v_cache, partial, args=streaming(c["PV_BN"]))
     run(_sum_splits_kernel, (items, c["H"]), partial, out)
 
@@ -396,7 +404,8 @@ def _mix(w_ptr, x, H: tl.constexpr, HB: tl.constexpr, RT: tl.constexpr, BN: tl.c
 def _row_conv(x_ptr, w_ptr, b, out0, pos0, last, key0, H: tl.constexpr, HB: tl.constexpr, ROWS: tl.constexpr,
               OUT: tl.constexpr, BN: tl.constexpr, CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr,
               LENGTH, SOFTMAX: tl.constexpr, norm_ptr=None, inv_base=0):
-    """Key-query conv (spec steps 2 and 5) of output rows out0 .. out0 + OUT - 1 over keys key0 + [0, BN):
+    """Key-query conv (spec steps 2 and 5) of decode rows without a ConvState (the row itself, or the logit
+    rows it recomputes) for output rows out0 .. out0 + OUT - 1 over keys key0 + [0, BN):
     y[h, r, j] = sum_{a, c} w[h, a, c] x[h, out0 + r + a, j - PL + c] -> [HB, OUT, BN], where input row i
     of x [items, H, ROWS, LENGTH] is position pos0 + i and reads 0 where its key is outside 0..position.
 
@@ -411,7 +420,7 @@ def _row_conv(x_ptr, w_ptr, b, out0, pos0, last, key0, H: tl.constexpr, HB: tl.c
         a = i - out0 - r  # kernel row of input row i for each output row: [1, OUT]
         row_base, row_ok, m, inv = _conv_input_row(x_ptr, norm_ptr, inv_base, b, heads, i, pos0, H, ROWS, LENGTH,
                                                    SOFTMAX)
-        if OUT > 1:  # prompt tiles: unrolled (_logits_kernel at 8192 tokens: 31.7 -> 25.8 ms)
+        if OUT > 1:  # several rows: unrolled (as it sped up prompt tiles once: _logits at 8192 tokens 31.7 -> 25.8 ms)
             for c in tl.static_range(CK):
                 y += _conv_column(row_base, w_ptr, heads, a, keys - PL + c, row_ok, pos0 + i, last, c, m, inv,
                                   H, CQ, CK, SOFTMAX)
@@ -602,8 +611,9 @@ def _probs_kernel(l_ptr, norm_ptr, stats_ptr, p_ptr, post_w_ptr, post_mix_ptr, i
                   HB: tl.constexpr, RO: tl.constexpr, RL: tl.constexpr, OT: tl.constexpr, SPLITS,
                   CQ2: tl.constexpr, CK2: tl.constexpr, PL2: tl.constexpr, CQ2P: tl.constexpr,
                   POST_CONV: tl.constexpr, POST_MIX: tl.constexpr, FP32: tl.constexpr, RING: tl.constexpr,
-                  NORM_HERE: tl.constexpr, SC: tl.constexpr, PDL: tl.constexpr):
-    """P' rows first + r over this split's keys: normalized probabilities -> post-conv -> post-mix. RING 1
+                  NORM_HERE: tl.constexpr, SC: tl.constexpr, PDL: tl.constexpr, PROBS_IN: tl.constexpr = False):
+    """P' rows first + r over this split's keys: normalized probabilities -> post-conv -> post-mix
+    (PROBS_IN: l_ptr [items, H, RO, LENGTH] holds prompt groups' post-conv output, _prompt_conv_kernel's). RING 1
     (decode rows): the post-conv is finished from the sequence's ConvState, whose partial sums of the next
     rows (keys up to last + CQ2 - 1) this row's taps go into. NORM_HERE (decode rows with one logit
     row of their own): the row's normalizers come from the splits' stats here, not from _normalizers_kernel
@@ -651,14 +661,71 @@ def _probs_kernel(l_ptr, norm_ptr, stats_ptr, p_ptr, post_w_ptr, post_mix_ptr, i
                     m = tl.load(norm_ptr + norm_offs, mask=norm_ok, other=0.0)
                     inv = tl.load(norm_ptr + inv_base + norm_offs, mask=norm_ok, other=0.0)
                 for c in range(1):
-                    x = tl.load(l_ptr + ((b * H + h3) * RL + r3).to(tl.int64) * LENGTH + keys,
-                                mask=norm_ok & (keys <= tl.minimum(rows, last)), other=float("-inf"))
-                    p += tl.exp(x - m) * inv
+                    if PROBS_IN:
+                        p += tl.load(l_ptr + ((b * H + h3) * RL + r3).to(tl.int64) * LENGTH + keys,
+                                     mask=norm_ok & (keys <= tl.minimum(rows, last)), other=0.0)
+                    else:
+                        x = tl.load(l_ptr + ((b * H + h3) * RL + r3).to(tl.int64) * LENGTH + keys,
+                                    mask=norm_ok & (keys <= tl.minimum(rows, last)), other=float("-inf"))
+                        p += tl.exp(x - m) * inv
         p = tl.where((keys <= rows) & (rows <= last), p, 0.0)
         if POST_MIX:
             p = _mix(post_mix_ptr, p, H, HB, OT, BN, FP32)
         tl.store(p_ptr + ((b * H + h3) * RO + r3).to(tl.int64) * LENGTH + keys, p,
                  mask=(h3 < H) & (r3 < RO) & (keys < LENGTH))
+
+
+@triton.jit(do_not_specialize=["item0", "bt_stride", "NUM_TILES"])
+def _prompt_conv_kernel(x_ptr, norm_ptr, w_ptr, y_ptr, item0, bt_ptr, bt_stride, seq_start_ptr, seq_end_ptr,
+                        seq_row_ptr, work_seq_ptr, work_first_ptr, H: tl.constexpr, BN: tl.constexpr, NUM_TILES,
+                        RO: tl.constexpr, ROWS_IN: tl.constexpr, ROWS_OUT: tl.constexpr, C: tl.constexpr,
+                        CP: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr, SOFTMAX: tl.constexpr,
+                        PDL: tl.constexpr):
+    """Key-query conv of a prompt group's rows for one head and one BN-key tile (spec step 2, or step 5 with
+    SOFTMAX; before head mixing and masking): y[r, j] = sum_{a, c} w[h, a, c] x[r + a, j - PL + c], input
+    row i of x [items, H, ROWS_IN, LENGTH] being position first - (ROWS_IN - RO) + i and reading 0 where
+    its key is outside 0..min(position, last) (logits normalized with norm_ptr [2, items, H, ROWS_IN] under
+    SOFTMAX) -> y_ptr [items, H, ROWS_OUT, LENGTH], ROWS_OUT = ROWS_IN - (C - 1).
+
+    The input rows stream through once: each is read at the CK key shifts and its taps go into the C output
+    rows it feeds, kept in registers (output row r in ring slot r % C) until the row's last input, when it
+    is stored and its slot starts row r + C. So an input value is read CK times, not C x CK, and no tap
+    of a row outside the kernel window is computed."""
+    pdl.wait(PDL)
+    LENGTH = NUM_TILES * BN  # row stride of the fp32 buffers; a product, so its divisibility is known
+    b, h = tl.program_id(0) // H, tl.program_id(0) % H
+    key0 = tl.program_id(1) * BN
+    first, start, end, row0, last, bt = work_item(item0 + b, work_seq_ptr, work_first_ptr, seq_start_ptr,
+                                                  seq_end_ptr, seq_row_ptr, bt_ptr, bt_stride, RO)
+    pos0 = first - (ROWS_IN - RO)  # position of input row 0
+    if key0 > tl.minimum(pos0 + ROWS_IN - 1, last):
+        return  # keys after every row's: never read
+    j = tl.arange(0, BN)[None, :]
+    k = tl.arange(0, CP)[:, None]  # ring slot
+    x_base = x_ptr + (b * H + h).to(tl.int64) * ROWS_IN * LENGTH
+    y_base = y_ptr + (b * H + h).to(tl.int64) * ROWS_OUT * LENGTH
+    inv_base = tl.num_programs(0) * ROWS_IN
+    y = tl.zeros((CP, BN), tl.float32)
+    # rows before the sequence or wholly before the tile's keys add nothing; their outputs are never read here
+    for i in range(tl.maximum(0, tl.maximum(-pos0, key0 - PL - pos0)), ROWS_IN):
+        pos = pos0 + i
+        a = (i + 2 * C - k) % C  # kernel row of input row i in the output row of slot k
+        if SOFTMAX:
+            m = tl.load(norm_ptr + (b * H + h) * ROWS_IN + i)
+            inv = tl.load(norm_ptr + inv_base + (b * H + h) * ROWS_IN + i)
+        for c in tl.static_range(CK):
+            keys = key0 - PL + c + j
+            ok = (keys >= 0) & (keys <= tl.minimum(pos, last))
+            if SOFTMAX:
+                x = tl.exp(tl.load(x_base + i * LENGTH + keys, mask=ok, other=float("-inf")) - m) * inv
+            else:
+                x = tl.load(x_base + i * LENGTH + keys, mask=ok, other=0.0)
+            y += tl.load(w_ptr + (h * C + a) * CK + c, mask=k < C, other=0.0) * x
+        r = i - (C - 1)  # the output row input row i completes
+        done = k == (r + C) % C  # (r >= 1 - C)
+        tl.store(y_base + r * LENGTH + key0 + j, tl.sum(tl.where(done, y, 0.0), axis=0)[None, :],
+                 mask=(j * 0 + r >= 0) & (key0 + j < LENGTH))  # (a tensor term: the interpreter rejects scalars)
+        y = tl.where(done, 0.0, y)
 
 
 @triton.jit
