@@ -16,8 +16,8 @@ bandwidth of a 2 GiB device-to-device copy is measured in the same run. Kernel t
 (the kernels' device time, without Python's launch cost). Prints a table, writes JSON.
 
     python benchmarks/kernels.py [--out benchmarks/results/kernels_h200.json] [--quick] [--sweep [KIND ...]]
-        [--breakdown] [--kernel-sweep] [--split-sweep] [--fused-sweep] [--prompt-conv-sweep] [--no-dense]
-        [--no-decode]
+        [--breakdown] [--kernel-sweep] [--split-sweep] [--conv-split-sweep] [--fused-sweep]
+        [--prompt-conv-sweep] [--no-dense] [--no-decode]
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def paged_batch(batch: int, context: int, new_rows: int):
 
 def run_paged(kind: str, inputs, block_m: int, splits: int, block: int | None = None, num_warps: int | None = None,
               decode_dot: bool = True, conv_state: bool = True, pv_in_cache_dtype: bool = False,
-              num_stages: int = 2):
+              num_stages: int = 2, conv_splits: int | None = None):
     """The engine's kernel for this layer kind: paged flash for plain layers, the MTA row pipeline else
     (for the conv layer with a ConvState slot per sequence, unless conv_state is False: decode rows then
     recompute the previous rows); "mixing_fused": the mixing layer's prompt groups through the fused
@@ -95,7 +95,7 @@ def run_paged(kind: str, inputs, block_m: int, splits: int, block: int | None = 
     params = layer_params(weights, "cuda")
     q_cache = qc if kind == "conv" else None
     return lambda: mta_paged_attention(q, q_cache, kc, vc, params, work, out, key_tile=block, num_warps=num_warps,
-                                       state=state)
+                                       state=state, conv_splits=conv_splits)
 
 
 def sweep(batch: int, context: int, kinds: list[str]) -> list[dict]:
@@ -133,6 +133,31 @@ def split_sweep(batches, contexts, num_sms: int) -> list[dict]:
                 rows.append(dict(kind=kind, batch=batch, context=context, rule=rule, best=best, ms=ms))
                 print(f"splits {kind} b={batch} ctx={context}: rule {rule} {ms[rule]:.4f} ms, best {best} "
                       f"{ms[best]:.4f} ms", flush=True)
+            del inputs
+            torch.cuda.empty_cache()
+    return rows
+
+
+CONV_SPLIT_COUNTS = [16, 32, 64]
+
+
+def conv_split_sweep(batches, contexts, num_sms: int) -> list[dict]:
+    """(a)'s decode time and its _logits / _probs times with those two kernels' key splits (conv_splits) at
+    P'V's count (the engine's rule), at each of CONV_SPLIT_COUNTS and at mta_attention's default rule (what
+    _ring_splits rests on)."""
+    rows = []
+    for batch in batches:
+        for context in contexts:
+            inputs = paged_batch(batch, context, 1)
+            rule = engine_splits("conv", batch, context, num_sms)
+            for label, conv_splits in [("pv_splits", rule), ("default", None)] + [(n, n) for n in CONV_SPLIT_COUNTS]:
+                fn = run_paged("conv", inputs, 1, rule, conv_splits=conv_splits)
+                times = kernel_times(fn)
+                row = dict(batch=batch, context=context, splits=rule, conv_splits=label, ms=bench_ms(fn),
+                           logits_us=times.get("_logits_kernel"), probs_us=times.get("_probs_kernel"))
+                rows.append(row)
+                print(f"conv splits b={batch} ctx={context} {label}: {row['ms']:.4f} ms, _logits "
+                      f"{row['logits_us']:.0f} us, _probs {row['probs_us']:.0f} us", flush=True)
             del inputs
             torch.cuda.empty_cache()
     return rows
@@ -368,6 +393,8 @@ def main() -> int:
                    "64 x 2048 at every warp count and conv/softmax key tile")
     p.add_argument("--split-sweep", action="store_true", help="also time every key-split count of (a), (b) "
                    "and (c) at each decode shape, against the engine's rules")
+    p.add_argument("--conv-split-sweep", action="store_true", help="also time (a) at each decode shape with "
+                   "its conv and softmax kernels' key splits at each of CONV_SPLIT_COUNTS")
     p.add_argument("--prompt-conv-sweep", action="store_true", help="also time (a)'s prefill at each of "
                    "PROMPT_CONV_CONFIGS (the prompt conv kernel's key tile and warps)")
     args = p.parse_args()
@@ -388,6 +415,7 @@ def main() -> int:
         breakdown=breakdown(num_sms, args.prefill_block_m) if args.breakdown else None,
         kernel_sweep=kernel_sweep(num_sms) if args.kernel_sweep else None,
         split_sweep=split_sweep(batches, contexts, num_sms) if args.split_sweep else None,
+        conv_split_sweep=conv_split_sweep(batches, contexts, num_sms) if args.conv_split_sweep else None,
         prompt_conv_sweep=(prompt_conv_sweep([2048] if args.quick else [2048, 8192], args.prefill_block_m)
                            if args.prompt_conv_sweep else None),
         decode=None if args.no_decode else decode_rows(batches, contexts, copy_bw, num_sms),

@@ -120,7 +120,8 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
                        key_tile: int | None = None, num_warps: int | dict | None = None, budget_bytes: int = 512 << 20,
                        max_len: int | None = None, prompt_splits: int | None = None,
                        stream_tile: int | None = None, state: ConvState | None = None,
-                       num_splits: int | None = None, head_norm: HeadNormGate = CAST_ONLY) -> torch.Tensor:
+                       num_splits: int | None = None, head_norm: HeadNormGate = CAST_ONLY,
+                       conv_splits: int | None = None) -> torch.Tensor:
     """Rows of the work items (groups of work.block_m rows) into `out` [N, H, d] (spec steps 0-7, and 8-9
     with `head_norm`).
 
@@ -129,7 +130,9 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     depend only on the number of work items and `max_len` (default: the longest sequence; pass a fixed
     bound such as the model's max_seq_len for launches that must keep their shapes, e.g. in a CUDA graph).
     Decode rows use `num_splits` key splits (default work.num_splits); prompt groups `prompt_splits`, by
-    default enough to fill the GPU. `key_tile` keys per tile in the conv and softmax kernels, `stream_tile`
+    default enough to fill the GPU. Decode rows finishing their convs from a `state` split the keys of the
+    conv and softmax kernels (_logits, _probs) `conv_splits` ways (default _ring_splits), P'V's
+    `num_splits` ways. `key_tile` keys per tile in the conv and softmax kernels, `stream_tile`
     in the two that read K and V (powers of two; by default 128, and `key_tile` for prompt groups' P'V);
     unless `key_tile` is given, decode rows' probabilities kernel uses 128-key tiles (32 with a ConvState).
     Prompt groups' key-query convs run in _prompt_conv_kernel's CONV_BN-key tiles. `num_warps` for every
@@ -185,6 +188,7 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
         splits = num_splits or work.num_splits
     else:
         splits = prompt_splits or _prompt_splits(q.device, wave, rows_l, length, bn)
+    conv_splits = splits if ring != 1 else conv_splits or _ring_splits(q.device, wave, length, splits)
     dummy = torch.empty(1, dtype=torch.float32, device=q.device)
     c = dict(
         H=n_heads, GROUP=n_heads // k_cache.shape[2], D=head_dim, DP=dot_width(head_dim), BN=bn,
@@ -192,7 +196,7 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
         BLOCK_SIZE=k_cache.shape[1], HB=hb, RO=rows_o, R=rows_s, RL=rows_l,
         RT=1 if rows_s == 1 else max(16, min(32, triton.next_power_of_2(rows_s))),
         RLT=min(8, triton.next_power_of_2(rows_l)), RLP=triton.next_power_of_2(rows_l), OT=1 if decode else 16,
-        PROBS_OT=probs_rows, SPLITS=splits, SC=SPLIT_CHUNK,
+        PROBS_OT=probs_rows, SPLITS=splits, CSPLITS=conv_splits, SC=SPLIT_CHUNK,
         CQ=cq, CK=ck, PL=left_pad(params.pad_key, ck), CQ2=cq2, CK2=ck2, PL2=left_pad(params.pad_key, ck2),
         CQP=triton.next_power_of_2(cq), CQ2P=triton.next_power_of_2(cq2),
         PRE_CONV=params.pre_kernel is not None, POST_CONV=params.post_kernel is not None,
@@ -208,7 +212,7 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     scores = torch.empty(wave, n_heads, rows_s, length, **f32)
     logits = torch.empty(wave, n_heads, rows_l, length, **f32)
     probs = torch.empty(wave, n_heads, rows_p, length, **f32)
-    stats = torch.empty(2, wave, splits, n_heads, rows_l, **f32)
+    stats = torch.empty(2, wave, conv_splits, n_heads, rows_l, **f32)
     norms = torch.empty(2, wave, n_heads, rows_l, **f32)
     partial = torch.empty(wave, splits, n_heads, rows_o, head_dim, **f32)
     for item0 in range(0, num_items, wave):
@@ -257,6 +261,21 @@ def _prompt_splits(device: torch.device, items: int, rows_l: int, length: int, k
     return max(1, min(16, triton.cdiv(4 * num_sms, programs), length // (4 * key_tile)))
 
 
+def _ring_splits(device: torch.device, items: int, length: int, splits: int) -> int:
+    """Key splits of the conv and softmax kernels of decode rows finishing their convs from a ConvState:
+    P'V's `splits`, raised so that a split holds at most 256 keys (8 of the 32-key tiles, which a program
+    runs one after another, each waiting on its loads of the state's partial sums), and, where P'V's
+    programs fill the GPU less than four times over, to sixteen (item, split) programs per SM of at least
+    64 keys. From benchmarks/kernels.py --conv-split-sweep (H200, conv layer): 64 x 8192 1.385 -> 1.254
+    ms, 256 x 8192 5.233 -> 4.813, 1 x 8192 0.092 -> 0.052; 64 x 2048 keeps its 9 splits (0.333 ms; 32:
+    0.341)."""
+    num_sms = _num_sms(device)
+    count = max(splits, triton.cdiv(length, 256))
+    if items * splits < 4 * num_sms:
+        count = max(count, min(triton.cdiv(16 * num_sms, items), length // 64))
+    return count
+
+
 def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
 
@@ -296,22 +315,23 @@ def _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, nor
         q if q_cache is None else q_cache, k_cache, scores, args=scores_args)
     def conv(x, w_ptr, y, rows_in, rows_out, cq, ck, pl, softmax):  # prompt groups' key-query convs
         args = dict(streaming(CONV_BN), ROWS_IN=rows_in, ROWS_OUT=rows_out, C=cq, CP=triton.next_power_of_2(cq),
-                    CK=ck, PL=pl, SOFTMAX=softmax)
+                    CK=ck, CKP=triton.next_power_of_2(ck), PL=pl, SOFTMAX=softmax)
         run(_prompt_conv_kernel, (items * c["H"], args["NUM_TILES"]), x, norms, weights[w_ptr], y, args=args)
 
-    logits_in, logits_args = scores, streaming(c["BN"])
+    conv_splits = dict(SPLITS=c["CSPLITS"])  # the key splits of _logits, its statistics and _probs
+    logits_in, logits_args = scores, dict(streaming(c["BN"]), **conv_splits)
     if c["PROMPT_CONV"] and c["PRE_CONV"]:  # the conv's output rows (RL) go to `probs`, free until P'
         conv(scores, "pre_w_ptr", probs, c["R"], c["RL"], c["CQ"], c["CK"], c["PL"], False)
         logits_in, logits_args = probs, dict(logits_args, PRE_CONV=False, R=c["RL"])
-    run(_logits_kernel, (items, c["SPLITS"], triton.cdiv(c["RL"], c["RLT"])), logits_in, logits, stats,
+    run(_logits_kernel, (items, c["CSPLITS"], triton.cdiv(c["RL"], c["RLT"])), logits_in, logits, stats,
         args=logits_args)
     if not c["NORM_HERE"]:
-        run(_normalizers_kernel, (items, c["H"]), stats, norms, logits, scores)
-    probs_in, probs_args = logits, dict(streaming(c["PROBS_BN"]), OT=c["PROBS_OT"])
+        run(_normalizers_kernel, (items, c["H"]), stats, norms, logits, scores, args=dict(every, **conv_splits))
+    probs_in, probs_args = logits, dict(streaming(c["PROBS_BN"]), OT=c["PROBS_OT"], **conv_splits)
     if c["PROMPT_CONV"] and c["POST_CONV"]:  # the conv's output rows (RO) go to `scores`, read no more
         conv(logits, "post_w_ptr", scores, c["RL"], c["RO"], c["CQ2"], c["CK2"], c["PL2"], True)
         probs_in, probs_args = scores, dict(probs_args, POST_CONV=False, PROBS_IN=True, RL=c["RO"])
-    run(_probs_kernel, (items, c["SPLITS"], triton.cdiv(c["RO"], c["PROBS_OT"])), probs_in, norms, stats, probs,
+    run(_probs_kernel, (items, c["CSPLITS"], triton.cdiv(c["RO"], c["PROBS_OT"])), probs_in, norms, stats, probs,
         args=probs_args)
     run(_pv_kernel, (items * c["H"], c["SPLITS"] * out_tiles), probs, v_cache, partial, args=streaming(c["PV_BN"]))
     run(_sum_splits_kernel, (items, c["H"]), partial, out)
@@ -679,18 +699,20 @@ def _probs_kernel(l_ptr, norm_ptr, stats_ptr, p_ptr, post_w_ptr, post_mix_ptr, i
 def _prompt_conv_kernel(x_ptr, norm_ptr, w_ptr, y_ptr, item0, bt_ptr, bt_stride, seq_start_ptr, seq_end_ptr,
                         seq_row_ptr, work_seq_ptr, work_first_ptr, H: tl.constexpr, BN: tl.constexpr, NUM_TILES,
                         RO: tl.constexpr, ROWS_IN: tl.constexpr, ROWS_OUT: tl.constexpr, C: tl.constexpr,
-                        CP: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr, SOFTMAX: tl.constexpr,
-                        PDL: tl.constexpr):
+                        CP: tl.constexpr, CK: tl.constexpr, CKP: tl.constexpr, PL: tl.constexpr,
+                        SOFTMAX: tl.constexpr, PDL: tl.constexpr):
     """Key-query conv of a prompt group's rows for one head and one BN-key tile (spec step 2, or step 5 with
     SOFTMAX; before head mixing and masking): y[r, j] = sum_{a, c} w[h, a, c] x[r + a, j - PL + c], input
     row i of x [items, H, ROWS_IN, LENGTH] being position first - (ROWS_IN - RO) + i and reading 0 where
     its key is outside 0..min(position, last) (logits normalized with norm_ptr [2, items, H, ROWS_IN] under
     SOFTMAX) -> y_ptr [items, H, ROWS_OUT, LENGTH], ROWS_OUT = ROWS_IN - (C - 1).
 
-    The input rows stream through once: each is read at the CK key shifts and its taps go into the C output
-    rows it feeds, kept in registers (output row r in ring slot r % C) until the row's last input, when it
-    is stored and its slot starts row r + C. So an input value is read CK times, not C x CK, and no tap
-    of a row outside the kernel window is computed."""
+    The input rows stream through once: each is read at the CK key shifts (one [CKP, BN] load) and its taps
+    go into the C output rows it feeds, kept in registers (output row r in ring slot r % C) until the row's
+    last input, when it is stored and its slot starts row r + C. So an input value is read CK times, not
+    C x CK, and no tap of a row outside the kernel window is computed. (The CK shifts as one load and one
+    [CP, CKP, BN] product, rather than CK loads and products: H200, conv layer prefill at 8192 tokens,
+    both convs 15.5 -> 14.5 ms; 2x faster under the CPU tests' interpreter.)"""
     pdl.wait(PDL)
     LENGTH = NUM_TILES * BN  # row stride of the fp32 buffers; a product, so its divisibility is known
     b, h = tl.program_id(0) // H, tl.program_id(0) % H
@@ -702,25 +724,25 @@ def _prompt_conv_kernel(x_ptr, norm_ptr, w_ptr, y_ptr, item0, bt_ptr, bt_stride,
         return  # keys after every row's: never read
     j = tl.arange(0, BN)[None, :]
     k = tl.arange(0, CP)[:, None]  # ring slot
+    c = tl.arange(0, CKP)  # kernel column
     x_base = x_ptr + (b * H + h).to(tl.int64) * ROWS_IN * LENGTH
     y_base = y_ptr + (b * H + h).to(tl.int64) * ROWS_OUT * LENGTH
     inv_base = tl.num_programs(0) * ROWS_IN
+    keys = key0 - PL + c[:, None] + j  # input key of each column: [CKP, BN]
     y = tl.zeros((CP, BN), tl.float32)
     # rows before the sequence or wholly before the tile's keys add nothing; their outputs are never read here
     for i in range(tl.maximum(0, tl.maximum(-pos0, key0 - PL - pos0)), ROWS_IN):
         pos = pos0 + i
         a = (i + 2 * C - k) % C  # kernel row of input row i in the output row of slot k
+        ok = (c[:, None] < CK) & (keys >= 0) & (keys <= tl.minimum(pos, last))
         if SOFTMAX:
             m = tl.load(norm_ptr + (b * H + h) * ROWS_IN + i)
             inv = tl.load(norm_ptr + inv_base + (b * H + h) * ROWS_IN + i)
-        for c in tl.static_range(CK):
-            keys = key0 - PL + c + j
-            ok = (keys >= 0) & (keys <= tl.minimum(pos, last))
-            if SOFTMAX:
-                x = tl.exp(tl.load(x_base + i * LENGTH + keys, mask=ok, other=float("-inf")) - m) * inv
-            else:
-                x = tl.load(x_base + i * LENGTH + keys, mask=ok, other=0.0)
-            y += tl.load(w_ptr + (h * C + a) * CK + c, mask=k < C, other=0.0) * x
+            x = tl.exp(tl.load(x_base + i * LENGTH + keys, mask=ok, other=float("-inf")) - m) * inv
+        else:
+            x = tl.load(x_base + i * LENGTH + keys, mask=ok, other=0.0)
+        w = tl.load(w_ptr + (h * C + a) * CK + c[None, :], mask=(k < C) & (c[None, :] < CK), other=0.0)
+        y += tl.sum(w[:, :, None] * x[None, :, :], axis=1)  # [CP, CKP, BN] -> [CP, BN]
         r = i - (C - 1)  # the output row input row i completes
         done = k == (r + C) % C  # (r >= 1 - C)
         tl.store(y_base + r * LENGTH + key0 + j, tl.sum(tl.where(done, y, 0.0), axis=0)[None, :],

@@ -132,9 +132,9 @@ WIDE = (16, 4, 16)  # heads, KV heads, head size: a 16-head block, as the 830M's
 @pytest.mark.parametrize("variant", ["paper", "pre_left_no_mix", "post_right"])
 @pytest.mark.parametrize("splits", [1, 3])
 def test_mta_kernel_default_prompt_tiles(variant, splits, monkeypatch):
-    """The tiles prompt groups of 16 heads get by default (the convs in 16-key tiles of 16 rows, their
-    outputs in the buffers of other stages, the mixing stages in 32-key tiles), over prompts longer than a
-    tile and a group whose rows straddle a tile, keys in 1 and 3 splits, NaN-filled scratch."""
+    """The tiles prompt groups of 16 heads get by default (the convs one head and 128 keys per program,
+    their outputs in the buffers of other stages, the mixing stages in 32-key tiles), over prompts longer
+    than a tile and a group whose rows straddle a tile, keys in 1 and 3 splits, NaN-filled scratch."""
     _nan_scratch(monkeypatch)
     seqs = [(0, 70), (52, 90), (3, 4)]
     config = dict(VARIANTS[variant], **({"head_kernel": 16} if "head_kernel" in VARIANTS[variant] else {}))
@@ -294,14 +294,15 @@ def _step(qc, tables, block_size, steps):
     return torch.cat(q), [s for s, _ in steps], [e for _, e in steps], rows[:-1]
 
 
-@pytest.mark.parametrize("post, key_tile", [((3, 3), 16), ((6, 11), 16), ((6, 11), None)])
-def test_mta_kernel_conv_state_carries_rows_from_prompts_to_decode_rows(post, key_tile, monkeypatch):
+@pytest.mark.parametrize("post, key_tile, conv_splits", [((3, 3), 16, None), ((6, 11), 16, None), ((6, 11), 16, 5),
+                                                         ((6, 11), None, None)])
+def test_mta_kernel_conv_state_carries_rows_from_prompts_to_decode_rows(post, key_tile, conv_splits, monkeypatch):
     """Prompt chunks (the second starting mid-block) write the conv partial sums after each sequence's last
     row into its ConvState slot; decode rows then finish their convs from them and write the next ones, step
     after step. Slots are shuffled, sequences shorter than the conv window included, the state starts
-    NaN-filled, so that a read past a row's position shows. key_tile None:
-    the default tiles, with 16 heads (prompt groups' conv kernels in 64-key tiles) and a sequence whose
-    chunks, ring rows and decode rows cross 64-key tiles, scratch NaN-filled."""
+    NaN-filled, so that a read past a row's position shows. conv_splits: decode rows' conv and softmax
+    kernels in 5 key splits (some empty) while P'V keeps 2. key_tile None: the default tiles, with 16 heads
+    and a sequence whose chunks, ring rows and decode rows cross 64-key tiles, scratch NaN-filled."""
     from mta_serve.kernels.mta_attention import ConvState
 
     wide = key_tile is None
@@ -328,7 +329,8 @@ def test_mta_kernel_conv_state_carries_rows_from_prompts_to_decode_rows(post, ke
         work = build_work_items(tables, starts, ends, rows, block_m, 2 if block_m == 1 else 1, DEVICE,
                                 states=slots)
         out = torch.full(q.shape, float("nan"), device=DEVICE)
-        mta_paged_attention(q, qc, kc, vc, params, work, out, key_tile=key_tile, state=state)
+        mta_paged_attention(q, qc, kc, vc, params, work, out, key_tile=key_tile, state=state,
+                            conv_splits=conv_splits if block_m == 1 else None)
         torch.testing.assert_close(out, reference, atol=2e-5, rtol=1e-5)
 
 
