@@ -309,15 +309,15 @@ def _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, nor
         warps = num_warps if isinstance(num_warps, int) else num_warps.get(kernel.__name__, 4)
         kernel[grid](*tensors, num_warps=warps, **launch, **{k: args[k] for k in _named_args(kernel, args)})
 
-    # heads fastest in the grid of the kernels that stream K or V, as in paged_flash
-    scores_args = streaming(c["SCORES_BN"])
-    run(_scores_kernel, (items * c["H"], scores_args["NUM_TILES"] * triton.cdiv(c["R"], c["RT"])), q,
-        q if q_cache is None else q_cache, k_cache, scores, args=scores_args)
     def conv(x, w_ptr, y, rows_in, rows_out, cq, ck, pl, softmax):  # prompt groups' key-query convs
         args = dict(streaming(CONV_BN), ROWS_IN=rows_in, ROWS_OUT=rows_out, C=cq, CP=triton.next_power_of_2(cq),
                     CK=ck, CKP=triton.next_power_of_2(ck), PL=pl, SOFTMAX=softmax)
         run(_prompt_conv_kernel, (items * c["H"], args["NUM_TILES"]), x, norms, weights[w_ptr], y, args=args)
 
+    # heads fastest in the grid of the kernels that stream K or V, as in paged_flash
+    scores_args = streaming(c["SCORES_BN"])
+    run(_scores_kernel, (items * c["H"], scores_args["NUM_TILES"] * triton.cdiv(c["R"], c["RT"])), q,
+        q if q_cache is None else q_cache, k_cache, scores, args=scores_args)
     conv_splits = dict(SPLITS=c["CSPLITS"])  # the key splits of _logits, its statistics and _probs
     logits_in, logits_args = scores, dict(streaming(c["BN"]), **conv_splits)
     if c["PROMPT_CONV"] and c["PRE_CONV"]:  # the conv's output rows (RL) go to `probs`, free until P'
