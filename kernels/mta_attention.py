@@ -203,6 +203,8 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
         PRE_MIX=params.pre_mix is not None, POST_MIX=params.post_mix is not None,
         QCACHE=q_cache is not None, FP32=q.dtype == torch.float32, RING=ring, SRING=ring if cq > 1 else 0,
         NORM_HERE=decode and rows_l == 1 and (ring == 1 or params.post_kernel is None),
+        # PROBS_IN: False here, True in the prompt path's _probs launch; present in every launch's arguments
+        # because _named_args keeps the names a kernel's first launch offered
         PROMPT_CONV=not decode, PROBS_IN=False,
         TAIL_BN=key_tile or 128)  # key tiles of the ConvState sums prompt groups write
     weights = dict(pre_w_ptr=_or(params.pre_kernel, dummy), post_w_ptr=_or(params.post_kernel, dummy),
