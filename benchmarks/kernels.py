@@ -17,7 +17,7 @@ bandwidth of a 2 GiB device-to-device copy is measured in the same run. Kernel t
 
     python benchmarks/kernels.py [--out benchmarks/results/kernels_h200.json] [--quick] [--sweep [KIND ...]]
         [--breakdown] [--kernel-sweep] [--split-sweep] [--conv-split-sweep] [--fused-sweep]
-        [--prompt-conv-sweep] [--one-pass-sweep] [--no-dense] [--no-decode] [--no-prefill]
+        [--prompt-conv-sweep] [--no-dense] [--no-decode] [--no-prefill]
 """
 from __future__ import annotations
 
@@ -29,12 +29,10 @@ import time
 import torch
 import torch.nn.functional as F
 import triton.testing
-from triton.runtime.errors import OutOfResources
 
 from common import commit, copy_bandwidth, write_result
 from mta_serve.dense_attention import MTAWeights, attention_probs
 from mta_serve.kernels import mta_attention
-from mta_serve.kernels.mixing_decode import mixing_decode_attention
 from mta_serve.kernels.mixing_prefill import mixing_prefill_attention
 from mta_serve.kernels.mta_attention import ConvState, layer_params, mta_paged_attention
 from mta_serve.kernels.paged_flash import paged_flash_attention
@@ -74,12 +72,11 @@ def paged_batch(batch: int, context: int, new_rows: int):
 
 def run_paged(kind: str, inputs, block_m: int, splits: int, block: int | None = None, num_warps: int | None = None,
               decode_dot: bool = True, conv_state: bool = True, pv_in_cache_dtype: bool = False,
-              num_stages: int = 2, conv_splits: int | None = None, heads_per_program: int = 4):
+              num_stages: int = 2, conv_splits: int | None = None):
     """The engine's kernel for this layer kind: paged flash for plain layers, the MTA row pipeline else
     (for the conv layer with a ConvState slot per sequence, unless conv_state is False: decode rows then
     recompute the previous rows); "mixing_fused": the mixing layer's prompt groups through the fused
-    two-pass kernel (kernels/mixing_prefill.py); "mixing_1pass": its decode rows through the one-pass
-    kernel (kernels/mixing_decode.py)."""
+    two-pass kernel (kernels/mixing_prefill.py)."""
     q, qc, kc, vc, tables, starts, ends, rows = inputs
     state = None
     if kind == "conv" and conv_state:
@@ -92,10 +89,6 @@ def run_paged(kind: str, inputs, block_m: int, splits: int, block: int | None = 
         return lambda: mixing_prefill_attention(q, kc, vc, params, work, out, key_tile=block or 16,
                                                 num_splits=splits, num_warps=num_warps or 4,
                                                 pv_in_cache_dtype=pv_in_cache_dtype, num_stages=num_stages)
-    if kind == "mixing_1pass":
-        params = layer_params(weights, "cuda")
-        return lambda: mixing_decode_attention(q, kc, vc, params, work, out, heads_per_program=heads_per_program,
-                                               key_tile=block or 16, num_warps=num_warps or 8)
     if weights is None:
         return lambda: paged_flash_attention(q, kc, vc, work, out, block_n=block, num_warps=num_warps or 4,
                                              decode_dot=decode_dot, num_splits=splits)
@@ -165,38 +158,6 @@ def conv_split_sweep(batches, contexts, num_sms: int) -> list[dict]:
                 rows.append(row)
                 print(f"conv splits b={batch} ctx={context} {label}: {row['ms']:.4f} ms, _logits "
                       f"{row['logits_us']:.0f} us, _probs {row['probs_us']:.0f} us", flush=True)
-            del inputs
-            torch.cuda.empty_cache()
-    return rows
-
-
-# (output heads per program, warps, key tile) of the one-pass mixing decode kernel tried by --one-pass-sweep
-ONE_PASS_CONFIGS = [(2, 4, 16), (4, 4, 16), (4, 8, 16), (8, 8, 16), (2, 8, 32), (4, 8, 32)]
-
-
-def one_pass_sweep(batches, contexts, num_sms: int) -> list[dict]:
-    """(b)'s decode through the one-pass kernel at each of ONE_PASS_CONFIGS x 1-32 key splits (powers of two), against the row pipeline at the engine's splits (what
-    triton_attention.one_pass_mixing rests on)."""
-    rows = []
-    for batch in batches:
-        for context in contexts:
-            inputs = paged_batch(batch, context, 1)
-            rule = engine_splits("mixing", batch, context, num_sms)
-            row = dict(batch=batch, context=context, pipeline=dict(splits=rule, ms=bench_ms(
-                run_paged("mixing", inputs, 1, rule))), one_pass=[])
-            for hg, warps, block in ONE_PASS_CONFIGS:
-                for splits in (s for s in (1, 2, 4, 8, 16, 32) if s * 16 <= context):
-                    try:
-                        ms = bench_ms(run_paged("mixing_1pass", inputs, 1, splits, block, warps,
-                                                heads_per_program=hg))
-                    except OutOfResources:  # its tiles do not fit in shared memory
-                        continue
-                    row["one_pass"].append(dict(heads_per_program=hg, warps=warps, key_tile=block, splits=splits,
-                                                ms=ms))
-            best = min(row["one_pass"], key=lambda r: r["ms"])
-            rows.append(row)
-            print(f"one-pass b={batch} ctx={context}: pipeline {row['pipeline']['ms']:.4f} ms "
-                  f"({rule} splits), one pass best {best}", flush=True)
             del inputs
             torch.cuda.empty_cache()
     return rows
@@ -435,8 +396,6 @@ def main() -> int:
                    "and (c) at each decode shape, against the engine's rules")
     p.add_argument("--conv-split-sweep", action="store_true", help="also time (a) at each decode shape with "
                    "its conv and softmax kernels' key splits at each of CONV_SPLIT_COUNTS")
-    p.add_argument("--one-pass-sweep", action="store_true", help="also time (b)'s decode through the one-pass "
-                   "kernel at each of ONE_PASS_CONFIGS and key-split count, against the row pipeline")
     p.add_argument("--prompt-conv-sweep", action="store_true", help="also time (a)'s prefill at each of "
                    "PROMPT_CONV_CONFIGS (the prompt conv kernel's key tile and warps)")
     args = p.parse_args()
@@ -458,7 +417,6 @@ def main() -> int:
         kernel_sweep=kernel_sweep(num_sms) if args.kernel_sweep else None,
         split_sweep=split_sweep(batches, contexts, num_sms) if args.split_sweep else None,
         conv_split_sweep=conv_split_sweep(batches, contexts, num_sms) if args.conv_split_sweep else None,
-        one_pass_sweep=one_pass_sweep(batches, contexts, num_sms) if args.one_pass_sweep else None,
         prompt_conv_sweep=(prompt_conv_sweep([2048] if args.quick else [2048, 8192], args.prefill_block_m)
                            if args.prompt_conv_sweep else None),
         decode=None if args.no_decode else decode_rows(batches, contexts, copy_bw, num_sms),

@@ -402,66 +402,17 @@ def test_mixing_prefill_kernel_refuses_convs_and_short_groups():
                                  build_work_items(tables, starts, ends, rows, 8, 1, DEVICE), out)
 
 
-@pytest.mark.parametrize("variant,heads_per_program,splits", [("talking_heads", 4, 1), ("talking_heads", 2, 3),
-                                                            ("wposm_only", 1, 2), ("wpsm_only", 4, 5)])
-def test_mixing_decode_kernel_matches_reference(variant, heads_per_program, splits):
-    """The one-pass decode kernel for layers without a conv: decode rows at positions off the block edges,
-    a context longer than a split's tiles, GQA, output heads in 1, 2 or 4 groups, 1-5 key splits (some
-    empty: the first sequence has one key)."""
-    from mta_serve.kernels.mixing_decode import mixing_decode_attention
-
-    weights = mta_weights(**({"wpsm": True} if variant == "wpsm_only" else VARIANTS[variant]))
-    q, qc, kc, vc, tables, starts, ends, rows = paged_inputs(LONG_DECODE, 4, torch.float32)
-    reference = paged_attention_reference(q, None, kc, vc, _on_device(weights), tables, starts, ends, rows, 0)
-    out = torch.full(q.shape, float("nan"), device=DEVICE)
-    mixing_decode_attention(q, kc, vc, layer_params(weights, DEVICE),
-                            build_work_items(tables, starts, ends, rows, 1, splits, DEVICE), out,
-                            heads_per_program=heads_per_program)
-    torch.testing.assert_close(out, reference, atol=2e-5, rtol=1e-5)
-
-
-def test_mixing_decode_kernel_16_heads_fp16():
-    """16 heads over 4 KV heads in fp16 (the interpreter's bf16 is wrong), 32-key tiles, 4 output heads per
-    program, against the fp32 reference."""
-    from mta_serve.kernels.mixing_decode import mixing_decode_attention
-
-    weights = mta_weights(wpsm=True, head_kernel=16, n_heads=16)
-    q, qc, kc, vc, tables, starts, ends, rows = paged_inputs([(40, 41), (2, 3)], 8, torch.float16,
-                                                             heads=(16, 4, 16))
-    reference = paged_attention_reference(q, None, kc, vc, _on_device(weights), tables, starts, ends, rows, 0)
-    out = torch.full(q.shape, float("nan"), device=DEVICE)
-    mixing_decode_attention(q, kc, vc, layer_params(weights, DEVICE),
-                            build_work_items(tables, starts, ends, rows, 1, 2, DEVICE), out, key_tile=32)
-    torch.testing.assert_close(out, reference.float(), atol=3e-3, rtol=1e-3)
-
-
-def test_mixing_decode_kernel_refuses_convs_and_prompt_rows():
-    from mta_serve.kernels.mixing_decode import mixing_decode_attention
-
-    q, qc, kc, vc, tables, starts, ends, rows = paged_inputs(DECODE, 4, torch.float32)
-    out = torch.empty(q.shape, device=DEVICE)
-    work = build_work_items(tables, starts, ends, rows, 1, 1, DEVICE)
-    with pytest.raises(ValueError, match="without a key-query conv"):
-        mixing_decode_attention(q, kc, vc, layer_params(mta_weights(**VARIANTS["paper"]), DEVICE), work, out)
-    with pytest.raises(ValueError, match="decode rows"):
-        mixing_decode_attention(q, kc, vc, layer_params(mta_weights(wpsm=True), DEVICE),
-                                build_work_items(tables, starts, ends, rows, 2, 1, DEVICE), out)
-    with pytest.raises(ValueError, match="powers of two"):
-        mixing_decode_attention(q, kc, vc, layer_params(mta_weights(wpsm=True), DEVICE), work, out, key_tile=8)
-
-
-@pytest.mark.parametrize("kernel", ["mta_decode", "mta_prefill", "mixing_prefill", "mixing_decode"])
+@pytest.mark.parametrize("kernel", ["mta_decode", "mta_prefill", "mixing_prefill"])
 def test_head_norm_gate_epilogue_equals_the_separate_kernel(kernel):
     """With a HeadNormGate the last kernel writes each row of heads cast to the output's dtype, group-normed
     (with a depth scale) and gated: exactly what writing the fp32 rows and running fused_ops.head_norm_gate
     over them gives (the kernel launch it replaces in the engine's forward)."""
     from mta_serve.kernels.fused_ops import HeadNormGate, head_norm_gate
-    from mta_serve.kernels.mixing_decode import mixing_decode_attention
     from mta_serve.kernels.mixing_prefill import mixing_prefill_attention
 
     seqs, block_m = {"mta_decode": (LONG_DECODE, 1), "mta_prefill": (PREFILL, 4),
-                     "mixing_prefill": (PREFILL, 16), "mixing_decode": (LONG_DECODE, 1)}[kernel]
-    weights = mta_weights(**VARIANTS["talking_heads" if kernel.startswith("mixing") else "paper"])
+                     "mixing_prefill": (PREFILL, 16)}[kernel]
+    weights = mta_weights(**VARIANTS["talking_heads" if kernel == "mixing_prefill" else "paper"])
     q, qc, kc, vc, tables, starts, ends, rows = paged_inputs(seqs, 4, torch.float16)
     g = torch.Generator().manual_seed(7)
 
@@ -472,8 +423,6 @@ def test_head_norm_gate_epilogue_equals_the_separate_kernel(kernel):
     work = build_work_items(tables, starts, ends, rows, block_m, 2, DEVICE)
 
     def attend(out, **kwargs):
-        if kernel == "mixing_decode":
-            return mixing_decode_attention(q, kc, vc, layer_params(weights, DEVICE), work, out, **kwargs)
         if kernel == "mixing_prefill":
             return mixing_prefill_attention(q, kc, vc, layer_params(weights, DEVICE), work, out, num_splits=2,
                                             **kwargs)

@@ -78,25 +78,6 @@ def test_mixing_prefill_kernel_paper_shapes(dtype, shape, p16):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", sorted(SHAPES))
-@pytest.mark.parametrize("heads_per_program,splits,key_tile", [(4, 8, 16), (2, 32, 16), (8, 3, 16), (2, 3, 32)])
-def test_mixing_decode_kernel_paper_shapes(dtype, shape, heads_per_program, splits, key_tile):
-    """The one-pass decode kernel of mixing-only layers at contexts up to 16k (a row with one key, so
-    empty splits too)."""
-    from mta_serve.kernels.mixing_decode import mixing_decode_attention
-
-    n_heads, head_dim = SHAPES[shape]
-    q, qc, kc, vc, tables, starts, ends, rows = _inputs(DECODE, SHAPES[shape], dtype)
-    weights = _weights("mixing", n_heads)
-    out = torch.full(q.shape, float("nan"), device="cuda")
-    mixing_decode_attention(q, kc, vc, layer_params(weights, "cuda"),
-                            build_work_items(tables, starts, ends, rows, 1, splits, "cuda"), out,
-                            heads_per_program=heads_per_program, key_tile=key_tile)
-    reference = _reference(q, qc, kc, vc, weights, tables, starts, ends, rows, 0)
-    torch.testing.assert_close(out, reference, atol=2e-3, rtol=2e-3)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", sorted(SHAPES))
 @pytest.mark.parametrize("tile", ["decode", "prefill"])
 def test_flash_kernel_paper_shapes(dtype, shape, tile):
     from mta_serve.dense_attention import MTAWeights
