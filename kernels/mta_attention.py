@@ -23,11 +23,11 @@ paper's 6 x 11 layer then computes 1 score row and 1 pre-conv row instead of 11 
 one shifted input row 11 times instead of 6 rows 11 times.
 
 K is read once (stage 1), V once (stage 4). The rows in between are fp32, so the result is the reference's
-up to summation order (for 16-bit models the post-softmax head mixing and prompt P'V products are tf32x3
-dots, about fp32's accuracy). Extra memory is O(items x heads x rows x context): for decode O(batch x heads x
-context); items run in waves whose buffers fit `budget_bytes`, so a long prompt never holds a T x T map
-and a large decode batch never more than the budget. The context length is a runtime argument: new lengths
-do not compile new kernels.
+up to summation order (for 16-bit models the post-softmax head mixing is a tf32x3 dot and prompt P'V two
+16-bit dots of P' split into a 16-bit head and remainder, both about fp32's accuracy). Extra memory is
+O(items x heads x rows x context): for decode O(batch x heads x context); items run in waves whose
+buffers fit `budget_bytes`, so a long prompt never holds a T x T map and a large decode batch never more
+than the budget. The context length is a runtime argument: new lengths do not compile new kernels.
 """
 from __future__ import annotations
 
@@ -188,7 +188,7 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
         splits = num_splits or work.num_splits
     else:
         splits = prompt_splits or _prompt_splits(q.device, wave, rows_l, length, bn)
-    conv_splits = splits if ring != 1 else conv_splits or _ring_splits(q.device, wave, length, splits)
+    conv_splits = splits if ring != 1 else conv_splits or _ring_splits(q.device, wave, length, splits, bn)
     dummy = torch.empty(1, dtype=torch.float32, device=q.device)
     c = dict(
         H=n_heads, GROUP=n_heads // k_cache.shape[2], D=head_dim, DP=dot_width(head_dim), BN=bn,
@@ -263,18 +263,20 @@ def _prompt_splits(device: torch.device, items: int, rows_l: int, length: int, k
     return max(1, min(16, triton.cdiv(4 * num_sms, programs), length // (4 * key_tile)))
 
 
-def _ring_splits(device: torch.device, items: int, length: int, splits: int) -> int:
+def _ring_splits(device: torch.device, items: int, length: int, splits: int, key_tile: int) -> int:
     """Key splits of the conv and softmax kernels of decode rows finishing their convs from a ConvState:
     P'V's `splits`, raised so that a split holds at most 256 keys (8 of the 32-key tiles, which a program
     runs one after another, each waiting on its loads of the state's partial sums), and, where P'V's
     programs fill the GPU less than four times over, to sixteen (item, split) programs per SM of at least
-    64 keys. From benchmarks/kernels.py --conv-split-sweep (H200, conv layer): 64 x 8192 1.385 -> 1.254
-    ms, 256 x 8192 5.233 -> 4.813, 1 x 8192 0.092 -> 0.052; 64 x 2048 keeps its 9 splits (0.333 ms; 32:
-    0.341)."""
+    one `key_tile`-key tile, at most 128 splits. From benchmarks/kernels.py --conv-split-sweep (H200, conv
+    layer): 64 x 8192 1.385 -> 1.254 ms, 256 x 8192 5.233 -> 4.813, 1 x 8192 0.092 -> 0.052 (128 splits);
+    one tile per split at small contexts: 1 x 2048 0.032 -> 0.027 ms (64 splits), 1 x 512 0.030 -> 0.019
+    (16), 16 x 512 0.051 -> 0.041 (16), 16 x 2048 0.107 -> 0.103 (64), 64 x 512 0.111 -> 0.107 (16); 64 x
+    2048 keeps its 9 splits (0.333 ms; 32: 0.341)."""
     num_sms = _num_sms(device)
     count = max(splits, triton.cdiv(length, 256))
     if items * splits < 4 * num_sms:
-        count = max(count, min(triton.cdiv(16 * num_sms, items), length // 64))
+        count = max(count, min(triton.cdiv(16 * num_sms, items), length // key_tile, 128))
     return count
 
 
@@ -813,7 +815,13 @@ def _pv_kernel(p_ptr, v_ptr, part_ptr, item0, bt_ptr, bt_stride, seq_start_ptr, 
         elif FP32:
             acc += tl.dot(p, v.to(tl.float32), input_precision="ieee")
         else:
-            acc += tl.dot(p, v.to(tl.float32), input_precision="tf32x3")
+            # P' = head + remainder, each in the values' 16-bit dtype: two 16-bit tensor-core products with
+            # fp32 sums, about fp32's accuracy (P' alone rounded to bf16 missed the GPU test's 1e-2 bound
+            # for the conv layer: its post-conv weights give P' of both signs). H200, conv layer prefill
+            # at 8192 tokens: README.
+            p_hi = p.to(v.dtype)
+            acc = tl.dot(p_hi, v, acc)
+            acc = tl.dot((p - p_hi.to(tl.float32)).to(v.dtype), v, acc)
     tl.store(part_ptr + (((b * SPLITS + split) * H + h) * RO + r).to(tl.int64)[:, None] * D + offs_d[None, :],
              acc, mask=(r[:, None] < RO) & dmask)
 

@@ -178,6 +178,15 @@ def test_mta_kernel_fp16():
     torch.testing.assert_close(out, reference.float(), atol=3e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("variant", ["paper", "post_right", "talking_heads"])
+def test_mta_kernel_fp16_prompt_pv_keeps_fp32_accuracy(variant):
+    """Prompt groups of 16-bit caches compute P'V as two 16-bit products (P' split into a head and a
+    remainder): about fp32's accuracy, far inside test_mta_kernel_fp16's bound (P' rounded to fp16 alone
+    is 6e-4 to 2e-3 off here)."""
+    out, reference = run_mta(PREFILL, mta_weights(**VARIANTS[variant]), 4, torch.float16, 4, 1)
+    torch.testing.assert_close(out, reference.float(), atol=1e-4, rtol=1e-5)
+
+
 def test_mta_kernel_one_split_equals_many():
     weights = mta_weights(**VARIANTS["paper"])
     one, _ = run_mta(LONG_DECODE, weights, 4, torch.float32, 1, 1)
