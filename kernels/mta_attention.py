@@ -205,7 +205,7 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
         NORM_HERE=decode and rows_l == 1 and (ring == 1 or params.post_kernel is None),
         # PROBS_IN: False here, True in the prompt path's _probs launch; present in every launch's arguments
         # because _named_args keeps the names a kernel's first launch offered
-        PROMPT_CONV=not decode, PROBS_IN=False,
+        PROBS_IN=False,
         TAIL_BN=key_tile or 128)  # key tiles of the ConvState sums prompt groups write
     weights = dict(pre_w_ptr=_or(params.pre_kernel, dummy), post_w_ptr=_or(params.post_kernel, dummy),
                    pre_mix_ptr=_or(params.pre_mix, dummy), post_mix_ptr=_or(params.post_mix, dummy),
@@ -322,9 +322,10 @@ def _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, nor
     scores_args = streaming(c["SCORES_BN"])
     run(_scores_kernel, (items * c["H"], scores_args["NUM_TILES"] * triton.cdiv(c["R"], c["RT"])), q,
         q if q_cache is None else q_cache, k_cache, scores, args=scores_args)
+    prompt = c["RO"] > 1  # prompt groups run their key-query convs in _prompt_conv_kernel
     conv_splits = dict(SPLITS=c["CSPLITS"])  # the key splits of _logits, its statistics and _probs
     logits_in, logits_args = scores, dict(streaming(c["BN"]), **conv_splits)
-    if c["PROMPT_CONV"] and c["PRE_CONV"]:  # the conv's output rows (RL) go to `probs`, free until P'
+    if prompt and c["PRE_CONV"]:  # the conv's output rows (RL) go to `probs`, free until P'
         conv(scores, "pre_w_ptr", probs, c["R"], c["RL"], c["CQ"], c["CK"], c["PL"], False)
         logits_in, logits_args = probs, dict(logits_args, PRE_CONV=False, R=c["RL"])
     run(_logits_kernel, (items, c["CSPLITS"], triton.cdiv(c["RL"], c["RLT"])), logits_in, logits, stats,
@@ -332,7 +333,7 @@ def _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, nor
     if not c["NORM_HERE"]:
         run(_normalizers_kernel, (items, c["H"]), stats, norms, logits, scores, args=dict(every, **conv_splits))
     probs_in, probs_args = logits, dict(streaming(c["PROBS_BN"]), OT=c["PROBS_OT"], **conv_splits)
-    if c["PROMPT_CONV"] and c["POST_CONV"]:  # the conv's output rows (RO) go to `scores`, read no more
+    if prompt and c["POST_CONV"]:  # the conv's output rows (RO) go to `scores`, read no more
         conv(logits, "post_w_ptr", scores, c["RL"], c["RO"], c["CQ2"], c["CK2"], c["PL2"], True)
         probs_in, probs_args = scores, dict(probs_args, POST_CONV=False, PROBS_IN=True, RL=c["RO"])
     run(_probs_kernel, (items, c["CSPLITS"], triton.cdiv(c["RO"], c["PROBS_OT"])), probs_in, norms, stats, probs,
