@@ -32,10 +32,6 @@ from .fused_ops import CAST_ONLY, HeadNormGate
 from .mta_attention import MTALayerParams, _mix, _normalizers_kernel, _running_max_sum, _sum_splits_kernel
 from .work_items import SPLIT_CHUNK, WorkItems, cache_slots, dot_width, split_key_tiles, work_item
 
-# _normalizers_kernel's conv arguments for a layer without convs or ConvState
-_NO_CONV = dict(CQ=1, CK=1, PL=0, CQP=1, CQ2=1, CK2=1, PL2=0, CQ2P=1, RING=0, SRING=0)
-
-
 def mixing_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, params: MTALayerParams,
                              work: WorkItems, out: torch.Tensor, key_tile: int = 16, num_splits: int = 1,
                              num_warps: int = 4, pv_in_cache_dtype: bool = False,
@@ -43,9 +39,9 @@ def mixing_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     """Rows of the work items (groups of work.block_m >= 16 rows, the rows of a tl.dot) into `out` [N, H, d]
     for a layer whose params have no pre- or post-softmax conv. q [N, H, d]: the step's queries; k_cache,
     v_cache [num_blocks, bs, G, d] already holding the step's tokens. Keys in `num_splits` splits of
-    `key_tile`-key tiles (powers of two, key_tile >= 16). For 16-bit caches P'V runs as three tf32
-    products (about fp32's accuracy), or with `pv_in_cache_dtype` on P' rounded to the cache dtype, as
-    flash attention does (half the values tile's shared memory; an accuracy the GPU test bounds at 1e-2).
+    `key_tile`-key tiles (powers of two, key_tile >= 16). For 16-bit caches P'V runs as two 16-bit
+    products of P' split into a head and a remainder (about fp32's accuracy), or with `pv_in_cache_dtype`
+    as one, on P' rounded to the cache dtype as flash attention does (an accuracy the GPU test bounds at 1e-2).
     `num_stages` buffers of each key / value tile in shared memory: Triton's Hopper default, 3, overflows
     the H200's 227 KiB at 10 heads x 128 (16 rows, 16 keys, fp32 P'V). The last kernel casts each output
     row to out's dtype and applies `head_norm` (steps 8-9) to it."""
@@ -74,10 +70,8 @@ def mixing_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     launch = pdl.options(q)
     _mixed_stats_kernel[(num_items, num_splits)](q, k_cache, pre_mix, stats, scale, *seq, num_splits, **c,
                                                  num_warps=num_warps, num_stages=num_stages, **launch)
-    no_state = (dummy,) * 6 + (0, work.work_seq, work.work_first, work.seq_end, work.work_seq, 1)
-    _normalizers_kernel[(num_items, n_heads)](stats, norms, *no_state, H=n_heads, BN=key_tile, NUM_TILES=1, RO=bm,
-                                              R=bm, RL=bm, SPLITS=num_splits, RLP=bm, **_NO_CONV, SC=SPLIT_CHUNK,
-                                              num_warps=num_warps, **launch)
+    _normalizers_kernel[(num_items, n_heads)](stats, norms, H=n_heads, RL=bm, SPLITS=num_splits, RLP=bm,
+                                              SC=SPLIT_CHUNK, num_warps=num_warps, **launch)
     _mixed_pv_kernel[(num_items, num_splits)](q, k_cache, v_cache, pre_mix, post_mix, norms, partial, scale, *seq,
                                               num_splits, POST_MIX=params.post_mix is not None,
                                               P16=pv_in_cache_dtype and q.dtype != torch.float32, **c,
@@ -191,7 +185,9 @@ def _mixed_pv_kernel(q_ptr, k_ptr, v_ptr, pre_mix_ptr, post_mix_ptr, norm_ptr, p
             acc += tl.dot(p, v3, input_precision="ieee")
         elif P16:
             acc += tl.dot(p.to(v3.dtype), v3)
-        else:
-            acc += tl.dot(p, v3.to(tl.float32), input_precision="tf32x3")  # as mta_attention's _pv
+        else:  # P' = head + remainder in the values' dtype, as mta_attention's _pv_kernel: about fp32's accuracy
+            p_hi = p.to(v3.dtype)
+            acc = tl.dot(p_hi, v3, acc)
+            acc = tl.dot((p - p_hi.to(tl.float32)).to(v3.dtype), v3, acc)
     offs = (((b * SPLITS + split) * H + h3) * BM + r3).to(tl.int64) * D + d3
     tl.store(part_ptr + offs, acc, mask=(h3 < H) & (d3 < D))

@@ -9,10 +9,11 @@ keep, per head, the rows the convolutions need over the keys 0..p1-1:
    W = (c_q-1) + (c_q'-1) -> S [items, H, rows + W, T];
 2. `_logits_kernel` (item, split, row tile): pre-conv over S (its key halo is a shifted read), pre-mix,
    masking -> L [items, H, rows + c_q'-1, T] and each split's max and sum of exp; for prompt groups the
-   pre-conv runs before it as `_prompt_conv_kernel` (item x head, key tile), which streams the rows once;
-   `_normalizers_kernel` combines the splits (decode rows with one logit row: `_probs_kernel` does) and
-   writes prompt groups' ConvState sums;
-3. `_probs_kernel` (item, split, row tile): softmax rows -> post-conv -> post-mix -> P' [items, H, rows, T];
+   pre-conv runs before it as `_prompt_conv_kernel` (item x head, key tile), which streams the rows once
+   and writes the ConvState's pre-conv sums; `_normalizers_kernel` combines the splits (decode rows with
+   one logit row: `_probs_kernel` does);
+3. `_probs_kernel` (item, split, row tile): softmax rows -> post-conv -> post-mix -> P' [items, H, rows, T]
+   (for prompt groups the post-conv is again `_prompt_conv_kernel`'s, with the ConvState's post-conv sums);
 4. `_pv_kernel` (item x head, split x row tile): P' @ V per split; `_sum_splits_kernel` writes the output.
 
 With a ConvState (layers with a post-conv over c_q' > 1 queries, as the engine runs them), a sequence's
@@ -205,8 +206,7 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
         NORM_HERE=decode and rows_l == 1 and (ring == 1 or params.post_kernel is None),
         # PROBS_IN: False here, True in the prompt path's _probs launch; present in every launch's arguments
         # because _named_args keeps the names a kernel's first launch offered
-        PROBS_IN=False,
-        TAIL_BN=key_tile or 128)  # key tiles of the ConvState sums prompt groups write
+        PROBS_IN=False)
     weights = dict(pre_w_ptr=_or(params.pre_kernel, dummy), post_w_ptr=_or(params.post_kernel, dummy),
                    pre_mix_ptr=_or(params.pre_mix, dummy), post_mix_ptr=_or(params.post_mix, dummy),
                    **_state_args(state if ring else None, work, bn, widest, dummy), **head_norm.kernel_args(dummy))
@@ -313,10 +313,11 @@ def _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, nor
         warps = num_warps if isinstance(num_warps, int) else num_warps.get(kernel.__name__, 4)
         kernel[grid](*tensors, num_warps=warps, **launch, **{k: args[k] for k in _named_args(kernel, args)})
 
-    def conv(x, w_ptr, y, rows_in, rows_out, cq, ck, pl, softmax):  # prompt groups' key-query convs
+    def conv(x, w_ptr, y, rows_in, rows_out, cq, ck, pl, softmax, state):  # prompt groups' key-query convs
         args = dict(streaming(CONV_BN), ROWS_IN=rows_in, ROWS_OUT=rows_out, C=cq, CP=triton.next_power_of_2(cq),
-                    CK=ck, CKP=triton.next_power_of_2(ck), PL=pl, SOFTMAX=softmax)
-        run(_prompt_conv_kernel, (items * c["H"], args["NUM_TILES"]), x, norms, weights[w_ptr], y, args=args)
+                    CK=ck, CKP=triton.next_power_of_2(ck), PL=pl, SOFTMAX=softmax, STATE=state is not None)
+        run(_prompt_conv_kernel, (items * c["H"], args["NUM_TILES"]), x, norms, weights[w_ptr], y,
+            weights[state or "ring_ptr"], args=args)
 
     # heads fastest in the grid of the kernels that stream K or V, as in paged_flash
     scores_args = streaming(c["SCORES_BN"])
@@ -326,15 +327,17 @@ def _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, nor
     conv_splits = dict(SPLITS=c["CSPLITS"])  # the key splits of _logits, its statistics and _probs
     logits_in, logits_args = scores, dict(streaming(c["BN"]), **conv_splits)
     if prompt and c["PRE_CONV"]:  # the conv's output rows (RL) go to `probs`, free until P'
-        conv(scores, "pre_w_ptr", probs, c["R"], c["RL"], c["CQ"], c["CK"], c["PL"], False)
+        conv(scores, "pre_w_ptr", probs, c["R"], c["RL"], c["CQ"], c["CK"], c["PL"], False,
+             "sring_ptr" if c["SRING"] == 2 else None)
         logits_in, logits_args = probs, dict(logits_args, PRE_CONV=False, R=c["RL"])
     run(_logits_kernel, (items, c["CSPLITS"], triton.cdiv(c["RL"], c["RLT"])), logits_in, logits, stats,
         args=logits_args)
     if not c["NORM_HERE"]:
-        run(_normalizers_kernel, (items, c["H"]), stats, norms, logits, scores, args=dict(every, **conv_splits))
+        run(_normalizers_kernel, (items, c["H"]), stats, norms, args=dict(every, **conv_splits))
     probs_in, probs_args = logits, dict(streaming(c["PROBS_BN"]), OT=c["PROBS_OT"], **conv_splits)
     if prompt and c["POST_CONV"]:  # the conv's output rows (RO) go to `scores`, read no more
-        conv(logits, "post_w_ptr", scores, c["RL"], c["RO"], c["CQ2"], c["CK2"], c["PL2"], True)
+        conv(logits, "post_w_ptr", scores, c["RL"], c["RO"], c["CQ2"], c["CK2"], c["PL2"], True,
+             "ring_ptr" if c["RING"] == 2 else None)
         probs_in, probs_args = scores, dict(probs_args, POST_CONV=False, PROBS_IN=True, RL=c["RO"])
     run(_probs_kernel, (items, c["CSPLITS"], triton.cdiv(c["RO"], c["PROBS_OT"])), probs_in, norms, stats, probs,
         args=probs_args)
@@ -569,17 +572,10 @@ def _split_normalizers(stats_ptr, base, ok, split_stride, sums, SPLITS, SC: tl.c
     return m, tl.where(l == 0.0, 0.0, 1.0 / tl.where(l == 0.0, 1.0, l))
 
 
-@triton.jit(do_not_specialize=["item0", "SPLITS"])
-def _normalizers_kernel(stats_ptr, norm_ptr, l_ptr, s_ptr, ring_ptr, sring_ptr, pre_w_ptr, post_w_ptr, item0,
-                        work_seq_ptr, work_first_ptr, seq_end_ptr, seq_state_ptr, RING_TILES, H: tl.constexpr,
-                        BN: tl.constexpr, NUM_TILES, RO: tl.constexpr, R: tl.constexpr, RL: tl.constexpr, SPLITS,
-                        RLP: tl.constexpr, CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr, CQP: tl.constexpr,
-                        CQ2: tl.constexpr, CK2: tl.constexpr, PL2: tl.constexpr, CQ2P: tl.constexpr,
-                        RING: tl.constexpr, SRING: tl.constexpr, SC: tl.constexpr, PDL: tl.constexpr,
-                        TAIL_BN: tl.constexpr = 128):
-    """Per logit row of one item and head: the max over splits and 1 / (sum of exp). RING 2 (prompt
-    groups): where the item ends its sequence, the post-conv's (and with SRING 2 the pre-conv's) partial
-    sums of the rows after its last go to the sequence's ConvState."""
+@triton.jit(do_not_specialize=["SPLITS"])
+def _normalizers_kernel(stats_ptr, norm_ptr, H: tl.constexpr, RL: tl.constexpr, SPLITS, RLP: tl.constexpr,
+                        SC: tl.constexpr, PDL: tl.constexpr):
+    """Per logit row of one item and head: the max over splits and 1 / (sum of exp)."""
     pdl.wait(PDL)
     b, h = tl.program_id(0), tl.program_id(1)
     r = tl.arange(0, RLP)[:, None]
@@ -588,45 +584,6 @@ def _normalizers_kernel(stats_ptr, norm_ptr, l_ptr, s_ptr, ring_ptr, sring_ptr, 
                                   tl.num_programs(0) * SPLITS * H * RL, SPLITS, SC)
     tl.store(norm_ptr + (b * H + h) * RL + r, m, mask=ok)
     tl.store(norm_ptr + tl.num_programs(0) * H * RL + (b * H + h) * RL + r, inv_l, mask=ok)
-    if RING == 2:
-        seq = tl.load(work_seq_ptr + item0 + b)
-        first = tl.load(work_first_ptr + item0 + b)
-        end = tl.load(seq_end_ptr + seq)
-        last = tl.minimum(first + RO, end) - 1
-        if last == end - 1:  # this item ends its sequence: the partial sums after it are the ConvState's
-            slot = tl.load(seq_state_ptr + seq)
-            tl.debug_barrier()  # the post-conv reads the normalizers just stored, by other threads
-            _tail_partials(l_ptr, norm_ptr, tl.num_programs(0) * H * RL, ring_ptr, post_w_ptr, slot, b, h,
-                           first - (RL - RO), last, H, RL, NUM_TILES * BN, RING_TILES * BN, CQ2, CQ2P, CK2, PL2,
-                           TAIL_BN, True)
-            if SRING == 2:
-                _tail_partials(s_ptr, norm_ptr, 0, sring_ptr, pre_w_ptr, slot, b, h, first - (R - RO), last, H, R,
-                               NUM_TILES * BN, RING_TILES * BN, CQ, CQP, CK, PL, TAIL_BN, False)
-
-
-@triton.jit
-def _tail_partials(x_ptr, norm_ptr, inv_base, ring_ptr, w_ptr, slot, b, h, pos0, last, H: tl.constexpr,
-                   ROWS: tl.constexpr, LENGTH, RING_LENGTH, C: tl.constexpr, CP: tl.constexpr, CK: tl.constexpr,
-                   PL: tl.constexpr, BN: tl.constexpr, SOFTMAX: tl.constexpr):
-    """Head h's partial conv sums of rows last + 1 .. last + C - 1 over the taps of rows up to `last` (input
-    rows of item b in x [items, H, ROWS, LENGTH], row i at position pos0 + i; logits normalized from
-    norm_ptr with SOFTMAX) -> ConvState ring_ptr [slots, H, C, RING_LENGTH], row u at u % C, keys up to u."""
-    heads = tl.zeros((1, 1), tl.int32) + h
-    k = tl.arange(0, CP)[None, :]  # output row last + k
-    for k0 in range(0, last + C, BN):
-        keys = k0 + tl.arange(0, BN)[None, :]
-        y = tl.zeros((1, CP, BN), tl.float32)
-        for d in range(C - 1):  # input row last - d: kernel row C - 1 - k - d of output row last + k
-            i = last - d - pos0
-            row_base, row_ok, m, inv = _conv_input_row(x_ptr, norm_ptr, inv_base, b, heads, i, pos0, H, ROWS,
-                                                       LENGTH, SOFTMAX)
-            for c in range(CK):
-                y += _conv_column(row_base, w_ptr, heads, C - 1 - k - d, keys - PL + c, row_ok, last - d, last, c,
-                                  m, inv, H, C, CK, SOFTMAX)
-        k3 = k[:, :, None]
-        j3 = keys[:, None, :]
-        dst = ring_ptr + _ring_row(slot, h, last + k3, H, C) * RING_LENGTH + j3
-        tl.store(dst, y, mask=(k3 >= 1) & (k3 < C) & (j3 <= last + k3) & (j3 < RING_LENGTH))
 
 
 @triton.jit(do_not_specialize=["item0", "bt_stride", "NUM_TILES", "SPLITS"])
@@ -701,11 +658,12 @@ def _probs_kernel(l_ptr, norm_ptr, stats_ptr, p_ptr, post_w_ptr, post_mix_ptr, i
 
 
 @triton.jit(do_not_specialize=["item0", "bt_stride", "NUM_TILES"])
-def _prompt_conv_kernel(x_ptr, norm_ptr, w_ptr, y_ptr, item0, bt_ptr, bt_stride, seq_start_ptr, seq_end_ptr,
-                        seq_row_ptr, work_seq_ptr, work_first_ptr, H: tl.constexpr, BN: tl.constexpr, NUM_TILES,
-                        RO: tl.constexpr, ROWS_IN: tl.constexpr, ROWS_OUT: tl.constexpr, C: tl.constexpr,
-                        CP: tl.constexpr, CK: tl.constexpr, CKP: tl.constexpr, PL: tl.constexpr,
-                        SOFTMAX: tl.constexpr, PDL: tl.constexpr):
+def _prompt_conv_kernel(x_ptr, norm_ptr, w_ptr, y_ptr, state_ptr, item0, bt_ptr, bt_stride, seq_start_ptr,
+                        seq_end_ptr, seq_row_ptr, work_seq_ptr, work_first_ptr, seq_state_ptr, RING_TILES,
+                        H: tl.constexpr, BN: tl.constexpr, NUM_TILES, RO: tl.constexpr, ROWS_IN: tl.constexpr,
+                        ROWS_OUT: tl.constexpr, C: tl.constexpr, CP: tl.constexpr, CK: tl.constexpr,
+                        CKP: tl.constexpr, PL: tl.constexpr, SOFTMAX: tl.constexpr, STATE: tl.constexpr,
+                        PDL: tl.constexpr):
     """Key-query conv of a prompt group's rows for one head and one BN-key tile (spec step 2, or step 5 with
     SOFTMAX; before head mixing and masking): y[r, j] = sum_{a, c} w[h, a, c] x[r + a, j - PL + c], input
     row i of x [items, H, ROWS_IN, LENGTH] being position first - (ROWS_IN - RO) + i and reading 0 where
@@ -717,7 +675,14 @@ def _prompt_conv_kernel(x_ptr, norm_ptr, w_ptr, y_ptr, item0, bt_ptr, bt_stride,
     last input, when it is stored and its slot starts row r + C. So an input value is read CK times, not
     C x CK, and no tap of a row outside the kernel window is computed. (The CK shifts as one load and one
     [CP, CKP, BN] product, rather than CK loads and products: H200, conv layer prefill at 8192 tokens,
-    both convs 15.5 -> 14.5 ms; 2x faster under the CPU tests' interpreter.)"""
+    both convs 15.5 -> 14.5 ms; 2x faster under the CPU tests' interpreter.)
+
+    STATE (state_ptr: the conv's ConvState tensor [slots, H, C, RING_TILES * BN]): where the item ends its
+    sequence, the partial sums of the C - 1 rows after its last row over the rows up to it go to the
+    sequence's slot, keys up to each row's position: the rows left in the ring after the last input row.
+    (Folded in here rather than computed again from the input rows by a kernel of its own: H200, conv
+    layer prefill at 8192 tokens, 703 us of the last wave's _normalizers_kernel, whose 16 programs per
+    sequence did it.)"""
     pdl.wait(PDL)
     LENGTH = NUM_TILES * BN  # row stride of the fp32 buffers; a product, so its divisibility is known
     b, h = tl.program_id(0) // H, tl.program_id(0) % H
@@ -725,8 +690,12 @@ def _prompt_conv_kernel(x_ptr, norm_ptr, w_ptr, y_ptr, item0, bt_ptr, bt_stride,
     first, start, end, row0, last, bt = work_item(item0 + b, work_seq_ptr, work_first_ptr, seq_start_ptr,
                                                   seq_end_ptr, seq_row_ptr, bt_ptr, bt_stride, RO)
     pos0 = first - (ROWS_IN - RO)  # position of input row 0
-    if key0 > tl.minimum(pos0 + ROWS_IN - 1, last):
-        return  # keys after every row's: never read
+    to_state = last < 0  # (False)
+    if STATE:
+        to_state = last == end - 1
+    # keys after every row's are never read, but the ConvState's rows after the last reach C - 1 keys further
+    if key0 > last + tl.where(to_state, C - 1, 0):
+        return
     j = tl.arange(0, BN)[None, :]
     k = tl.arange(0, CP)[:, None]  # ring slot
     c = tl.arange(0, CKP)  # kernel column
@@ -735,8 +704,10 @@ def _prompt_conv_kernel(x_ptr, norm_ptr, w_ptr, y_ptr, item0, bt_ptr, bt_stride,
     inv_base = tl.num_programs(0) * ROWS_IN
     keys = key0 - PL + c[:, None] + j  # input key of each column: [CKP, BN]
     y = tl.zeros((CP, BN), tl.float32)
-    # rows before the sequence or wholly before the tile's keys add nothing; their outputs are never read here
-    for i in range(tl.maximum(0, tl.maximum(-pos0, key0 - PL - pos0)), ROWS_IN):
+    # rows before the sequence or wholly before the tile's keys add nothing, and so do rows after the item's
+    # last (they read 0); the outputs of neither are read. So the ring ends holding the rows after the last.
+    rows_end = tl.minimum(ROWS_IN, last - pos0 + 1)
+    for i in range(tl.maximum(0, tl.maximum(-pos0, key0 - PL - pos0)), rows_end):
         pos = pos0 + i
         a = (i + 2 * C - k) % C  # kernel row of input row i in the output row of slot k
         ok = (c[:, None] < CK) & (keys >= 0) & (keys <= tl.minimum(pos, last))
@@ -753,6 +724,23 @@ def _prompt_conv_kernel(x_ptr, norm_ptr, w_ptr, y_ptr, item0, bt_ptr, bt_stride,
         tl.store(y_base + r * LENGTH + key0 + j, tl.sum(tl.where(done, y, 0.0), axis=0)[None, :],
                  mask=(j * 0 + r >= 0) & (key0 + j < LENGTH))  # (a tensor term: the interpreter rejects scalars)
         y = tl.where(done, 0.0, y)
+    if to_state:
+        slot = _item_slot(seq_state_ptr, work_seq_ptr, item0 + b)
+        # the ring holds output rows up to the one at position last + C - 1; that at position p (row p - pos0 -
+        # (C - 1)) in slot (p - pos0 + 1) mod C
+        for d in tl.static_range(1, C):
+            done = k == (last + d - pos0 + 1) % C
+            _state_row_store(state_ptr, slot, h, last + d + j * 0, key0 + j,
+                              tl.sum(tl.where(done, y, 0.0), axis=0)[None, :], last, RING_TILES * BN, H, C)
+
+
+@triton.jit
+def _state_row_store(state_ptr, slot, h, pos, keys, y, last, RING_LENGTH, H: tl.constexpr, C: tl.constexpr):
+    """Partial conv sums y [1, BN] of the row at position pos (last < pos < last + C; [1, BN]) over keys
+    [1, BN] into ConvState slot `slot` (state_ptr [slots, H, C, RING_LENGTH], row u at u % C), keys up to
+    pos."""
+    ok = (pos > last) & (pos <= last + C - 1) & (keys <= pos) & (keys < RING_LENGTH)
+    tl.store(state_ptr + _ring_row(slot, h, pos, H, C) * RING_LENGTH + keys, y, mask=ok)
 
 
 @triton.jit
