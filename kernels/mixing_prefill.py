@@ -41,10 +41,11 @@ def mixing_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     v_cache [num_blocks, bs, G, d] already holding the step's tokens. Keys in `num_splits` splits of
     `key_tile`-key tiles (powers of two, key_tile >= 16). For 16-bit caches P'V runs as two 16-bit
     products of P' split into a head and a remainder (about fp32's accuracy), or with `pv_in_cache_dtype`
-    as one, on P' rounded to the cache dtype as flash attention does (an accuracy the GPU test bounds at 1e-2).
-    `num_stages` buffers of each key / value tile in shared memory: Triton's Hopper default, 3, overflows
-    the H200's 227 KiB at 10 heads x 128 (16 rows, 16 keys, fp32 P'V). The last kernel casts each output
-    row to out's dtype and applies `head_norm` (steps 8-9) to it."""
+    as one, on P' rounded to the cache dtype as flash attention does (an accuracy the GPU test bounds at
+    1e-2). `num_stages` buffers of each key / value tile in shared memory: Triton's Hopper default, 3,
+    overflowed the H200's 227 KiB at 10 heads x 128 (16 rows, 16 keys) when P'V took the values in fp32
+    (three tf32 products, before the two 16-bit ones). The last kernel casts each output row to out's dtype
+    and applies `head_norm` (steps 8-9) to it."""
     if params.pre_kernel is not None or params.post_kernel is not None:
         raise ValueError("mixing_prefill_attention serves layers without a key-query conv; "
                          "use mta_attention.mta_paged_attention")
