@@ -230,8 +230,12 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
 
 # _prompt_conv_kernel's key tile and warps: H200, the conv layer's prefill at 8192 tokens (both convs):
 # 15.4 ms at 64 keys x 1 warp, 128 x 2 and 256 x 4 alike, 18.7-19.0 ms at twice those warps.
+# The other prompt kernels' warps (4 unless named), H200 at 8192 tokens, each against 4 warps: conv layer
+# _scores 3.86 -> 3.25 ms (8 warps: 6.66; the mixing layer's row pipeline 1.91 -> 2.10), _pv 2.84 -> 2.63
+# ms (8: 3.48); _probs 2.32 -> 2.25 ms (mixing row pipeline 4.65 -> 3.49); _logits slower with 8 (2.20 ->
+# 2.49 ms). Whole layer: conv 25.30 -> 24.38 ms, mixing row pipeline 11.80 -> 10.60 ms.
 CONV_BN = 128
-PROMPT_WARPS = {"_prompt_conv_kernel": 2}
+PROMPT_WARPS = {"_prompt_conv_kernel": 2, "_scores_kernel": 2, "_pv_kernel": 2, "_probs_kernel": 8}
 
 
 # Warps per kernel of decode rows (the others: 4). H200, conv layer at 64 x 2048 (benchmarks/kernels.py
