@@ -29,7 +29,8 @@ import triton.language as tl
 
 from . import pdl
 from .fused_ops import CAST_ONLY, HeadNormGate
-from .mta_attention import MTALayerParams, _mix, _normalizers_kernel, _running_max_sum, _sum_splits_kernel
+from .mta_attention import (MTALayerParams, _mix, _normalizers_kernel, _running_max_sum, _sum_splits_kernel,
+                            split_dot)
 from .work_items import SPLIT_CHUNK, WorkItems, cache_slots, dot_width, split_key_tiles, work_item
 
 def mixing_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, params: MTALayerParams,
@@ -186,9 +187,7 @@ def _mixed_pv_kernel(q_ptr, k_ptr, v_ptr, pre_mix_ptr, post_mix_ptr, norm_ptr, p
             acc += tl.dot(p, v3, input_precision="ieee")
         elif P16:
             acc += tl.dot(p.to(v3.dtype), v3)
-        else:  # P' = head + remainder in the values' dtype, as mta_attention's _pv_kernel: about fp32's accuracy
-            p_hi = p.to(v3.dtype)
-            acc = tl.dot(p_hi, v3, acc)
-            acc = tl.dot((p - p_hi.to(tl.float32)).to(v3.dtype), v3, acc)
+        else:
+            acc = split_dot(p, v3, acc)
     offs = (((b * SPLITS + split) * H + h3) * BM + r3).to(tl.int64) * D + d3
     tl.store(part_ptr + offs, acc, mask=(h3 < H) & (d3 < D))

@@ -735,16 +735,26 @@ def _prompt_conv_kernel(x_ptr, norm_ptr, w_ptr, y_ptr, state_ptr, item0, bt_ptr,
         for d in tl.static_range(1, C):
             done = k == (last + d - pos0 + 1) % C
             _state_row_store(state_ptr, slot, h, last + d + j * 0, key0 + j,
-                              tl.sum(tl.where(done, y, 0.0), axis=0)[None, :], last, RING_TILES * BN, H, C)
+                             tl.sum(tl.where(done, y, 0.0), axis=0)[None, :], RING_TILES * BN, H, C)
 
 
 @triton.jit
-def _state_row_store(state_ptr, slot, h, pos, keys, y, last, RING_LENGTH, H: tl.constexpr, C: tl.constexpr):
-    """Partial conv sums y [1, BN] of the row at position pos (last < pos < last + C; [1, BN]) over keys
-    [1, BN] into ConvState slot `slot` (state_ptr [slots, H, C, RING_LENGTH], row u at u % C), keys up to
-    pos."""
-    ok = (pos > last) & (pos <= last + C - 1) & (keys <= pos) & (keys < RING_LENGTH)
-    tl.store(state_ptr + _ring_row(slot, h, pos, H, C) * RING_LENGTH + keys, y, mask=ok)
+def split_dot(p, v, acc):
+    """acc + p @ v for fp32 p and 16-bit v: p as a head and a remainder, each in v's dtype, two 16-bit
+    tensor-core products with fp32 sums, about fp32's accuracy (p alone rounded to bf16 missed a 1e-2 bound
+    against the fp32 reference on the H200 for the conv layer, whose post-conv weights give P' of both
+    signs). Faster than three tf32 products of fp32 values: conv layer prefill at 8192 tokens, README."""
+    p_hi = p.to(v.dtype)
+    acc = tl.dot(p_hi, v, acc)
+    return tl.dot((p - p_hi.to(tl.float32)).to(v.dtype), v, acc)
+
+
+@triton.jit
+def _state_row_store(state_ptr, slot, h, pos, keys, y, RING_LENGTH, H: tl.constexpr, C: tl.constexpr):
+    """Partial conv sums y [1, BN] of the row at position pos ([1, BN]) over keys [1, BN] into ConvState
+    slot `slot` (state_ptr [slots, H, C, RING_LENGTH], row u at u % C), keys up to pos."""
+    tl.store(state_ptr + _ring_row(slot, h, pos, H, C) * RING_LENGTH + keys, y,
+             mask=(keys <= pos) & (keys < RING_LENGTH))
 
 
 @triton.jit
@@ -808,13 +818,7 @@ def _pv_kernel(p_ptr, v_ptr, part_ptr, item0, bt_ptr, bt_stride, seq_start_ptr, 
         elif FP32:
             acc += tl.dot(p, v.to(tl.float32), input_precision="ieee")
         else:
-            # P' = head + remainder, each in the values' 16-bit dtype: two 16-bit tensor-core products with
-            # fp32 sums, about fp32's accuracy (P' alone rounded to bf16 missed a 1e-2 bound against the fp32
-            # reference on the H200 for the conv layer, whose post-conv weights give P' of both signs).
-            # Faster than three tf32 products of the fp32 values: conv layer prefill at 8192 tokens, README.
-            p_hi = p.to(v.dtype)
-            acc = tl.dot(p_hi, v, acc)
-            acc = tl.dot((p - p_hi.to(tl.float32)).to(v.dtype), v, acc)
+            acc = split_dot(p, v, acc)
     tl.store(part_ptr + (((b * SPLITS + split) * H + h) * RO + r).to(tl.int64)[:, None] * D + offs_d[None, :],
              acc, mask=(r[:, None] < RO) & dmask)
 
