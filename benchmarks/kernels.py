@@ -215,7 +215,7 @@ def peak_bytes(fn) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
-# (rows, keys per tile, warps, P'V on P' in the cache dtype, buffers per key / value tile)
+# (rows, keys per tile, warps, P'V on P' in the cache dtype, buffers per key / value tile of the second pass)
 # (H200, 830M heads, 8192 tokens, b93cffa: 16 x 16 x 8 warps x 2 buffers 26.1 ms on fp32 P', 8.96 ms on bf16 P';
 # 4 warps 254 / 23.5 ms; 32 rows, 32 or 64 keys, or 3 buffers overflowed the shared memory)
 FUSED_CONFIGS = ((16, 16, 8, False, 2), (16, 16, 8, True, 2), (16, 16, 16, True, 2), (16, 16, 8, True, 1),

@@ -66,6 +66,16 @@ def dot_width(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def dot_parts(head_dim: int) -> tuple[int, int]:
+    """(DA, DB): the head size as two tl.dot inner sizes, dims [0, DA) and [DA, DA + DB), where that pads
+    less than dot_width alone (96 -> 64 + 32, 80 -> 64 + 16; DB = 0 where one part is as narrow: 128, 112,
+    24). Kernels whose tiles hold every head pay the padding in shared memory, registers and products."""
+    width = dot_width(head_dim)
+    head = width // 2
+    tail = dot_width(head_dim - head) if head_dim > head else 0
+    return (head, tail) if head >= 16 and head + tail < width else (width, 0)
+
+
 @triton.jit
 def cache_slots(bt_ptr, pos, valid, BLOCK_SIZE: tl.constexpr):
     """Cache slots (int64) of positions `pos` of the sequence whose block-table row is bt_ptr."""

@@ -369,16 +369,17 @@ def test_mta_kernel_conv_state_must_fit_the_layer():
                             state=ConvState.allocate(5, H, 3, 2, 32, DEVICE))
 
 
-@pytest.mark.parametrize("variant", ["talking_heads", "wposm_only", "plain"])
-@pytest.mark.parametrize("splits", [1, 3])
-def test_mixing_prefill_kernel_matches_reference(variant, splits):
+@pytest.mark.parametrize("variant,splits,head_dim", [(v, s, D) for v in ("talking_heads", "wposm_only", "plain")
+                                                     for s in (1, 3)] + [("talking_heads", 3, 48)])
+def test_mixing_prefill_kernel_matches_reference(variant, splits, head_dim):
     """The fused two-pass prompt kernel for layers without a conv: 16-row groups over prompts and chunks
-    (rows past a sequence's end in its last group), keys in 16-key tiles and 1 or 3 splits, GQA."""
+    (rows past a sequence's end in its last group), keys in 16-key tiles and 1 or 3 splits, GQA; a head
+    size of 48 runs as dims 32 + 16 (work_items.dot_parts)."""
     from mta_serve.kernels.mixing_prefill import mixing_prefill_attention
 
     seqs = PREFILL + [(30, 53)]
     weights = mta_weights(**VARIANTS[variant])
-    q, qc, kc, vc, tables, starts, ends, rows = paged_inputs(seqs, 4, torch.float32)
+    q, qc, kc, vc, tables, starts, ends, rows = paged_inputs(seqs, 4, torch.float32, heads=(H, G, head_dim))
     reference = paged_attention_reference(q, None, kc, vc, _on_device(weights), tables, starts, ends, rows, 0)
     out = torch.full(q.shape, float("nan"), device=DEVICE)
     mixing_prefill_attention(q, kc, vc, layer_params(weights, DEVICE),
@@ -387,14 +388,14 @@ def test_mixing_prefill_kernel_matches_reference(variant, splits):
     torch.testing.assert_close(out, reference, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("p16", [False, True])
-def test_mixing_prefill_kernel_16_heads_fp16(p16):
+@pytest.mark.parametrize("p16,head_dim", [(False, 16), (True, 16), (False, 48)])
+def test_mixing_prefill_kernel_16_heads_fp16(p16, head_dim):
     """16 heads, so that both head mixings are tl.dot products, in fp16 (the interpreter's bf16 is wrong);
     P'V as two fp16 products of P' split into a head and a remainder, about fp32's accuracy (9.5e-7 off
-    here; the head alone is 1.9e-3 off), or on P' rounded to fp16 (a looser bound)."""
+    here; the head alone is 1.9e-3 off), or on P' rounded to fp16 (a looser bound); head size 48 as 32 + 16."""
     from mta_serve.kernels.mixing_prefill import mixing_prefill_attention
 
-    heads = (16, 4, 16)
+    heads = (16, 4, head_dim)
     seqs = [(0, 21), (5, 40)]
     weights = mta_weights(wpsm=True, head_kernel=16, n_heads=16)
     q, qc, kc, vc, tables, starts, ends, rows = paged_inputs(seqs, 8, torch.float16, heads=heads)
