@@ -39,7 +39,8 @@ from . import pdl
 from .fused_ops import CAST_ONLY, HeadNormGate
 from .mta_attention import (MTALayerParams, _mix, _normalizers_kernel, _running_max_sum, _sum_splits_kernel,
                             split_dot)
-from .work_items import SPLIT_CHUNK, WorkItems, cache_slots, dot_parts, dot_width, split_key_tiles, work_item
+from .work_items import (SPLIT_CHUNK, WorkItems, cache_slots, dot_parts, dot_width, exp_norm, split_key_tiles,
+                         work_item)
 
 def mixing_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, params: MTALayerParams,
                              work: WorkItems, out: torch.Tensor, key_tile: int = 16, num_splits: int = 1,
@@ -243,7 +244,7 @@ def _mixed_pv_kernel(q_ptr, k_ptr, v_ptr, pre_mix_ptr, post_mix_ptr, norm_ptr, p
         slots = cache_slots(bt, keys, key_ok, BLOCK_SIZE)
         x = _mixed_logits(q3, q3b, k_ptr, pre_mix_ptr, slots, keys, key_ok, rows, last, sm_scale, H, GROUP, D, DA,
                           DB, HB, BM, BN, PRE_MIX, FP32)
-        p = tl.exp(x - m) * inv
+        p = exp_norm(x, m, inv)
         if POST_MIX:
             p = _mix(post_mix_ptr, p, H, HB, BM, BN, FP32)
         acc = _pv(p, v_ptr, slots, key_ok, acc, 0, DA, H, GROUP, D, HB, FP32, P16)

@@ -41,7 +41,8 @@ import triton.language as tl
 
 from . import pdl
 from .fused_ops import CAST_ONLY, HeadNormGate, norm_gate
-from .work_items import SPLIT_CHUNK, WorkItems, cache_slots, dot_width, qk_tile, split_key_tiles, work_item
+from .work_items import (SPLIT_CHUNK, WorkItems, cache_slots, dot_width, exp_minus, exp_norm, qk_tile,
+                         split_key_tiles, work_item)
 
 
 @dataclass(slots=True)
@@ -486,7 +487,7 @@ def _conv_column(row_base, w_ptr, heads, a, shifted, row_ok, pos, last, c, m, in
     every output row by kernel column c: w[h, a, c] x[h, shifted] -> [HB, OUT, BN] (a [1, OUT])."""
     ok = row_ok & (shifted >= 0) & (shifted <= tl.minimum(pos, last))
     if SOFTMAX:
-        x = tl.exp(tl.load(row_base + shifted, mask=ok, other=float("-inf")) - m) * inv
+        x = exp_norm(tl.load(row_base + shifted, mask=ok, other=float("-inf")), m, inv)
     else:
         x = tl.load(row_base + shifted, mask=ok, other=0.0)
     w = tl.load(w_ptr + heads * (CQ * CK) + a * CK + c, mask=(heads < H) & (a >= 0) & (a < CQ), other=0.0)
@@ -552,7 +553,7 @@ def _running_max_sum(m, l, x):
     [HB, R, BN] (-inf where masked) are added; rows without keys keep (-inf, 0)."""
     m_new = tl.maximum(m, tl.max(x, axis=2))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    return m_new, l * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, :, None]), axis=2)
+    return m_new, l * exp_minus(m, m_safe) + tl.sum(exp_minus(x, m_safe[:, :, None]), axis=2)
 
 
 @triton.jit
@@ -569,8 +570,8 @@ def _split_normalizers(stats_ptr, base, ok, split_stride, sums, SPLITS, SC: tl.c
         l_s = tl.load(stats_ptr + sums + base + (s0 + s) * split_stride, mask=in_range, other=0.0)
         m_new = tl.maximum(m, tl.max(m_s, axis=1)[:, None])
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_s = tl.where(m_s == float("-inf"), 0.0, l_s * tl.exp(m_s - m_safe))
-        l = l * tl.exp(m - m_safe) + tl.sum(l_s, axis=1)[:, None]
+        l_s = tl.where(m_s == float("-inf"), 0.0, l_s * exp_minus(m_s, m_safe))
+        l = l * exp_minus(m, m_safe) + tl.sum(l_s, axis=1)[:, None]
         m = m_new
     m = tl.where(m == float("-inf"), 0.0, m)
     return m, tl.where(l == 0.0, 0.0, 1.0 / tl.where(l == 0.0, 1.0, l))
@@ -653,7 +654,7 @@ def _probs_kernel(l_ptr, norm_ptr, stats_ptr, p_ptr, post_w_ptr, post_mix_ptr, i
                     else:
                         x = tl.load(l_ptr + ((b * H + h3) * RL + r3).to(tl.int64) * LENGTH + keys,
                                     mask=norm_ok & (keys <= tl.minimum(rows, last)), other=float("-inf"))
-                        p += tl.exp(x - m) * inv
+                        p += exp_norm(x, m, inv)
         p = tl.where((keys <= rows) & (rows <= last), p, 0.0)
         if POST_MIX:
             p = _mix(post_mix_ptr, p, H, HB, OT, BN, FP32)
@@ -718,7 +719,7 @@ def _prompt_conv_kernel(x_ptr, norm_ptr, w_ptr, y_ptr, state_ptr, item0, bt_ptr,
         if SOFTMAX:
             m = tl.load(norm_ptr + (b * H + h) * ROWS_IN + i)
             inv = tl.load(norm_ptr + inv_base + (b * H + h) * ROWS_IN + i)
-            x = tl.exp(tl.load(x_base + i * LENGTH + keys, mask=ok, other=float("-inf")) - m) * inv
+            x = exp_norm(tl.load(x_base + i * LENGTH + keys, mask=ok, other=float("-inf")), m, inv)
         else:
             x = tl.load(x_base + i * LENGTH + keys, mask=ok, other=0.0)
         w = tl.load(w_ptr + (h * C + a) * CK + c[None, :], mask=(k < C) & (c[None, :] < CK), other=0.0)

@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 
 from . import pdl
-from .work_items import SPLIT_CHUNK, WorkItems, cache_slots, dot_width, qk_tile, split_key_tiles, work_item
+from .work_items import (SPLIT_CHUNK, WorkItems, cache_slots, dot_width, exp_minus, qk_tile, split_key_tiles,
+                         work_item)
 
 
 def paged_flash_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, work: WorkItems,
@@ -88,8 +89,8 @@ def _flash_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, bt_stride, seq_start_ptr, seq_end
         s = tl.where((keys[None, :] <= rows[:, None]) & key_ok[None, :], s * sm_scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m - m_safe)
+        p = exp_minus(s, m_safe[:, None])
+        alpha = exp_minus(m, m_safe)
         l = l * alpha + tl.sum(p, axis=1)
         if BM == 1:
             acc = acc * alpha[:, None] + tl.sum(tl.trans(p) * v.to(tl.float32), axis=0)[None, :]
@@ -151,7 +152,7 @@ def _combine_rows(part_ptr, stats_ptr, sums, w, h, SPLITS, TILE: tl.constexpr, H
     for s in range(SPLITS):
         base = (w * SPLITS + s) * H + h
         m_s = tl.load(stats_ptr + base * BM + r, mask=in_tile, other=float("-inf"))
-        scale = tl.where(m_s == float("-inf"), 0.0, tl.exp(m_s - m))
+        scale = tl.where(m_s == float("-inf"), 0.0, exp_minus(m_s, m))
         l += scale * tl.load(stats_ptr + sums + base * BM + r, mask=in_tile, other=0.0)
         acc += scale[:, None] * tl.load(part_ptr + (base * BM + r).to(tl.int64)[:, None] * D + offs_d,
                                         mask=in_tile[:, None] & (offs_d < D), other=0.0)
@@ -176,8 +177,8 @@ def _combine_one_row(part_ptr, stats_ptr, sums, w, h, SPLITS, H: tl.constexpr, D
         part = tl.load(part_ptr + (base * BM).to(tl.int64) * D + offs_d, mask=ok & (offs_d < D), other=0.0)
         m_new = tl.maximum(m, tl.max(m_s, axis=0)[None, :])
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        scale = tl.where(m_s == float("-inf"), 0.0, tl.exp(m_s - m_safe))  # [SC, 1]
-        alpha = tl.exp(m - m_safe)
+        scale = tl.where(m_s == float("-inf"), 0.0, exp_minus(m_s, m_safe))  # [SC, 1]
+        alpha = exp_minus(m, m_safe)
         l = l * alpha + tl.sum(scale * l_s, axis=0)[None, :]
         acc = acc * alpha + tl.sum(scale * part, axis=0)[None, :]
         m = m_new
