@@ -123,7 +123,7 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
                        max_len: int | None = None, prompt_splits: int | None = None,
                        stream_tile: int | None = None, state: ConvState | None = None,
                        num_splits: int | None = None, head_norm: HeadNormGate = CAST_ONLY,
-                       conv_splits: int | None = None) -> torch.Tensor:
+                       conv_splits: int | None = None, pv_splits: int | None = None) -> torch.Tensor:
     """Rows of the work items (groups of work.block_m rows) into `out` [N, H, d] (spec steps 0-7, and 8-9
     with `head_norm`).
 
@@ -132,7 +132,8 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     depend only on the number of work items and `max_len` (default: the longest sequence; pass a fixed
     bound such as the model's max_seq_len for launches that must keep their shapes, e.g. in a CUDA graph).
     Decode rows use `num_splits` key splits (default work.num_splits); prompt groups `prompt_splits`, by
-    default enough to fill the GPU. Decode rows finishing their convs from a `state` split the keys of the
+    default enough to fill the GPU, in their conv and softmax kernels and `pv_splits` (default
+    _prompt_pv_splits) in P'V. Decode rows finishing their convs from a `state` split the keys of the
     conv and softmax kernels (_logits, _probs) `conv_splits` ways (default _ring_splits), P'V's
     `num_splits` ways. `key_tile` keys per tile in the conv and softmax kernels, `stream_tile`
     in the two that read K and V (powers of two; by default 128, and `key_tile` for prompt groups' P'V);
@@ -191,13 +192,16 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     else:
         splits = prompt_splits or _prompt_splits(q.device, wave, rows_l, length, bn)
     conv_splits = splits if ring != 1 else conv_splits or _ring_splits(q.device, wave, length, splits, bn)
+    if not decode:  # P'V's own split count; the conv and softmax kernels keep `splits`
+        splits = pv_splits or _prompt_pv_splits(q.device, wave, n_heads, splits)
+    pv_rows = 1 if decode else max(16, min(PROMPT_PV_ROWS, rows_o))  # rows per _pv_kernel program
     dummy = torch.empty(1, dtype=torch.float32, device=q.device)
     c = dict(
         H=n_heads, GROUP=n_heads // k_cache.shape[2], D=head_dim, DP=dot_width(head_dim), BN=bn,
         NUM_TILES=length // bn, SCORES_BN=scores_tile, PV_BN=pv_tile, PROBS_BN=probs_tile,
         BLOCK_SIZE=k_cache.shape[1], HB=hb, RO=rows_o, R=rows_s, RL=rows_l,
         RT=1 if rows_s == 1 else max(16, min(32, triton.next_power_of_2(rows_s))),
-        RLT=min(8, triton.next_power_of_2(rows_l)), RLP=triton.next_power_of_2(rows_l), OT=1 if decode else 16,
+        RLT=min(8, triton.next_power_of_2(rows_l)), RLP=triton.next_power_of_2(rows_l), OT=pv_rows,
         PROBS_OT=probs_rows, SPLITS=splits, CSPLITS=conv_splits, SC=SPLIT_CHUNK,
         CQ=cq, CK=ck, PL=left_pad(params.pad_key, ck), CQ2=cq2, CK2=ck2, PL2=left_pad(params.pad_key, ck2),
         CQP=triton.next_power_of_2(cq), CQ2P=triton.next_power_of_2(cq2),
@@ -232,11 +236,17 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
 # _prompt_conv_kernel's key tile and warps: H200, the conv layer's prefill at 8192 tokens (both convs):
 # 15.4 ms at 64 keys x 1 warp, 128 x 2 and 256 x 4 alike, 18.7-19.0 ms at twice those warps.
 # The other prompt kernels' warps (4 unless named), H200 at 8192 tokens, each against 4 warps: conv layer
-# _scores 3.86 -> 3.25 ms (8 warps: 6.66; the mixing layer's row pipeline 1.91 -> 2.10), _pv 2.84 -> 2.63
-# ms (8: 3.48); _probs 2.32 -> 2.25 ms (mixing row pipeline 4.65 -> 3.49); _logits slower with 8 (2.20 ->
-# 2.49 ms). Whole layer: conv 25.30 -> 24.38 ms, mixing row pipeline 11.80 -> 10.60 ms.
+# _scores 3.86 -> 3.25 ms (8 warps: 6.66; the mixing layer's row pipeline 1.91 -> 2.10), _pv (16-row programs
+# then) 2.84 -> 2.63 ms with 2 (8: 3.48); _probs 2.32 -> 2.25 ms (mixing row pipeline 4.65 -> 3.49); _logits
+# slower with 8 (2.20 -> 2.49 ms). Whole layer: conv 25.30 -> 24.38 ms, mixing row pipeline 11.80 -> 10.60 ms.
 CONV_BN = 128
-PROMPT_WARPS = {"_prompt_conv_kernel": 2, "_scores_kernel": 2, "_pv_kernel": 2, "_probs_kernel": 8}
+PROMPT_WARPS = {"_prompt_conv_kernel": 2, "_scores_kernel": 2, "_pv_kernel": 4, "_probs_kernel": 8}
+# Rows per _pv_kernel program of prompt groups (a group's 64 rows in one); its key splits: _prompt_pv_splits.
+# H200, conv layer prefill at 8192 / 2048 tokens, 830M heads (results/kernels_h200_prompt_pv_sweep.json):
+# 16 rows, 2 warps and the conv kernels' splits (15 / 2) 23.51 / 1.555 ms; 64 rows, 4 warps and 4 splits
+# 22.19 / 1.504 ms (_pv 2,633 -> 1,738 us, _sum_splits 596 -> 148 us at 8192); 32 rows, 2 warps, 4 splits
+# 22.15 / 1.529; 2 splits 23.27 ms at 8192 (64 rows).
+PROMPT_PV_ROWS = 64
 
 
 # Warps per kernel of decode rows (the others: 4). H200, conv layer at 64 x 2048 (benchmarks/kernels.py
@@ -266,6 +276,13 @@ def _prompt_splits(device: torch.device, items: int, rows_l: int, length: int, k
     programs = items * triton.cdiv(rows_l, 8)
     num_sms = _num_sms(device)
     return max(1, min(16, triton.cdiv(4 * num_sms, programs), length // (4 * key_tile)))
+
+
+def _prompt_pv_splits(device: torch.device, items: int, n_heads: int, splits: int) -> int:
+    """Key splits of prompt groups' P'V: at most 4 (fewer partial rows to write and add up; the conv
+    kernels' count, `splits`, is higher where they fill the GPU four times over), more where the (item,
+    head, split) programs would not cover every SM."""
+    return min(splits, max(4, triton.cdiv(_num_sms(device), items * n_heads)))
 
 
 def _ring_splits(device: torch.device, items: int, length: int, splits: int, key_tile: int) -> int:

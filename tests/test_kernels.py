@@ -148,9 +148,10 @@ def test_mta_kernel_default_prompt_tiles(variant, splits, monkeypatch):
     torch.testing.assert_close(out, reference, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("splits", [2, 5])
-def test_mta_kernel_prompt_groups_with_key_splits(splits):
-    """Prompt groups whose keys are split (the split boundaries fall inside conv halos and row tiles)."""
+@pytest.mark.parametrize("splits,pv_splits", [(2, None), (5, None), (5, 1), (2, 3)])
+def test_mta_kernel_prompt_groups_with_key_splits(splits, pv_splits):
+    """Prompt groups whose keys are split (the split boundaries fall inside conv halos and row tiles); P'V's
+    splits by default at most 4 (5 -> 4), or set apart from the conv kernels'."""
     seqs = [(0, 70), (30, 53)]
     q, qc, kc, vc, tables, starts, ends, rows = paged_inputs(seqs, 4, torch.float32)
     weights = mta_weights(**VARIANTS["paper"])
@@ -159,7 +160,7 @@ def test_mta_kernel_prompt_groups_with_key_splits(splits):
     out = torch.full(q.shape, float("nan"), device=DEVICE)
     mta_paged_attention(q, qc, kc, vc, layer_params(weights, DEVICE),
                         build_work_items(tables, starts, ends, rows, 16, 1, DEVICE), out, key_tile=16,
-                        prompt_splits=splits)
+                        prompt_splits=splits, pv_splits=pv_splits)
     torch.testing.assert_close(out, reference, atol=2e-5, rtol=1e-5)
 
 
