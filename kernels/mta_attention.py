@@ -336,8 +336,8 @@ def _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, nor
         kernel[grid](*tensors, num_warps=warps, **launch, **{k: args[k] for k in _named_args(kernel, args)})
 
     def conv(x, w_ptr, y, rows_in, rows_out, cq, ck, pl, softmax, state):  # prompt groups' key-query convs
-        args = dict(streaming(CONV_BN), ROWS_IN=rows_in, ROWS_OUT=rows_out, C=cq, CP=triton.next_power_of_2(cq),
-                    CK=ck, CKP=triton.next_power_of_2(ck), PL=pl, SOFTMAX=softmax, STATE=state is not None)
+        args = dict(streaming(CONV_BN), ROWS_IN=rows_in, ROWS_OUT=rows_out, C=cq, CK=ck, PL=pl, SOFTMAX=softmax,
+                    STATE=state is not None)
         run(_prompt_conv_kernel, (items * c["H"], args["NUM_TILES"]), x, norms, weights[w_ptr], y,
             weights[state or "ring_ptr"], args=args)
 
@@ -683,21 +683,24 @@ def _probs_kernel(l_ptr, norm_ptr, stats_ptr, p_ptr, post_w_ptr, post_mix_ptr, i
 def _prompt_conv_kernel(x_ptr, norm_ptr, w_ptr, y_ptr, state_ptr, item0, bt_ptr, bt_stride, seq_start_ptr,
                         seq_end_ptr, seq_row_ptr, work_seq_ptr, work_first_ptr, seq_state_ptr, RING_TILES,
                         H: tl.constexpr, BN: tl.constexpr, NUM_TILES, RO: tl.constexpr, ROWS_IN: tl.constexpr,
-                        ROWS_OUT: tl.constexpr, C: tl.constexpr, CP: tl.constexpr, CK: tl.constexpr,
-                        CKP: tl.constexpr, PL: tl.constexpr, SOFTMAX: tl.constexpr, STATE: tl.constexpr,
-                        PDL: tl.constexpr):
+                        ROWS_OUT: tl.constexpr, C: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr,
+                        SOFTMAX: tl.constexpr, STATE: tl.constexpr, PDL: tl.constexpr):
     """Key-query conv of a prompt group's rows for one head and one BN-key tile (spec step 2, or step 5 with
     SOFTMAX; before head mixing and masking): y[r, j] = sum_{a, c} w[h, a, c] x[r + a, j - PL + c], input
     row i of x [items, H, ROWS_IN, LENGTH] being position first - (ROWS_IN - RO) + i and reading 0 where
     its key is outside 0..min(position, last) (logits normalized with norm_ptr [2, items, H, ROWS_IN] under
     SOFTMAX) -> y_ptr [items, H, ROWS_OUT, LENGTH], ROWS_OUT = ROWS_IN - (C - 1).
 
-    The input rows stream through once: each is read at the CK key shifts (one [CKP, BN] load) and its taps
-    go into the C output rows it feeds, kept in registers (output row r in ring slot r % C) until the row's
-    last input, when it is stored and its slot starts row r + C. So an input value is read CK times, not
-    C x CK, and no tap of a row outside the kernel window is computed. (The CK shifts as one load and one
-    [CP, CKP, BN] product, rather than CK loads and products: H200, conv layer prefill at 8192 tokens,
-    both convs 15.5 -> 14.5 ms; 2x faster under the CPU tests' interpreter.)
+    The input rows stream through once, C per loop iteration: each is read at its CK key shifts ([BN] loads)
+    and its taps go into the C output rows it feeds, kept in registers as a ring (output row r in slot r % C)
+    until the row's last input, when it is stored and its slot starts row r + C. The loop starts at a
+    multiple of C, so every row's slots and kernel rows are known when compiling, and the C x CK weights are
+    loaded once per program. An input value is read CK times, not C x CK, and no tap of a row outside the
+    kernel window is computed. (Before, one [CKP, BN] load and one [CP, CKP, BN] product per row over
+    runtime slots, the taps padded to powers of two (8 x 16 for 6 x 11): an sm_90 build's row loop took
+    402 (pre-conv) and 531 (post-conv) instructions per row, now 253 and 339; H200, conv layer prefill at
+    8192 tokens, both convs 12.88 -> 10.29 ms, benchmarks/results/kernels_h200_ab_unrolled_prompt_conv.json.
+    Under the CPU tests' interpreter, which pays per operation, it is about twice as slow.)
 
     STATE (state_ptr: the conv's ConvState tensor [slots, H, C, RING_TILES * BN]): where the item ends its
     sequence, the partial sums of the C - 1 rows after its last row over the rows up to it go to the
@@ -718,42 +721,96 @@ def _prompt_conv_kernel(x_ptr, norm_ptr, w_ptr, y_ptr, state_ptr, item0, bt_ptr,
     # keys after every row's are never read, but the ConvState's rows after the last reach C - 1 keys further
     if key0 > last + tl.where(to_state, C - 1, 0):
         return
-    j = tl.arange(0, BN)[None, :]
-    k = tl.arange(0, CP)[:, None]  # ring slot
-    c = tl.arange(0, CKP)  # kernel column
+    j = tl.arange(0, BN)
     x_base = x_ptr + (b * H + h).to(tl.int64) * ROWS_IN * LENGTH
     y_base = y_ptr + (b * H + h).to(tl.int64) * ROWS_OUT * LENGTH
+    norm_base = norm_ptr + (b * H + h) * ROWS_IN
     inv_base = tl.num_programs(0) * ROWS_IN
-    keys = key0 - PL + c[:, None] + j  # input key of each column: [CKP, BN]
-    y = tl.zeros((CP, BN), tl.float32)
+    ws = _conv_weights(w_ptr + h * C * CK, C, CK)
+    ys = (tl.zeros((BN,), tl.float32),) * C  # output row r in slot r % C
     # rows before the sequence or wholly before the tile's keys add nothing, and so do rows after the item's
     # last (they read 0); the outputs of neither are read. So the ring ends holding the rows after the last.
+    i_start = tl.maximum(0, tl.maximum(-pos0, key0 - PL - pos0))
     rows_end = tl.minimum(ROWS_IN, last - pos0 + 1)
-    for i in range(tl.maximum(0, tl.maximum(-pos0, key0 - PL - pos0)), rows_end):
-        pos = pos0 + i
-        a = (i + 2 * C - k) % C  # kernel row of input row i in the output row of slot k
-        ok = (c[:, None] < CK) & (keys >= 0) & (keys <= tl.minimum(pos, last))
-        if SOFTMAX:
-            m = tl.load(norm_ptr + (b * H + h) * ROWS_IN + i)
-            inv = tl.load(norm_ptr + inv_base + (b * H + h) * ROWS_IN + i)
-            x = exp_norm(tl.load(x_base + i * LENGTH + keys, mask=ok, other=float("-inf")), m, inv)
-        else:
-            x = tl.load(x_base + i * LENGTH + keys, mask=ok, other=0.0)
-        w = tl.load(w_ptr + (h * C + a) * CK + c[None, :], mask=(k < C) & (c[None, :] < CK), other=0.0)
-        y += tl.sum(w[:, :, None] * x[None, :, :], axis=1)  # [CP, CKP, BN] -> [CP, BN]
-        r = i - (C - 1)  # the output row input row i completes
-        done = k == (r + C) % C  # (r >= 1 - C)
-        tl.store(y_base + r * LENGTH + key0 + j, tl.sum(tl.where(done, y, 0.0), axis=0)[None, :],
-                 mask=(j * 0 + r >= 0) & (key0 + j < LENGTH))  # (a tensor term: the interpreter rejects scalars)
-        y = tl.where(done, 0.0, y)
+    # C rows per iteration, from a multiple of C, so that each row's slots are known when compiling
+    for i0 in range(i_start - i_start % C, rows_end, C):
+        for u in tl.static_range(C):
+            i = i0 + u
+            active = (j * 0 + i >= i_start) & (j * 0 + i < rows_end)  # ([BN]: the interpreter rejects scalar masks)
+            xs = _conv_row_shifts(x_base + i * LENGTH, norm_base + tl.minimum(i, ROWS_IN - 1), inv_base,
+                                  key0 - PL + j, active, tl.minimum(pos0 + i, last), CK, SOFTMAX)
+            ys = _conv_row_taps(ys, ws, xs, u, C, CK)
+            r = i - (C - 1)  # the output row input row i completes: slot (u + 1) % C, then free for r + C
+            done = ys[(u + 1) % C]
+            tl.store(y_base + r * LENGTH + key0 + j, done, mask=(key0 + j < LENGTH) & active & (j * 0 + r >= 0))
+            ys = _ring_set(ys, (u + 1) % C, tl.where(active, 0.0, done), C)
     if to_state:
         slot = _item_slot(seq_state_ptr, work_seq_ptr, item0 + b)
         # the ring holds output rows up to the one at position last + C - 1; that at position p (row p - pos0 -
         # (C - 1)) in slot (p - pos0 + 1) mod C
         for d in tl.static_range(1, C):
-            done = k == (last + d - pos0 + 1) % C
             _state_row_store(state_ptr, slot, h, last + d + j * 0, key0 + j,
-                             tl.sum(tl.where(done, y, 0.0), axis=0)[None, :], RING_TILES * BN, H, C)
+                             _ring_get(ys, (last + d - pos0 + 1) % C, C), RING_TILES * BN, H, C)
+
+
+@triton.jit
+def _conv_weights(w_ptr, C: tl.constexpr, CK: tl.constexpr):
+    """The C x CK kernel weights at w_ptr as a tuple of scalars, row-major: loaded once per program."""
+    ws = ()
+    for t in tl.static_range(C * CK):
+        ws = ws + (tl.load(w_ptr + t),)
+    return ws
+
+
+@triton.jit
+def _conv_row_shifts(row_ptr, norm_ptr, inv_base, keys, active, lim, CK: tl.constexpr, SOFTMAX: tl.constexpr):
+    """One input row at the CK key shifts keys + c ([BN] each, a tuple), 0 where the row is not `active` or a
+    key is outside 0..lim; under SOFTMAX the logits normalized with the row's max and 1 / sum of exp (at
+    norm_ptr and norm_ptr + inv_base, which must be readable even where the row is not active)."""
+    xs = ()
+    if SOFTMAX:
+        m = tl.load(norm_ptr)
+        inv = tl.load(norm_ptr + inv_base)
+    for c in tl.static_range(CK):
+        ok = (keys + c >= 0) & (keys + c <= lim) & active
+        if SOFTMAX:
+            xs = xs + (exp_norm(tl.load(row_ptr + keys + c, mask=ok, other=float("-inf")), m, inv),)
+        else:
+            xs = xs + (tl.load(row_ptr + keys + c, mask=ok, other=0.0),)
+    return xs
+
+
+@triton.jit
+def _conv_row_taps(ys, ws, xs, u: tl.constexpr, C: tl.constexpr, CK: tl.constexpr):
+    """The taps of input row i (i % C == u; its shifts xs) added to the ring ys: the output row in slot s
+    takes it as kernel row (u - s) mod C."""
+    out = ()
+    for s in tl.static_range(C):
+        y = ys[s]
+        for c in tl.static_range(CK):
+            y += ws[((u - s + C) % C) * CK + c] * xs[c]
+        out = out + (y,)
+    return out
+
+
+@triton.jit
+def _ring_set(ys, s: tl.constexpr, value, C: tl.constexpr):
+    out = ()
+    for t in tl.static_range(C):
+        if t == s:
+            out = out + (value,)
+        else:
+            out = out + (ys[t],)
+    return out
+
+
+@triton.jit
+def _ring_get(ys, s, C: tl.constexpr):
+    """Ring slot s (a runtime value) of ys."""
+    y = ys[0]
+    for t in tl.static_range(1, C):
+        y = tl.where(s == t, ys[t], y)
+    return y
 
 
 @triton.jit
