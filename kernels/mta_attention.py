@@ -698,9 +698,11 @@ def _prompt_conv_kernel(x_ptr, norm_ptr, w_ptr, y_ptr, state_ptr, item0, bt_ptr,
     loaded once per program. An input value is read CK times, not C x CK, and no tap of a row outside the
     kernel window is computed. (Before, one [CKP, BN] load and one [CP, CKP, BN] product per row over
     runtime slots, the taps padded to powers of two (8 x 16 for 6 x 11): an sm_90 build's row loop took
-    402 (pre-conv) and 531 (post-conv) instructions per row, now 253 and 339; H200, conv layer prefill at
-    8192 tokens, both convs 12.88 -> 10.29 ms, benchmarks/results/kernels_h200_ab_unrolled_prompt_conv.json.
-    Under the CPU tests' interpreter, which pays per operation, it is about twice as slow.)
+    402 (pre-conv) and 531 (post-conv) instructions per row, now 239 and 312; H200, conv layer prefill at
+    8192 tokens, both convs 12.88 -> 10.29 ms (benchmarks/results/kernels_h200_ab_unrolled_prompt_conv.json),
+    then 10.32 -> 9.57 ms with each key's bounds as one unsigned comparison
+    (kernels_h200_ab_unsigned_key_bounds.json). Under the CPU tests' interpreter, which pays per operation,
+    it is about twice as slow.)
 
     STATE (state_ptr: the conv's ConvState tensor [slots, H, C, RING_TILES * BN]): where the item ends its
     sequence, the partial sums of the C - 1 rows after its last row over the rows up to it go to the
@@ -772,7 +774,7 @@ def _conv_row_shifts(row_ptr, norm_ptr, inv_base, keys, active, lim, CK: tl.cons
         m = tl.load(norm_ptr)
         inv = tl.load(norm_ptr + inv_base)
     for c in tl.static_range(CK):
-        ok = (keys + c >= 0) & (keys + c <= lim) & active
+        ok = ((keys + c).to(tl.uint32) <= lim.to(tl.uint32)) & active  # 0 <= key <= lim (lim >= 0 where active)
         if SOFTMAX:
             xs = xs + (exp_norm(tl.load(row_ptr + keys + c, mask=ok, other=float("-inf")), m, inv),)
         else:
