@@ -745,6 +745,7 @@ def _prompt_conv_kernel(x_ptr, norm_ptr, w_ptr, y_ptr, state_ptr, item0, bt_ptr,
             r = i - (C - 1)  # the output row input row i completes: slot (u + 1) % C, then free for r + C
             done = ys[(u + 1) % C]
             tl.store(y_base + r * LENGTH + key0 + j, done, mask=(key0 + j < LENGTH) & active & (j * 0 + r >= 0))
+            # (rows past the last, in the last iteration, leave the ring as it is: it holds the state's rows)
             ys = _ring_set(ys, (u + 1) % C, tl.where(active, 0.0, done), C)
     if to_state:
         slot = _item_slot(seq_state_ptr, work_seq_ptr, item0 + b)
@@ -797,6 +798,7 @@ def _conv_row_taps(ys, ws, xs, u: tl.constexpr, C: tl.constexpr, CK: tl.constexp
 
 @triton.jit
 def _ring_set(ys, s: tl.constexpr, value, C: tl.constexpr):
+    """The ring ys with slot s (known when compiling) replaced by value."""
     out = ()
     for t in tl.static_range(C):
         if t == s:
