@@ -549,7 +549,7 @@ def _logits_kernel(s_ptr, l_ptr, stats_ptr, pre_w_ptr, pre_mix_ptr, item0, bt_pt
                           CQ, CK, PL, LENGTH, False)
         else:
             x = tl.load(s_ptr + ((b * H + h3) * R + r3).to(tl.int64) * LENGTH + keys,
-                        mask=(h3 < H) & (r3 < R) & (keys <= tl.minimum(rows, last)), other=0.0)
+                        mask=(h3 < H) & (r3 < R) & (keys <= rows) & (rows <= last), other=0.0)
         if PRE_MIX:
             # exact fp32 products: the tf32x3 tl.dot made this kernel slower on the H200 (a mixing layer's
             # prefill at 8192 tokens: 2.2 -> 3.2 ms), unlike the post-mix in _probs_kernel
@@ -667,7 +667,7 @@ def _probs_kernel(l_ptr, norm_ptr, stats_ptr, p_ptr, post_w_ptr, post_mix_ptr, i
                 for c in range(1):
                     if PROBS_IN:
                         p += tl.load(l_ptr + ((b * H + h3) * RL + r3).to(tl.int64) * LENGTH + keys,
-                                     mask=norm_ok & (keys <= tl.minimum(rows, last)), other=0.0)
+                                     mask=norm_ok & (keys <= rows) & (rows <= last), other=0.0)
                     else:
                         x = tl.load(l_ptr + ((b * H + h3) * RL + r3).to(tl.int64) * LENGTH + keys,
                                     mask=norm_ok & (keys <= tl.minimum(rows, last)), other=float("-inf"))
