@@ -114,16 +114,16 @@ def test_mta_kernel_block_sizes_and_16_row_groups(block_size):
     torch.testing.assert_close(out, reference, atol=2e-5, rtol=1e-5)
 
 
-def _nan_scratch(monkeypatch) -> None:
-    """torch.empty returns NaN-filled float tensors: the kernels' scratch holds garbage on a GPU, so no kernel
-    may read what another did not write."""
+def _nan_scratch(monkeypatch, value: float = float("nan")) -> None:
+    """torch.empty returns float tensors filled with `value` (NaN by default): the kernels' scratch holds
+    garbage on a GPU, so no kernel may read what another did not write."""
     empty = torch.empty
 
-    def nan_empty(*shape, **kwargs):
+    def filled_empty(*shape, **kwargs):
         t = empty(*shape, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
+        return t.fill_(value) if t.is_floating_point() else t
 
-    monkeypatch.setattr(torch, "empty", nan_empty)
+    monkeypatch.setattr(torch, "empty", filled_empty)
 
 
 WIDE = (16, 4, 16)  # heads, KV heads, head size: a 16-head block, as the 830M's
@@ -152,6 +152,12 @@ def test_mta_kernel_default_prompt_tiles(variant, splits, monkeypatch):
 def test_mta_kernel_prompt_groups_with_key_splits(splits, pv_splits):
     """Prompt groups whose keys are split (the split boundaries fall inside conv halos and row tiles); P'V's
     splits by default at most 4 (5 -> 4), or set apart from the conv kernels'."""
+    _check_split_prompt_groups(splits, pv_splits)
+
+
+def _check_split_prompt_groups(splits, pv_splits):
+    """Prompt groups of the paper variant over two sequences, 16-key tiles in the given splits, against the
+    reference."""
     seqs = [(0, 70), (30, 53)]
     q, qc, kc, vc, tables, starts, ends, rows = paged_inputs(seqs, 4, torch.float32)
     weights = mta_weights(**VARIANTS["paper"])
@@ -172,24 +178,9 @@ def test_mta_kernel_prompt_groups_read_only_rows_written(splits, pv_splits, monk
     meets inf - inf in its head mixing. Prompt groups of the paper variant, keys in splits."""
     import numpy as np  # the interpreter's arrays
 
-    empty = torch.empty
-
-    def inf_empty(*shape, **kwargs):
-        t = empty(*shape, **kwargs)
-        return t.fill_(float("inf")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", inf_empty)
-    seqs = [(0, 70), (30, 53)]
-    q, qc, kc, vc, tables, starts, ends, rows = paged_inputs(seqs, 4, torch.float32)
-    weights = mta_weights(**VARIANTS["paper"])
-    reference = paged_attention_reference(q, qc, kc, vc, _on_device(weights), tables, starts, ends, rows,
-                                          window(weights))
-    out = torch.full(q.shape, float("nan"), device=DEVICE)
-    with np.errstate(invalid="raise"):
-        mta_paged_attention(q, qc, kc, vc, layer_params(weights, DEVICE),
-                            build_work_items(tables, starts, ends, rows, 16, 1, DEVICE), out, key_tile=16,
-                            prompt_splits=splits, pv_splits=pv_splits)
-    torch.testing.assert_close(out, reference, atol=2e-5, rtol=1e-5)
+    _nan_scratch(monkeypatch, float("inf"))
+    with np.errstate(invalid="raise"):  # (the reference runs in torch, which this leaves alone)
+        _check_split_prompt_groups(splits, pv_splits)
 
 
 @pytest.mark.parametrize("block_m", [1, 32])
