@@ -7,8 +7,9 @@ against `norm_qkv_rope` / `norm_linear(..., silu_mul=True)` (one kernel each) an
 alone (`row_linear_silu_mul`). Each time is one CUDA graph over 24 distinct weights of the
 shape (as a decode step's layers run: no weight in L2 from the call before, no launch cost between calls
 beyond the graph's), divided by 24; the LM head has one weight (timed for reference: the engine keeps it on
-cuBLAS). --sweep also times every (rows per program, columns per load) pair of {2, 4, 8} x {512, 1024},
-from which row_linear.row_tiles was chosen.
+cuBLAS). --sweep also times every (rows per program, columns per load) pair of {2, 4, 8} x {512, 1024} in
+both of the kernels' forms (the loop over pieces of K and the unrolled one), from which row_linear.row_tiles and
+row_linear.unrolled were chosen.
 
     python benchmarks/row_linear.py [--sweep] [--out benchmarks/results/row_linear.json]
 """
@@ -27,7 +28,7 @@ from common import ROOT, commit, copy_bandwidth, write_result
 from mta_serve.config import ModelConfig
 from mta_serve.kernels.fused_ops import add_rms_norm, rope, silu_mul
 from mta_serve.kernels.row_linear import (ROPE, SWIGLU, norm_linear, norm_qkv_rope, row_linear, row_linear_silu_mul,
-                                          row_norm_linear, row_tiles)
+                                          row_norm_linear, row_tiles, unrolled)
 from mta_serve.model import rope_angles
 
 
@@ -85,12 +86,14 @@ def fused_sequences(name: str, x: torch.Tensor, weights: list[torch.Tensor], cfg
         epilogue = ROPE if name == "wqkv" else SWIGLU
         rotary = (cos, sin, (cfg.n_heads + cfg.n_kv_heads) * cfg.head_dim) if name == "wqkv" else None
         times["fused_sweep"] = [
-            dict(block_n=bn, block_k=bk, num_warps=nw, us=graph_us(
-                lambda w: row_norm_linear(h, delta, norm_w, 1e-5, w, epilogue, rotary, bn, bk, nw), weights))
-            for bn in (1, 2, 4) for bk in (512, 1024) for nw in (4, 8)]
-        best = min(times["fused_sweep"], key=lambda r: r["us"])
-        print(f"{'':8s} fused sweep: best {best['block_n']} x {best['block_k']}, {best['num_warps']} warps: "
-              f"{best['us']:6.2f} us", flush=True)
+            dict(block_n=bn, block_k=bk, num_warps=nw, unroll=un, us=graph_us(
+                lambda w: row_norm_linear(h, delta, norm_w, 1e-5, w, epilogue, rotary, bn, bk, nw, unroll=un),
+                weights))
+            for un in (False, True) for bn in (1, 2, 4) for bk in (512, 1024) for nw in (4, 8)]
+        for un in (False, True):
+            best = min((r for r in times["fused_sweep"] if r["unroll"] == un), key=lambda r: r["us"])
+            print(f"{'':8s} fused sweep, {'unrolled' if un else 'loop'}: best {best['block_n']} x "
+                  f"{best['block_k']}, {best['num_warps']} warps: {best['us']:6.2f} us", flush=True)
     print(f"{'':8s} {label}: {times['separate_us']:6.2f} us; one kernel {times['fused_us']:6.2f} us"
           + (f" (SwiGLU epilogue only: {times['silu_epilogue_us']:6.2f} us)" if name == "w13" else ""), flush=True)
     return times
@@ -102,7 +105,7 @@ def measure(name: str, n: int, k: int, layers: int, sweep: bool, copy_bw: float,
     torch.testing.assert_close(row_linear(x, weights[0]).float(), F.linear(x, weights[0]).float(),
                                atol=2e-2, rtol=2e-2)
     nbytes = n * k * 2
-    row = dict(layer=name, n=n, k=k, bytes=nbytes, tiles=row_tiles(n),
+    row = dict(layer=name, n=n, k=k, bytes=nbytes, tiles=row_tiles(n), unrolled=unrolled(n),
                cublas_us=graph_us(lambda w: F.linear(x, w), weights),
                row_linear_us=graph_us(lambda w: row_linear(x, w), weights))
     for key in ("cublas", "row_linear"):
@@ -110,8 +113,9 @@ def measure(name: str, n: int, k: int, layers: int, sweep: bool, copy_bw: float,
     if name in ("wqkv", "w13"):
         row.update(fused_sequences(name, x, weights, cfg, sweep))
     if sweep:
-        row["sweep"] = [dict(block_n=bn, block_k=bk, us=graph_us(lambda w: row_linear(x, w, bn, bk), weights))
-                        for bn in (2, 4, 8) for bk in (512, 1024)]
+        row["sweep"] = [dict(block_n=bn, block_k=bk, unroll=un,
+                             us=graph_us(lambda w: row_linear(x, w, bn, bk, unroll=un), weights))
+                        for un in (False, True) for bn in (2, 4, 8) for bk in (512, 1024)]
     print(f"{name:8s} [{n:6d}, {k:5d}]  cuBLAS {row['cublas_us']:7.2f} us ({100 * row['cublas_copy_fraction']:4.1f}%)"
           f"  row_linear {row['row_linear_us']:7.2f} us ({100 * row['row_linear_copy_fraction']:4.1f}%)", flush=True)
     return row
@@ -121,7 +125,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=str(ROOT / "configs" / "830m_mta.yaml"))
     p.add_argument("--sweep", action="store_true", help="also time every tile pair of {2, 4, 8} x {512, 1024}, "
-                   "and {1, 2, 4} x {512, 1024} x {4, 8} warps for the fused q|k|v and w1|w3 kernels")
+                   "and {1, 2, 4} x {512, 1024} x {4, 8} warps for the fused q|k|v and w1|w3 kernels, each in "
+                   "both of the kernels' forms (row_linear.unrolled)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "row_linear.json"))
     args = p.parse_args()
     if not torch.cuda.is_available():

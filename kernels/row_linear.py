@@ -6,7 +6,9 @@ whose few, large tiles read the 830M model's smaller matrices well below the cop
 graph over 24 distinct weights, `benchmarks/row_linear.py`: the o-projection [1536, 1536] in 6.5 us, 17 %
 of the copy bandwidth). Here each program reads whole rows of W in BK-wide pieces and reduces them against
 x in fp32, BN rows per program, so even an N of 1536 gives hundreds of programs with their loads in flight
-at once.
+at once. The products up to 4608 rows (the 830M's q|k|v, o and w2) run unrolled over K, their loads issued
+together; larger ones loop over the pieces (`unrolled`, with the measurements): at batch 1, 830M MTA 1.172 ->
+1.108 ms per step, baseline 0.999 -> 0.933 ms (H200, `benchmarks/step_profile.py --batch 1`).
 
 At batch 1 a step's time also goes to kernel count (each launch in a CUDA graph costs a few microseconds
 of mostly idle GPU), so a second kernel, `_row_linear_fused_kernel`, takes on the work around a product:
@@ -105,32 +107,51 @@ def row_tiles(n: int) -> tuple[int, int]:
     return block_n, 1024 if block_n == 2 else 512
 
 
+UNROLL_MAX_ROWS = 4608
+
+
+def unrolled(n: int) -> bool:
+    """Whether a product over N rows of W takes the kernels' unrolled form (up to UNROLL_MAX_ROWS rows) or
+    their loop over pieces of K. The unrolled form (K known when compiling) sums the products per element
+    and reduces across threads once, so nothing holds a program's loads back and the compiler issues them
+    together; the loop reduces each piece, behind a barrier, before it loads the next. Small products are
+    bound by that chain of waits, large ones by the bytes, where the unrolled form's x tiles (loaded per row
+    of W, not once) cost more than they save. H200, 830M shapes, one CUDA graph over 24 weights
+    (benchmarks/row_linear.py), loop -> unrolled: q|k|v with norm and RoPE 6.70 -> 5.25 us, o 2.96 -> 2.49,
+    w2 5.73 -> 4.29; but w1|w3 with norm and SwiGLU 7.45 -> 8.98 (8.11 at the best tiles of 12) and w1|w3
+    alone 6.69 -> 7.30."""
+    return n <= UNROLL_MAX_ROWS
+
+
 def row_linear(x: torch.Tensor, weight: torch.Tensor, block_n: int | None = None, block_k: int | None = None,
-               num_warps: int = 4) -> torch.Tensor:
-    """x [1, K] @ weight [N, K]^T -> [1, N] in x's dtype, accumulated in fp32."""
-    return _launch(x, weight, PLAIN, block_n, block_k, num_warps)[1]
+               num_warps: int = 4, unroll: bool | None = None) -> torch.Tensor:
+    """x [1, K] @ weight [N, K]^T -> [1, N] in x's dtype, accumulated in fp32. unroll: the kernel's form
+    (None: unrolled(N))."""
+    return _launch(x, weight, PLAIN, block_n, block_k, num_warps, unroll)[1]
 
 
 def row_linear_silu_mul(x: torch.Tensor, w13: torch.Tensor, block_n: int | None = None,
-                        block_k: int | None = None, num_warps: int = 4) -> torch.Tensor:
+                        block_k: int | None = None, num_warps: int = 4, unroll: bool | None = None) -> torch.Tensor:
     """silu(x W1^T) * (x W3^T) -> [1, hidden] for x [1, K], w13 [2 * hidden, K]; block_n rows of W1 and the
     same rows of W3 per program (by default half of row_tiles(2 * hidden)'s, so a program reads as much as
     row_linear's over w13 would)."""
-    return _launch(x, w13, SWIGLU, block_n, block_k, num_warps)[1]
+    return _launch(x, w13, SWIGLU, block_n, block_k, num_warps, unroll)[1]
 
 
 def row_norm_linear(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                     weight: torch.Tensor, epilogue: int = PLAIN, rotary: tuple | None = None,
                     block_n: int | None = None, block_k: int | None = None, num_warps: int = 4,
-                    cache: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    cache: tuple | None = None, unroll: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(h + delta [1, K], the product of RMSNorm(h + delta) * norm_weight with weight, then `epilogue`).
     With ROPE, rotary = (cos, sin [1, d / 2] fp32, the number of leading outputs rotated in interleaved pairs
     of each d-value head) and block_n pairs of rows per program, and with `cache` (_launch's) the k, v (and
     q) outputs also go to the paged caches."""
-    return _launch(h, weight, epilogue, block_n, block_k, num_warps, delta, (norm_weight, eps), rotary, cache)
+    return _launch(h, weight, epilogue, block_n, block_k, num_warps, unroll, delta, (norm_weight, eps), rotary,
+                   cache)
 
 
-def _launch(x, weight, epilogue, block_n, block_k, num_warps, delta=None, norm=None, rotary=None, cache=None):
+def _launch(x, weight, epilogue, block_n, block_k, num_warps, unroll, delta=None, norm=None, rotary=None,
+            cache=None):
     """(new residual, or x without a norm; y) of the kernel over x [1, K] and weight [N, K]; with ROPE and
     cache = (slots, k_cache, v_cache, q_cache or None, H * d) y's k, v (and q) parts also go to the caches."""
     width, k = weight.shape
@@ -146,6 +167,7 @@ def _launch(x, weight, epilogue, block_n, block_k, num_warps, delta=None, norm=N
     if epilogue != PLAIN and x.is_cuda:
         default_n = max(1, default_n // 2)
     block_n, block_k = block_n or default_n, block_k or default_k
+    unroll = unrolled(width) if unroll is None else unroll
     x = x.contiguous()
     h_out = torch.empty_like(x) if delta is not None else x
     y = torch.empty(1, n_out, dtype=x.dtype, device=x.device)
@@ -153,7 +175,8 @@ def _launch(x, weight, epilogue, block_n, block_k, num_warps, delta=None, norm=N
     slots, k_cache, v_cache, q_cache, q_width = cache if cache is not None else (y, y, y, None, 0)
     if epilogue == PLAIN and norm is None:
         _row_linear_kernel[(triton.cdiv(n_out, block_n),)](x, weight, y, n_out, k, weight.stride(0), BN=block_n,
-                                                            BK=block_k, num_warps=num_warps, **pdl.options(x))
+                                                            BK=block_k, KU=k if unroll else 0,
+                                                            num_warps=num_warps, **pdl.options(x))
         return h_out, y
     pairs = 2 if epilogue == ROPE else 1
     _row_linear_fused_kernel[(triton.cdiv(n_out, pairs * block_n),)](
@@ -162,7 +185,7 @@ def _launch(x, weight, epilogue, block_n, block_k, num_warps, delta=None, norm=N
         0.0 if norm is None else norm[1], rotated, q_width, HALF=cos.shape[-1] if rotary is not None else 1,
         BN=block_n, BK=block_k, KP=triton.next_power_of_2(k) if norm is not None else 1, ADD=delta is not None,
         NORM=norm is not None, EPILOGUE=epilogue, CACHE=0 if cache is None else 1 if q_cache is None else 2,
-        num_warps=num_warps, **pdl.options(x))
+        KU=k if unroll else 0, num_warps=num_warps, **pdl.options(x))
     return h_out, y
 
 
@@ -174,9 +197,12 @@ def _launch(x, weight, epilogue, block_n, block_k, num_warps, delta=None, norm=N
 # Intermediates are rounded to y's dtype.
 
 @triton.jit
-def _row_linear_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w, BN: tl.constexpr, BK: tl.constexpr,
+def _row_linear_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w, BN: tl.constexpr, BK: tl.constexpr, KU: tl.constexpr,
                        PDL: tl.constexpr):
-    """BN outputs: y[n] = sum_k W[n, k] x[k]. x_ptr [K]; w_ptr [N, stride_w] (unit column stride); y_ptr [N]."""
+    """BN outputs: y[n] = sum_k W[n, k] x[k]. x_ptr [K]; w_ptr [N, stride_w] (unit column stride); y_ptr [N].
+    KU: K for the unrolled form (unrolled()), 0 for the loop, which stays one build for every K."""
+    if KU > 0:  # K known when compiling: the pieces' masks fold away
+        K = KU
     n = tl.program_id(0) * BN + tl.arange(0, BN)
     k = tl.arange(0, BK)
     if PDL < 2:
@@ -185,20 +211,16 @@ def _row_linear_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w, BN: tl.constexpr, BK
     if PDL >= 2:  # W is not written while the model runs: its first piece is requested before the wait
         pdl.launch_dependents(PDL)
         pdl.wait(PDL)
-    x = tl.load(x_ptr + k, mask=k < K, other=0.0)
-    acc = tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
-    for k0 in range(BK, K, BK):
-        w = _w_piece(w_ptr, n, k0 + k, N, K, stride_w)
-        x = tl.load(x_ptr + k0 + k, mask=k0 + k < K, other=0.0)
-        acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
-    tl.store(y_ptr + n, acc.to(y_ptr.dtype.element_ty), mask=n < N)
+    y, _ = _products(x_ptr, x_ptr, x_ptr, 1.0, w_ptr, stride_w, w, w, n, n, N, N, k, K, BK, KU, False, False,
+                     False, y_ptr.dtype.element_ty)
+    tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n < N)
 
 
 @triton.jit
 def _row_linear_fused_kernel(x_ptr, delta_ptr, h_ptr, nw_ptr, w_ptr, cos_ptr, sin_ptr, y_ptr, slot_ptr, kc_ptr,
                              vc_ptr, qc_ptr, N, K, stride_w, eps, ROTATED, QD, HALF: tl.constexpr, BN: tl.constexpr,
                              BK: tl.constexpr, KP: tl.constexpr, ADD: tl.constexpr, NORM: tl.constexpr,
-                             EPILOGUE: tl.constexpr, CACHE: tl.constexpr, PDL: tl.constexpr):
+                             EPILOGUE: tl.constexpr, CACHE: tl.constexpr, KU: tl.constexpr, PDL: tl.constexpr):
     """_row_linear_kernel's product with a prologue and an epilogue. BN outputs y[n] = sum_k W[n, k] x[k]
     (PLAIN); with SWIGLU (W1 over W3, N = hidden) y[n] = silu(W1 x)[n] * (W3 x)[n]; with ROPE (N even) the BN
     pairs of outputs (2j, 2j + 1), rotated where below ROTATED, and with CACHE 1 (2) the k and v (and q)
@@ -208,6 +230,8 @@ def _row_linear_fused_kernel(x_ptr, delta_ptr, h_ptr, nw_ptr, w_ptr, cos_ptr, si
     7.27 us: a one-off sweep during 6bdb142's development, not kept. Only the first piece is requested
     early, and only at PDL level 2, where it overlaps the kernel before.)"""
     TY: tl.constexpr = y_ptr.dtype.element_ty
+    if KU > 0:  # K known when compiling: the pieces' masks fold away
+        K = KU
     pid = tl.program_id(0)
     if EPILOGUE == 2:  # ROPE: even rows in acc_a, their odd partners in acc_b
         rows_a = pid * 2 * BN + 2 * tl.arange(0, BN)
@@ -219,6 +243,7 @@ def _row_linear_fused_kernel(x_ptr, delta_ptr, h_ptr, nw_ptr, w_ptr, cos_ptr, si
     if PDL < 2:
         pdl.wait(PDL)
     w_a = _w_piece(w_ptr, rows_a, k, N, K, stride_w)
+    w_b = w_a
     if EPILOGUE != 0:
         w_b = _w_piece(w_ptr, rows_b, k, w_rows, K, stride_w)
     if PDL >= 2:  # W is not written while the model runs: its first piece is requested before the wait
@@ -227,19 +252,8 @@ def _row_linear_fused_kernel(x_ptr, delta_ptr, h_ptr, nw_ptr, w_ptr, cos_ptr, si
     inv = 1.0
     if NORM:
         inv = _rms_inverse(x_ptr, delta_ptr, h_ptr, K, eps, ADD, KP, TY)
-    x = _normed_input(x_ptr, delta_ptr, nw_ptr, k, K, inv, ADD, NORM, TY)[None, :]
-    acc_a = tl.sum(w_a.to(tl.float32) * x, axis=1)
-    acc_b = acc_a
-    if EPILOGUE != 0:
-        acc_b = tl.sum(w_b.to(tl.float32) * x, axis=1)
-    for k0 in range(BK, K, BK):
-        w_a = _w_piece(w_ptr, rows_a, k0 + k, N, K, stride_w)
-        if EPILOGUE != 0:
-            w_b = _w_piece(w_ptr, rows_b, k0 + k, w_rows, K, stride_w)
-        x = _normed_input(x_ptr, delta_ptr, nw_ptr, k0 + k, K, inv, ADD, NORM, TY)[None, :]
-        acc_a += tl.sum(w_a.to(tl.float32) * x, axis=1)
-        if EPILOGUE != 0:
-            acc_b += tl.sum(w_b.to(tl.float32) * x, axis=1)
+    acc_a, acc_b = _products(x_ptr, delta_ptr, nw_ptr, inv, w_ptr, stride_w, w_a, w_b, rows_a, rows_b, N, w_rows,
+                             k, K, BK, KU, ADD, NORM, EPILOGUE != 0, TY)
     a = acc_a.to(TY)
     if EPILOGUE == 0:
         tl.store(y_ptr + rows_a, a, mask=rows_a < N)
@@ -251,6 +265,46 @@ def _row_linear_fused_kernel(x_ptr, delta_ptr, h_ptr, nw_ptr, w_ptr, cos_ptr, si
         e, o = _rotated(cos_ptr, sin_ptr, rows_a, a.to(tl.float32), acc_b.to(TY).to(tl.float32), ROTATED, HALF)
         _store_qkv(y_ptr, slot_ptr, kc_ptr, vc_ptr, qc_ptr, rows_a, e.to(TY), N, QD, CACHE)
         _store_qkv(y_ptr, slot_ptr, kc_ptr, vc_ptr, qc_ptr, rows_a + 1, o.to(TY), N, QD, CACHE)
+
+
+@triton.jit
+def _products(x_ptr, delta_ptr, nw_ptr, inv, w_ptr, stride_w, w_a, w_b, rows_a, rows_b, N_A, N_B, k, K,
+              BK: tl.constexpr, KU: tl.constexpr, ADD: tl.constexpr, NORM: tl.constexpr, TWO: tl.constexpr,
+              TY: tl.constexpr):
+    """(W[rows_a] x, W[rows_b] x) [BN] fp32 (the second only with TWO, else the first again), x as
+    _normed_input gives it, from each product's first piece w_a, w_b [BN, BK] (loaded by the caller, before
+    its PDL wait) on. KU > 0 (= K): the unrolled form, products summed per element and reduced once; else
+    the loop, which reduces each piece (unrolled())."""
+    if KU > 0:
+        x = _normed_input(x_ptr, delta_ptr, nw_ptr, rows_a[:, None] * 0 + k[None, :], K, inv, ADD, NORM, TY)
+        acc_a = w_a.to(tl.float32) * x
+        acc_b = acc_a
+        if TWO:
+            acc_b = w_b.to(tl.float32) * x
+        for k0 in tl.static_range(BK, KU, BK):
+            w_a = _w_piece(w_ptr, rows_a, k0 + k, N_A, K, stride_w)
+            if TWO:
+                w_b = _w_piece(w_ptr, rows_b, k0 + k, N_B, K, stride_w)
+            x = _normed_input(x_ptr, delta_ptr, nw_ptr, rows_a[:, None] * 0 + (k0 + k)[None, :], K, inv, ADD, NORM,
+                              TY)
+            acc_a += w_a.to(tl.float32) * x
+            if TWO:
+                acc_b += w_b.to(tl.float32) * x
+        return tl.sum(acc_a, axis=1), tl.sum(acc_b, axis=1)
+    x = _normed_input(x_ptr, delta_ptr, nw_ptr, k, K, inv, ADD, NORM, TY)[None, :]
+    acc_a = tl.sum(w_a.to(tl.float32) * x, axis=1)
+    acc_b = acc_a
+    if TWO:
+        acc_b = tl.sum(w_b.to(tl.float32) * x, axis=1)
+    for k0 in range(BK, K, BK):
+        w_a = _w_piece(w_ptr, rows_a, k0 + k, N_A, K, stride_w)
+        if TWO:
+            w_b = _w_piece(w_ptr, rows_b, k0 + k, N_B, K, stride_w)
+        x = _normed_input(x_ptr, delta_ptr, nw_ptr, k0 + k, K, inv, ADD, NORM, TY)[None, :]
+        acc_a += tl.sum(w_a.to(tl.float32) * x, axis=1)
+        if TWO:
+            acc_b += tl.sum(w_b.to(tl.float32) * x, axis=1)
+    return acc_a, acc_b
 
 
 @triton.jit

@@ -31,28 +31,32 @@ def _tol(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("tiles", [(4, 128), (2, 64), (None, None)])
-def test_row_linear_matches_f_linear(dtype, tiles):
+@pytest.mark.parametrize("unroll", [False, True])
+def test_row_linear_matches_f_linear(dtype, tiles, unroll):
     """N and K not multiples of the tiles (masked edges), a weight whose rows are strided (a view of a wider
-    tensor, like the fused q|k|v weight's parts), the default tiles."""
+    tensor, like the fused q|k|v weight's parts), the default tiles; the kernel's loop over pieces of K and
+    its unrolled form."""
     wide = _randn(37, 310, dtype=dtype, seed=1)
     weight = wide[:, :300]
     x = _randn(1, 300, dtype=dtype)
-    out = row_linear(x, weight, block_n=tiles[0], block_k=tiles[1])
+    out = row_linear(x, weight, block_n=tiles[0], block_k=tiles[1], unroll=unroll)
     assert out.dtype == dtype and out.shape == (1, 37)
     torch.testing.assert_close(out.float(), F.linear(x.float(), weight.float()), **_tol(dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("tiles", [(4, 128), (None, None)])
-def test_row_linear_silu_mul_is_row_linear_then_silu_mul(dtype, tiles):
+@pytest.mark.parametrize("unroll", [False, True])
+def test_row_linear_silu_mul_is_row_linear_then_silu_mul(dtype, tiles, unroll):
     """The SwiGLU epilogue over a stacked w1|w3 weight equals row_linear followed by fused_ops.silu_mul bit
     for bit when both reduce over the same tiles (it rounds each product to the dtype first, as they do), and
-    the fp32 SwiGLU within the dtype's rounding otherwise; hidden 37 is not a multiple of the tiles."""
+    the fp32 SwiGLU within the dtype's rounding otherwise; hidden 37 is not a multiple of the tiles. Both
+    forms of the kernels (unroll), each against the same form."""
     w13, x = _randn(74, 300, dtype=dtype, seed=4), _randn(1, 300, dtype=dtype, seed=5)
-    out = row_linear_silu_mul(x, w13, block_n=tiles[0], block_k=tiles[1])
+    out = row_linear_silu_mul(x, w13, block_n=tiles[0], block_k=tiles[1], unroll=unroll)
     assert out.dtype == dtype and out.shape == (1, 37)
     if tiles[0] is not None:
-        assert torch.equal(out, silu_mul(row_linear(x, w13, block_n=tiles[0], block_k=tiles[1])))
+        assert torch.equal(out, silu_mul(row_linear(x, w13, block_n=tiles[0], block_k=tiles[1], unroll=unroll)))
     y13 = F.linear(x.float(), w13.float())
     torch.testing.assert_close(out.float(), F.silu(y13[:, :37]) * y13[:, 37:], **_tol(dtype))
 
@@ -71,6 +75,8 @@ def test_row_tiles_follow_the_measured_shapes():
     assert [row_tiles(n) for n in (1536, 4608, 8192, 128256, 16)] == [(2, 1024), (4, 512), (8, 512), (8, 512),
                                                                         (2, 1024)]
     assert [row_tiles(n) for n in (3071, 3072, 5119, 5120)] == [(2, 1024), (4, 512), (4, 512), (8, 512)]
+    # the 830M's q|k|v, o and w2 products take the unrolled form, w1|w3 and the LM head the loop
+    assert [rl.unrolled(n) for n in (1536, 4608, 4609, 8192, 128256)] == [True, True, False, False, False]
 
 
 def test_linear_takes_the_row_kernel_for_one_row_only(monkeypatch):
@@ -98,23 +104,26 @@ def _norm_inputs(dtype, width=300, with_delta=True):
 @pytest.mark.parametrize("silu", [False, True])
 @pytest.mark.parametrize("with_delta", [False, True])
 @pytest.mark.parametrize("tiles", [(4, 128), (None, None)])
-def test_norm_linear_is_add_rms_norm_then_the_product(dtype, silu, with_delta, tiles):
+@pytest.mark.parametrize("unroll", [False, True])
+def test_norm_linear_is_add_rms_norm_then_the_product(dtype, silu, with_delta, tiles, unroll):
     """The residual add and RMSNorm in the product's prologue: the new residual bit-equal to add_rms_norm's
     (stored once, by the first of several programs with (4, 128) tiles), the product within the dtype's
     rounding of the product of add_rms_norm's output (K = 300: the product runs over three and two pieces of
-    the row, the norm's statistics over one 512-wide load). Without a delta the residual is h itself."""
+    the row, the norm's statistics over one 512-wide load). Without a delta the residual is h itself. Both
+    forms of the kernel (unroll)."""
     h, delta, norm_w = _norm_inputs(dtype, with_delta=with_delta)
     weight = _randn(74, 300, dtype=dtype, seed=9)
     h_ref, x_ref = add_rms_norm(h, delta, norm_w, 1e-5)
     h_new, y = row_norm_linear(h, delta, norm_w, 1e-5, weight, SWIGLU if silu else 0, block_n=tiles[0],
-                               block_k=tiles[1])
+                               block_k=tiles[1], unroll=unroll)
     assert torch.equal(h_new, h_ref) and (with_delta or h_new.data_ptr() == h.data_ptr())
     expected = F.linear(x_ref.float(), weight.float())
     if silu:
         expected = F.silu(expected[:, :37]) * expected[:, 37:]
     assert y.dtype == dtype and y.shape == expected.shape
     torch.testing.assert_close(y.float(), expected, **_tol(dtype))
-    if tiles[0] is None:  # the dispatcher: one row takes this kernel, more rows the two kernels exactly
+    if tiles[0] is None and unroll:  # the dispatcher (74 rows: unrolled): one row takes this kernel, more rows
+        # the two kernels exactly
         h_one, y_one = norm_linear(h, delta, norm_w, 1e-5, weight, silu_mul=silu)
         assert torch.equal(h_one, h_new) and torch.equal(y_one, y)
         rows = torch.cat([h, h.flip(1)]), None if delta is None else torch.cat([delta, delta])
@@ -126,10 +135,12 @@ def test_norm_linear_is_add_rms_norm_then_the_product(dtype, silu, with_delta, t
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("tiles", [(2, 128), (None, None)])
-def test_norm_qkv_rope_is_the_norm_the_product_and_rope(dtype, tiles):
+@pytest.mark.parametrize("unroll", [False, True])
+def test_norm_qkv_rope_is_the_norm_the_product_and_rope(dtype, tiles, unroll):
     """3 query heads, 1 key/value head of 8 values: q and k rotated in interleaved pairs at position 7, v
     as the product left it, within the dtype's rounding of add_rms_norm -> F.linear -> fused_ops.rope (2 pairs
-    per program with (2, 128) tiles: pairs of rows that straddle the q / k / v boundaries' programs)."""
+    per program with (2, 128) tiles: pairs of rows that straddle the q / k / v boundaries' programs); both
+    forms of the kernel (unroll)."""
     h, delta, norm_w = _norm_inputs(dtype)
     wqkv = _randn(40, 300, dtype=dtype, seed=10)
     cos, sin = rope_angles(torch.tensor([7], device=DEVICE), 8, 10000.0)
@@ -137,12 +148,12 @@ def test_norm_qkv_rope_is_the_norm_the_product_and_rope(dtype, tiles):
     qkv_ref = F.linear(x_ref.float(), wqkv.float()).to(dtype)
     expected = rope(qkv_ref, cos, sin, 3, 1, 8)
     h_new, qkv = row_norm_linear(h, delta, norm_w, 1e-5, wqkv, ROPE, (cos, sin, 32), block_n=tiles[0],
-                                 block_k=tiles[1])
+                                 block_k=tiles[1], unroll=unroll)
     assert torch.equal(h_new, add_rms_norm(h, delta, norm_w, 1e-5)[0])
     q, k, v = qkv[:, :24].view(1, 3, 8), qkv[:, 24:32].view(1, 1, 8), qkv[:, 32:].view(1, 1, 8)
     for got, want in zip((q, k, v), expected):
         torch.testing.assert_close(got.float(), want.float(), **_tol(dtype))
-    if tiles[0] is None:
+    if tiles[0] is None and unroll:  # the dispatcher (40 rows: unrolled)
         _, *views = norm_qkv_rope(h, delta, norm_w, 1e-5, wqkv, cos, sin, 3, 1, 8)
         assert all(torch.equal(a, b) for a, b in zip(views, (q, k, v)))
         assert [t.shape for t in views] == [(1, 3, 8), (1, 1, 8), (1, 1, 8)] and views[0].is_contiguous()
@@ -192,6 +203,8 @@ def test_row_linear_bf16_at_the_830m_shapes(shape):
     out = row_linear(x, weight)
     torch.testing.assert_close(out.float(), F.linear(x.float(), weight.float()), atol=1e-3, rtol=8e-3)
     assert torch.equal(linear(x, weight), out)
+    other = row_linear(x, weight, unroll=not rl.unrolled(shape[0]))  # the form the rule did not pick
+    torch.testing.assert_close(other.float(), F.linear(x.float(), weight.float()), atol=1e-3, rtol=8e-3)
     if shape == (8192, 1536):
         y13 = F.linear(x.float(), weight.float())
         expected = F.silu(y13[:, :4096]) * y13[:, 4096:]
