@@ -117,9 +117,10 @@ def unrolled(n: int) -> bool:
     together; the loop reduces each piece, behind a barrier, before it loads the next. Small products are
     bound by that chain of waits, large ones by the bytes, where the unrolled form's x tiles (loaded per row
     of W, not once) cost more than they save. H200, 830M shapes, one CUDA graph over 24 weights
-    (benchmarks/row_linear.py), loop -> unrolled: q|k|v with norm and RoPE 6.70 -> 5.25 us, o 2.96 -> 2.49,
-    w2 5.73 -> 4.29; but w1|w3 with norm and SwiGLU 7.45 -> 8.98 (8.11 at the best tiles of 12) and w1|w3
-    alone 6.69 -> 7.30."""
+    (benchmarks/row_linear.py), loop -> a first unrolled build for every shape: q|k|v with norm and RoPE 6.70
+    -> 5.25 us, o 2.96 -> 2.49, w2 5.73 -> 4.29; but w1|w3 with norm and SwiGLU 7.45 -> 8.98 (8.11 at the best
+    tiles of 12) and w1|w3 alone 6.69 -> 7.30 (row_linear_h200_ab_loop_unrolled.json). As committed
+    (row_linear_h200_7be6ea7.json): q|k|v 5.25, o 2.40, w2 4.58, w1|w3 (the loop) 7.43 us."""
     return n <= UNROLL_MAX_ROWS
 
 
