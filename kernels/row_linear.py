@@ -120,7 +120,9 @@ def unrolled(n: int) -> bool:
     (benchmarks/row_linear.py), loop -> a first unrolled build for every shape: q|k|v with norm and RoPE 6.70
     -> 5.25 us, o 2.96 -> 2.49, w2 5.73 -> 4.29; but w1|w3 with norm and SwiGLU 7.45 -> 8.98 (8.11 at the best
     tiles of 12) and w1|w3 alone 6.69 -> 7.30 (row_linear_h200_ab_loop_unrolled.json). As committed
-    (row_linear_h200_7be6ea7.json): q|k|v 5.25, o 2.40, w2 4.58, w1|w3 (the loop) 7.43 us."""
+    (row_linear_h200_7be6ea7.json): q|k|v 5.25, o 2.40, w2 4.58, w1|w3 (the loop) 7.43 us. Requesting all of
+    a program's pieces before the PDL wait instead was slower (q|k|v 6.95, o 2.63, w2 4.91 us; batch-1 step
+    of the baseline 0.982 / 0.981 ms against 0.966 / 0.963 for the first unrolled build, same session)."""
     return n <= UNROLL_MAX_ROWS
 
 
