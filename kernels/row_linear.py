@@ -293,7 +293,10 @@ def _products(x_ptr, delta_ptr, nw_ptr, inv, w_ptr, stride_w, w_a, w_b, rows_a, 
             acc_a += w_a.to(tl.float32) * x
             if TWO:
                 acc_b += w_b.to(tl.float32) * x
-        return tl.sum(acc_a, axis=1), tl.sum(acc_b, axis=1)
+        sum_a = tl.sum(acc_a, axis=1)
+        if TWO:
+            return sum_a, tl.sum(acc_b, axis=1)
+        return sum_a, sum_a
     x = _normed_input(x_ptr, delta_ptr, nw_ptr, k, K, inv, ADD, NORM, TY)[None, :]
     acc_a = tl.sum(w_a.to(tl.float32) * x, axis=1)
     acc_b = acc_a
