@@ -37,8 +37,8 @@ from mta_serve.kernels.mixing_prefill import mixing_prefill_attention
 from mta_serve.kernels.mta_attention import ConvState, layer_params, mta_paged_attention
 from mta_serve.kernels.paged_flash import paged_flash_attention
 from mta_serve.kernels.work_items import build_work_items
-from mta_serve.triton_attention import (FUSED_BLOCK_M, decode_splits, flash_splits,  # the engine's rules
-                                        fused_prompt_attention, fused_prompt_splits, mixing_splits)
+from mta_serve.triton_attention import (FUSED_BLOCK_M, decode_splits, flash_block_n,  # the engine's rules
+                                        flash_splits, fused_prompt_attention, fused_prompt_splits, mixing_splits)
 
 HEADS, HEAD_DIM, BLOCK = 16, 96, 16
 DTYPE = torch.bfloat16
@@ -128,7 +128,8 @@ def split_sweep(batches, contexts, num_sms: int) -> list[dict]:
             inputs = paged_batch(batch, context, 1)
             for kind in ("conv", "mixing", "plain"):
                 rule = engine_splits(kind, batch, context, num_sms)
-                ms = {s: bench_ms(run_paged(kind, inputs, 1, s)) for s in sorted(set(SPLIT_COUNTS) | {rule})}
+                block = flash_block_n(batch, HEADS, num_sms) if kind == "plain" else None
+                ms = {s: bench_ms(run_paged(kind, inputs, 1, s, block)) for s in sorted(set(SPLIT_COUNTS) | {rule})}
                 best = min(ms, key=ms.get)
                 rows.append(dict(kind=kind, batch=batch, context=context, rule=rule, best=best, ms=ms))
                 print(f"splits {kind} b={batch} ctx={context}: rule {rule} {ms[rule]:.4f} ms, best {best} "
@@ -186,7 +187,8 @@ def decode_rows(batches, contexts, copy_bw: float, num_sms: int) -> list[dict]:
             result = dict(batch=batch, context=context, kv_bytes=kv_bytes)
             for kind in ("conv", "mixing", "plain"):
                 splits = engine_splits(kind, batch, context, num_sms)
-                ms = bench_ms(run_paged(kind, inputs, 1, splits))
+                block = flash_block_n(batch, HEADS, num_sms) if kind == "plain" else None
+                ms = bench_ms(run_paged(kind, inputs, 1, splits, block))
                 result[kind] = dict(ms=ms, splits=splits, gbps=kv_bytes / ms / 1e6,
                                     copy_fraction=kv_bytes / (ms * 1e-3) / copy_bw)
             ms = bench_ms(run_paged("conv", inputs, 1, result["conv"]["splits"], conv_state=False))

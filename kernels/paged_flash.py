@@ -27,14 +27,15 @@ def paged_flash_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     decode_dot: one-row tiles (decode) run as 16-row tl.dot tiles of which only the first row is real.
     The extra arithmetic is free in a bandwidth-bound kernel, and Triton software-pipelines the K/V loads of
     a loop that feeds tl.dot (a broadcast-sum loop waits on each tile's loads). block_n: keys per tile,
-    by default 128 for decode and 64 for prompt tiles (H200 sweep: benchmarks/kernels.py --sweep plain).
+    by default 64 (H200, 830M heads: benchmarks/kernels.py --sweep plain for prompt tiles; the engine's
+    decode tiles: mta_serve.triton_attention.flash_block_n).
     num_splits: key splits, by default work.num_splits."""
     n_heads, head_dim = q.shape[1], q.shape[2]
     num_work, splits = work.work_seq.numel(), num_splits or work.num_splits
     if num_work == 0:
         return out
     bm = max(work.block_m, 16) if work.block_m > 1 or decode_dot else 1
-    block_n = block_n or (128 if work.block_m == 1 else 64)
+    block_n = block_n or 64
     partial = torch.empty(num_work, splits, n_heads, bm, head_dim, dtype=torch.float32, device=q.device)
     stats = torch.empty(2, num_work, splits, n_heads, bm, dtype=torch.float32, device=q.device)
     meta = dict(H=n_heads, GROUP=n_heads // k_cache.shape[2], D=head_dim, DP=dot_width(head_dim),

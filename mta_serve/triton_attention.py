@@ -58,13 +58,22 @@ def decode_splits(num_sequences: int, max_len: int, num_sms: int) -> int:
 
 
 def flash_splits(num_sequences: int, max_len: int, num_heads: int, num_sms: int) -> int:
-    """Key splits of decode rows in plain layers: enough (sequence, head, split) programs for about ten per
-    SM (a paged flash program serves one head), splits of >= 256 keys, at most 16. On the H200 (830M heads)
-    this took 64 x 2048 from 0.230 ms (8 splits, the earlier rule: decode_splits' count capped alike) to
-    0.220 (2) and 16 x 8192 from 0.223 (16) to 0.210 (6); 64-key splits made the 830M baseline's batch-1
-    step slower (2.61 ms against 2.04 ms)."""
-    wanted = -(-10 * num_sms // (num_sequences * num_heads))
-    return max(1, min(wanted, -(-max_len // 256), 16))
+    """Key splits of decode rows in plain layers: enough (sequence, head, split) programs for about four per
+    SM (a paged flash program serves one head), splits of >= 64 keys (one 64-key tile: paged flash's decode
+    tiles), at most 32. H200, 830M heads, paged flash + combine per splits x key tile at batch {1, 2, 4, 8, 16}
+    x context 512-8192: the best was 64-key tiles with 32 / 16 / 8 / 4 / 2 splits (batch 1 x 2048: 9.9 us at
+    the earlier rule, 8 splits of 128-key tiles, -> 8.0 us; 8 x 2048: 37.2 -> 32.3 us). In the 830M baseline's
+    batch-1 step, with cache_of's fold, 0.901 -> 0.850 ms."""
+    wanted = 4 * num_sms // (num_sequences * num_heads)
+    return max(1, min(wanted, -(-max_len // 64), 32))
+
+
+def flash_block_n(num_sequences: int, num_heads: int, num_sms: int) -> int:
+    """Keys per tile of paged flash's decode programs: 64 up to about eight (sequence, head) programs per
+    SM, 128 beyond, where every SM has programs enough to keep the larger tiles' loads in flight. H200,
+    830M heads, at flash_splits' counts: 64-key tiles were faster at batch 1-64 (64 x 2048: 225.0 -> 215.1
+    us), 128-key ones at batch 256 (256 x 2048: 858.8 -> 841.8 us, 256 x 8192: 3406 -> 3327 us)."""
+    return 64 if num_sequences * num_heads <= 8 * num_sms else 128
 
 
 def mixing_splits(num_splits: int) -> int:
@@ -237,14 +246,12 @@ class TritonPagedAttention(TorchPagedAttention):
     def _num_splits(self, num_sequences: int, max_len: int) -> int:
         return decode_splits(num_sequences, max_len, self.num_sms)
 
-    def cache_of(self, batch: TritonBatch, layer_id: int, attn) -> tuple | None:
+    def cache_of(self, batch: TritonBatch, layer_id: int, attn) -> tuple:
         """The layer's cache destination for the fused forward (model.CacheFn): its q|k|v product writes the
         step's new tokens there (at batch 1 in the product's own kernel, a launch fewer per layer), and
-        attend then leaves them as they are. None for plain layers, whose attend keeps writing them: on the
-        H200 the fold made the MTA layers' batch-1 step faster (830M MTA 1.224 -> 1.207 ms) but the
-        baseline's, where paged flash follows the product, slower (0.999 -> 1.022 / 1.024 ms)."""
-        if self._layer_params(layer_id, attn) is None:
-            return None
+        attend then leaves them as they are. H200, batch-1 step: 830M MTA 1.224 -> 1.207 ms; the baseline's
+        plain layers were slower with it at paged flash's earlier decode tiles (0.999 -> 1.022 / 1.024 ms;
+        8 splits of 128-key tiles, 0.901 -> 0.930 ms) and faster at flash_splits' (0.880 -> 0.850 ms)."""
         batch.cached_layers.add(layer_id)
         return batch.slot_mapping, self.k_cache[layer_id], self.v_cache[layer_id], self.q_cache[layer_id]
 
@@ -307,9 +314,10 @@ class TritonPagedAttention(TorchPagedAttention):
             if self._fused_prompt(layer_id, params, q, fused, out, head_norm):
                 return
         if params is None:
-            splits = 1 if not decode else flash_splits(work.work_seq.numel(), work.max_len, self.cfg.n_heads,
-                                                       self.num_sms)
-            paged_flash_attention(q, k_cache, v_cache, work, out, num_splits=splits)
+            num_seqs, heads = work.work_seq.numel(), self.cfg.n_heads
+            splits = flash_splits(num_seqs, work.max_len, heads, self.num_sms) if decode else 1
+            block_n = flash_block_n(num_seqs, heads, self.num_sms) if decode else None
+            paged_flash_attention(q, k_cache, v_cache, work, out, block_n=block_n, num_splits=splits)
         else:
             splits = mixing_splits(work.num_splits) if decode and mixing_only(params) else None
             mta_paged_attention(q, self.q_cache[layer_id], k_cache, v_cache, params, work, out,

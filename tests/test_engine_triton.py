@@ -111,10 +111,10 @@ def test_conv_states_are_allocated_for_post_conv_layers_and_budgeted_exactly():
     assert conv_state_bytes(plain, 5) == 0  # no post-conv: decode rows need no earlier rows
 
 
-def test_the_forward_writes_the_caches_of_mta_layers_only():
-    """cache_of hands the fused forward the cache destination of MTA layers (their q|k|v product then writes
-    the step's new tokens, at batch 1 in its own kernel) and None for plain layers, whose attend keeps
-    writing them; attend skips its write only for the layers handed out."""
+def test_the_forward_writes_the_caches_of_every_layer():
+    """cache_of hands the fused forward each layer's cache destination (its q|k|v product then writes the
+    step's new tokens, at batch 1 in its own kernel): k and v for a plain layer, k, v and q for a
+    key-query-conv layer; attend then skips its write for the layers handed out."""
     from mta_serve.triton_attention import TritonBatch
 
     cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, vocab_size=VOCAB,
@@ -125,10 +125,43 @@ def test_the_forward_writes_the_caches_of_mta_layers_only():
                        SchedulerConfig())
     backend = engine.runner.backend
     batch = TritonBatch(torch.tensor([5], dtype=torch.int32, device=device), [])
-    assert backend.cache_of(batch, 0, model.layers[0].attention) is None
-    slots, k_cache, v_cache, q_cache = backend.cache_of(batch, 1, model.layers[1].attention)
-    assert slots is batch.slot_mapping and k_cache is backend.k_cache[1] and v_cache is backend.v_cache[1]
-    assert q_cache is backend.q_cache[1] is not None and batch.cached_layers == {1}
+    for layer_id in (0, 1):
+        slots, k_cache, v_cache, q_cache = backend.cache_of(batch, layer_id, model.layers[layer_id].attention)
+        assert slots is batch.slot_mapping and k_cache is backend.k_cache[layer_id]
+        assert v_cache is backend.v_cache[layer_id] and q_cache is backend.q_cache[layer_id]
+        assert batch.cached_layers == set(range(layer_id + 1))
+    assert backend.q_cache[0] is None and backend.q_cache[1] is not None
+
+
+def test_plain_decode_rows_get_the_engines_key_splits_and_tiles(monkeypatch):
+    """Plain layers' decode rows reach paged flash with flash_splits' key splits and flash_block_n's tiles
+    (two splits of 64-key tiles here: 256-token max_seq_len, the CPU's two "SMs"), prompt rows with one
+    split and the kernel's default tiles; the greedy tokens and logprobs stay the torch backend's."""
+    from mta_serve.kernels import paged_flash
+    from mta_serve.triton_attention import flash_block_n, flash_splits
+
+    cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, max_seq_len=256)
+    model = build_model(cfg, seed=5, device="cuda" if torch.cuda.is_available() else "cpu")
+    config = dict(block_size=4, num_blocks=32)
+    calls, original = [], paged_flash.paged_flash_attention
+
+    def spy(q, k_cache, v_cache, work, out, block_n=None, num_splits=None, **kwargs):
+        calls.append((work.block_m, block_n, num_splits))
+        return original(q, k_cache, v_cache, work, out, block_n=block_n, num_splits=num_splits, **kwargs)
+
+    monkeypatch.setattr(paged_flash, "paged_flash_attention", spy)
+    engine = LLMEngine(model, None, CacheConfig(attention_backend="triton", **config), SchedulerConfig())
+    outputs = run_all(engine, PROMPTS[:1], 3)
+    num_sms = engine.runner.backend.num_sms
+    decode = (1, flash_block_n(1, 4, num_sms), flash_splits(1, 256, 4, num_sms))
+    assert decode == (1, 64, 2)
+    prompt_calls = [c for c in calls if c[0] > 1]
+    assert calls.count(decode) == 2 * cfg.n_layers and len(prompt_calls) == cfg.n_layers
+    assert all(c[1:] == (None, 1) for c in prompt_calls)
+    reference = run_all(LLMEngine(model, None, CacheConfig(attention_backend="torch", **config),
+                                  SchedulerConfig()), PROMPTS[:1], 3)
+    assert outputs["r0"].token_ids == reference["r0"].token_ids
+    assert max(abs(x.logprob - y.logprob) for x, y in zip(outputs["r0"].logprobs, reference["r0"].logprobs)) < 1e-4
 
 
 # layers whose prompts the fused kernel serves: head mixing without a key-query conv
