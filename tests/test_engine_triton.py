@@ -135,7 +135,7 @@ def test_the_forward_writes_the_caches_of_every_layer():
 
 def test_plain_decode_rows_get_the_engines_key_splits_and_tiles(monkeypatch):
     """Plain layers' decode rows reach paged flash with flash_splits' key splits and flash_block_n's tiles
-    (two splits of 64-key tiles here: 256-token max_seq_len, the CPU's two "SMs"), prompt rows with one
+    (on the CPU two splits of 64-key tiles: 256-token max_seq_len, two "SMs"), prompt rows with one
     split and the kernel's default tiles; the greedy tokens and logprobs stay the torch backend's."""
     from mta_serve.kernels import paged_flash
     from mta_serve.triton_attention import flash_block_n, flash_splits
@@ -150,11 +150,12 @@ def test_plain_decode_rows_get_the_engines_key_splits_and_tiles(monkeypatch):
         return original(q, k_cache, v_cache, work, out, block_n=block_n, num_splits=num_splits, **kwargs)
 
     monkeypatch.setattr(paged_flash, "paged_flash_attention", spy)
-    engine = LLMEngine(model, None, CacheConfig(attention_backend="triton", **config), SchedulerConfig())
+    engine = LLMEngine(model, None, CacheConfig(attention_backend="triton", enforce_eager=True, **config),
+                       SchedulerConfig())  # eager: every decode step calls the kernels from Python
     outputs = run_all(engine, PROMPTS[:1], 3)
     num_sms = engine.runner.backend.num_sms
     decode = (1, flash_block_n(1, 4, num_sms), flash_splits(1, 256, 4, num_sms))
-    assert decode == (1, 64, 2)
+    assert decode == (1, 64, 2) or num_sms != 2  # a GPU has more SMs, so other splits
     prompt_calls = [c for c in calls if c[0] > 1]
     assert calls.count(decode) == 2 * cfg.n_layers and len(prompt_calls) == cfg.n_layers
     assert all(c[1:] == (None, 1) for c in prompt_calls)
