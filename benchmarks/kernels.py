@@ -16,7 +16,7 @@ bandwidth of a 2 GiB device-to-device copy is measured in the same run. Kernel t
 (the kernels' device time, without Python's launch cost). Prints a table, writes JSON.
 
     python benchmarks/kernels.py [--out benchmarks/results/kernels_h200.json] [--quick] [--sweep [KIND ...]]
-        [--breakdown] [--kernel-sweep] [--split-sweep] [--conv-split-sweep] [--fused-sweep]
+        [--breakdown] [--kernel-sweep] [--split-sweep] [--conv-split-sweep] [--flash-tile-sweep] [--fused-sweep]
         [--prompt-conv-sweep] [--no-dense] [--no-decode] [--no-prefill]
 """
 from __future__ import annotations
@@ -134,6 +134,33 @@ def split_sweep(batches, contexts, num_sms: int) -> list[dict]:
                 rows.append(dict(kind=kind, batch=batch, context=context, rule=rule, best=best, ms=ms))
                 print(f"splits {kind} b={batch} ctx={context}: rule {rule} {ms[rule]:.4f} ms, best {best} "
                       f"{ms[best]:.4f} ms", flush=True)
+            del inputs
+            torch.cuda.empty_cache()
+    return rows
+
+
+FLASH_SPLITS, FLASH_TILES = (1, 2, 4, 8, 16, 32, 64), (64, 128)
+
+
+def flash_tile_sweep(num_sms: int, quick: bool) -> list[dict]:
+    """(c)'s decode time at every key-split count x keys per tile (FLASH_SPLITS x FLASH_TILES; splits of
+    fewer than half a tile's keys left out) at batches 1-256, against the engine's choice (flash_splits,
+    flash_block_n: what they rest on). Keys of `ms`: "SxB", S splits of B-key tiles."""
+    rows = []
+    small = [512, 2048] if quick else [512, 1024, 2048, 4096, 8192]
+    for batch in ([1, 64] if quick else [1, 2, 4, 8, 16, 32, 64, 256]):
+        for context in (small if batch <= 16 else [512, 2048, 8192]):
+            inputs = paged_batch(batch, context, 1)
+            ms = {f"{s}x{b}": bench_ms(run_paged("plain", inputs, 1, s, b))
+                  for s in FLASH_SPLITS for b in FLASH_TILES if context // s >= b // 2}
+            rule = f"{flash_splits(batch, context, HEADS, num_sms)}x{flash_block_n(batch, HEADS, num_sms)}"
+            if rule not in ms:
+                s, b = map(int, rule.split("x"))
+                ms[rule] = bench_ms(run_paged("plain", inputs, 1, s, b))
+            best = min(ms, key=ms.get)
+            rows.append(dict(batch=batch, context=context, rule=rule, best=best, ms=ms))
+            print(f"flash tiles b={batch} ctx={context}: rule {rule} {1e3 * ms[rule]:.1f} us, best {best} "
+                  f"{1e3 * ms[best]:.1f} us", flush=True)
             del inputs
             torch.cuda.empty_cache()
     return rows
@@ -396,6 +423,8 @@ def main() -> int:
                    "64 x 2048 at every warp count and conv/softmax key tile")
     p.add_argument("--split-sweep", action="store_true", help="also time every key-split count of (a), (b) "
                    "and (c) at each decode shape, against the engine's rules")
+    p.add_argument("--flash-tile-sweep", action="store_true", help="also time (c) at every key-split count x "
+                   "keys per tile at batches 1-256 (what flash_splits and flash_block_n rest on)")
     p.add_argument("--conv-split-sweep", action="store_true", help="also time (a) at each decode shape with "
                    "its conv and softmax kernels' key splits at each of CONV_SPLIT_COUNTS")
     p.add_argument("--prompt-conv-sweep", action="store_true", help="also time (a)'s prefill at each of "
@@ -419,6 +448,7 @@ def main() -> int:
         kernel_sweep=kernel_sweep(num_sms) if args.kernel_sweep else None,
         split_sweep=split_sweep(batches, contexts, num_sms) if args.split_sweep else None,
         conv_split_sweep=conv_split_sweep(batches, contexts, num_sms) if args.conv_split_sweep else None,
+        flash_tile_sweep=flash_tile_sweep(num_sms, args.quick) if args.flash_tile_sweep else None,
         prompt_conv_sweep=(prompt_conv_sweep([2048] if args.quick else [2048, 8192], args.prefill_block_m)
                            if args.prompt_conv_sweep else None),
         decode=None if args.no_decode else decode_rows(batches, contexts, copy_bw, num_sms),
