@@ -62,8 +62,9 @@ def flash_splits(num_sequences: int, max_len: int, num_heads: int, num_sms: int)
     SM (a paged flash program serves one head), splits of >= 64 keys (one 64-key tile: paged flash's decode
     tiles), at most 32. H200, 830M heads, paged flash + combine per splits x key tile at batch {1, 2, 4, 8, 16}
     x context 512-8192: the best was 64-key tiles with 32 / 16 / 8 / 4 / 2 splits (batch 1 x 2048: 9.9 us at
-    the earlier rule, 8 splits of 128-key tiles, -> 8.0 us; 8 x 2048: 37.2 -> 32.3 us). In the 830M baseline's
-    batch-1 step, with cache_of's fold, 0.901 -> 0.850 ms."""
+    the earlier rule, 8 splits of 128-key tiles, -> 8.0 us; 8 x 2048: 37.2 -> 32.3 us; benchmarks/kernels.py
+    --flash-tile-sweep). The 830M baseline's batch-1 step, with cache_of's fold: 0.896 / 0.901 -> 0.847 /
+    0.845 ms (benchmarks/step_profile.py; docs/benchmarks_h200.md)."""
     wanted = 4 * num_sms // (num_sequences * num_heads)
     return max(1, min(wanted, -(-max_len // 64), 32))
 
@@ -251,7 +252,7 @@ class TritonPagedAttention(TorchPagedAttention):
         step's new tokens there (at batch 1 in the product's own kernel, a launch fewer per layer), and
         attend then leaves them as they are. H200, batch-1 step: 830M MTA 1.224 -> 1.207 ms; the baseline's
         plain layers were slower with it at paged flash's earlier decode tiles (0.999 -> 1.022 / 1.024 ms;
-        8 splits of 128-key tiles, 0.901 -> 0.930 ms) and faster at flash_splits' (0.880 -> 0.850 ms)."""
+        8 splits of 128-key tiles, 0.901 -> 0.930 ms) and faster at flash_splits' (0.880 -> 0.848 / 0.852 ms)."""
         batch.cached_layers.add(layer_id)
         return batch.slot_mapping, self.k_cache[layer_id], self.v_cache[layer_id], self.q_cache[layer_id]
 
