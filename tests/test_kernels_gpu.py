@@ -76,16 +76,23 @@ def test_mixing_prefill_kernel_paper_shapes(dtype, shape, p16):
     torch.testing.assert_close(out, reference, atol=1e-2 if p16 else 2e-3, rtol=1e-2 if p16 else 2e-3)
 
 
+# (rows, rows per tile, key splits, keys per tile): decode as the engine runs it at small batches (64-key
+# tiles, up to 32 splits) and at large ones (128-key tiles, one split; triton_attention.flash_block_n)
+FLASH_CASES = {"decode": (DECODE, 1, 8, None), "decode_32x64": (DECODE, 1, 32, 64),
+               "decode_1x128": (DECODE, 1, 1, 128), "prefill": (PREFILL, 64, 1, None)}
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", sorted(SHAPES))
-@pytest.mark.parametrize("tile", ["decode", "prefill"])
+@pytest.mark.parametrize("tile", sorted(FLASH_CASES))
 def test_flash_kernel_paper_shapes(dtype, shape, tile):
     from mta_serve.dense_attention import MTAWeights
 
-    seqs, block_m, splits = (DECODE, 1, 8) if tile == "decode" else (PREFILL, 64, 1)
+    seqs, block_m, splits, block_n = FLASH_CASES[tile]
     q, qc, kc, vc, tables, starts, ends, rows = _inputs(seqs, SHAPES[shape], dtype)
     out = torch.full(q.shape, float("nan"), device="cuda")
-    paged_flash_attention(q, kc, vc, build_work_items(tables, starts, ends, rows, block_m, splits, "cuda"), out)
+    paged_flash_attention(q, kc, vc, build_work_items(tables, starts, ends, rows, block_m, splits, "cuda"), out,
+                          block_n=block_n)
     reference = _reference(q, qc, kc, vc, MTAWeights(), tables, starts, ends, rows, 0)
     # the prefill tiles multiply probabilities rounded to the cache dtype by V, as flash attention does
     torch.testing.assert_close(out, reference, atol=1e-2 if tile == "prefill" else 2e-3, rtol=1e-2)
