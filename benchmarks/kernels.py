@@ -153,10 +153,10 @@ def flash_tile_sweep(num_sms: int, quick: bool) -> list[dict]:
             inputs = paged_batch(batch, context, 1)
             ms = {f"{s}x{b}": bench_ms(run_paged("plain", inputs, 1, s, b))
                   for s in FLASH_SPLITS for b in FLASH_TILES if context // s >= b // 2}
-            rule = f"{flash_splits(batch, context, HEADS, num_sms)}x{flash_block_n(batch, HEADS, num_sms)}"
+            splits, block = flash_splits(batch, context, HEADS, num_sms), flash_block_n(batch, HEADS, num_sms)
+            rule = f"{splits}x{block}"
             if rule not in ms:
-                s, b = map(int, rule.split("x"))
-                ms[rule] = bench_ms(run_paged("plain", inputs, 1, s, b))
+                ms[rule] = bench_ms(run_paged("plain", inputs, 1, splits, block))
             best = min(ms, key=ms.get)
             rows.append(dict(batch=batch, context=context, rule=rule, best=best, ms=ms))
             print(f"flash tiles b={batch} ctx={context}: rule {rule} {1e3 * ms[rule]:.1f} us, best {best} "

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -45,7 +45,6 @@ class TritonBatch:
     slot_mapping: torch.Tensor  # [N] int32: cache slot of each new token
     launches: list  # kernels.work_items.WorkItems, one per tile height (decode rows, prompt chunks)
     fused_prompt: object = None  # the prompt chunks again in FUSED_BLOCK_M-row groups (mixing-only layers)
-    cached_layers: set = field(default_factory=set)  # layers whose new tokens the forward writes (cache_of)
 
 
 def decode_splits(num_sequences: int, max_len: int, num_sms: int) -> int:
@@ -253,20 +252,14 @@ class TritonPagedAttention(TorchPagedAttention):
         attend then leaves them as they are. H200, batch-1 step: 830M MTA 1.224 -> 1.207 ms; the baseline's
         plain layers were slower with it at paged flash's earlier decode tiles (0.999 -> 1.022 / 1.024 ms;
         8 splits of 128-key tiles, 0.901 -> 0.930 ms) and faster at flash_splits' (0.880 -> 0.848 / 0.852 ms)."""
-        batch.cached_layers.add(layer_id)
         return batch.slot_mapping, self.k_cache[layer_id], self.v_cache[layer_id], self.q_cache[layer_id]
 
     def attend(self, batch: TritonBatch, layer_id: int, attn, q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> torch.Tensor:
         """As TorchPagedAttention.attend, for the fused forward (the only forward this backend runs): heads
         [N, H, d] in fp32, or, where the kernels applied the layer's steps 8-9 (_head_norm), [N, H * d] in
-        q's (the model's) dtype, as model.AttendFn allows. Writes the new tokens to the caches first unless
-        the forward did (cache_of)."""
-        from .kernels.fused_ops import write_cache
-
-        if layer_id not in batch.cached_layers:
-            write_cache(batch.slot_mapping, k, v, q, self.k_cache[layer_id], self.v_cache[layer_id],
-                        self.q_cache[layer_id])
+        q's (the model's) dtype, as model.AttendFn allows. The forward has written the new tokens to the
+        caches (cache_of, which the runner and the graph runner pass for every layer)."""
         params = self._layer_params(layer_id, attn)
         head_norm = self._head_norm(layer_id, attn, params)
         out = torch.empty(q.shape, dtype=q.dtype if head_norm else torch.promote_types(q.dtype, torch.float32),
