@@ -16,7 +16,8 @@ bandwidth of a 2 GiB device-to-device copy is measured in the same run. Kernel t
 (the kernels' device time, without Python's launch cost). Prints a table, writes JSON.
 
     python benchmarks/kernels.py [--out benchmarks/results/kernels_h200.json] [--quick] [--sweep [KIND ...]]
-        [--breakdown] [--kernel-sweep] [--split-sweep] [--conv-split-sweep] [--flash-tile-sweep] [--fused-sweep]
+        [--breakdown] [--kernel-sweep] [--split-sweep] [--conv-split-sweep] [--flash-tile-sweep]
+        [--mixing-decode-sweep] [--fused-sweep]
         [--prompt-conv-sweep] [--no-dense] [--no-decode] [--no-prefill]
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ from mta_serve.kernels.mta_attention import ConvState, layer_params, mta_paged_a
 from mta_serve.kernels.paged_flash import paged_flash_attention
 from mta_serve.kernels.work_items import build_work_items
 from mta_serve.triton_attention import (FUSED_BLOCK_M, decode_splits, flash_block_n,  # the engine's rules
-                                        flash_splits, fused_prompt_attention, fused_prompt_splits, mixing_splits)
+                                        flash_splits, fused_prompt_attention, fused_prompt_splits, mixing_decode)
 
 HEADS, HEAD_DIM, BLOCK = 16, 96, 16
 DTYPE = torch.bfloat16
@@ -72,7 +73,7 @@ def paged_batch(batch: int, context: int, new_rows: int):
 
 def run_paged(kind: str, inputs, block_m: int, splits: int, block: int | None = None, num_warps: int | None = None,
               decode_dot: bool = True, conv_state: bool = True, pv_in_cache_dtype: bool = False,
-              num_stages: int = 2, conv_splits: int | None = None):
+              num_stages: int = 2, conv_splits: int | None = None, stream_tile: int | None = None):
     """The engine's kernel for this layer kind: paged flash for plain layers, the MTA row pipeline else
     (for the conv layer with a ConvState slot per sequence, unless conv_state is False: decode rows then
     recompute the previous rows); "mixing_fused": the mixing layer's prompt groups through the fused
@@ -95,7 +96,7 @@ def run_paged(kind: str, inputs, block_m: int, splits: int, block: int | None = 
     params = layer_params(weights, "cuda")
     q_cache = qc if kind == "conv" else None
     return lambda: mta_paged_attention(q, q_cache, kc, vc, params, work, out, key_tile=block, num_warps=num_warps,
-                                       state=state, conv_splits=conv_splits)
+                                       state=state, conv_splits=conv_splits, stream_tile=stream_tile)
 
 
 def sweep(batch: int, context: int, kinds: list[str]) -> list[dict]:
@@ -121,15 +122,15 @@ SPLIT_COUNTS = (1, 2, 3, 4, 6, 8, 12, 16, 32)
 
 def split_sweep(batches, contexts, num_sms: int) -> list[dict]:
     """Decode time of each layer kind at every key-split count of SPLIT_COUNTS and at the engine's rule
-    (what decode_splits, mixing_splits and flash_splits rest on)."""
+    (what decode_splits, mixing_decode and flash_splits rest on; mixing layers at the engine's tiles)."""
     rows = []
     for batch in batches:
         for context in contexts:
             inputs = paged_batch(batch, context, 1)
             for kind in ("conv", "mixing", "plain"):
                 rule = engine_splits(kind, batch, context, num_sms)
-                block = flash_block_n(batch, HEADS, num_sms) if kind == "plain" else None
-                ms = {s: bench_ms(run_paged(kind, inputs, 1, s, block)) for s in sorted(set(SPLIT_COUNTS) | {rule})}
+                tiles = engine_tiles(kind, batch, context, num_sms)
+                ms = {s: bench_ms(run_paged(kind, inputs, 1, s, **tiles)) for s in sorted(set(SPLIT_COUNTS) | {rule})}
                 best = min(ms, key=ms.get)
                 rows.append(dict(kind=kind, batch=batch, context=context, rule=rule, best=best, ms=ms))
                 print(f"splits {kind} b={batch} ctx={context}: rule {rule} {ms[rule]:.4f} ms, best {best} "
@@ -166,6 +167,32 @@ def flash_tile_sweep(num_sms: int, quick: bool) -> list[dict]:
     return rows
 
 
+MIXING_DECODE_CONFIGS = [(s, kt, st) for s in (8, 16, 32, 64) for kt in (None, 32, 64) for st in (None, 64)]
+
+
+def mixing_decode_sweep(num_sms: int, quick: bool) -> list[dict]:
+    """(b)'s decode time at small batches at each of MIXING_DECODE_CONFIGS (key splits, key_tile, stream_tile;
+    None: mta_paged_attention's default) and at the engine's choice (what mixing_decode rests on). Keys of
+    `ms`: "S|K|T"."""
+    rows = []
+    shapes = [(1, 2048)] if quick else [(1, 512), (1, 2048), (1, 8192), (4, 2048), (16, 2048)]
+    for batch, context in shapes:
+        inputs = paged_batch(batch, context, 1)
+        ms = {f"{s}|{kt}|{st}": bench_ms(run_paged("mixing", inputs, 1, s, kt, stream_tile=st))
+              for s, kt, st in MIXING_DECODE_CONFIGS}
+        tiles = engine_tiles("mixing", batch, context, num_sms)
+        rule = f"{engine_splits('mixing', batch, context, num_sms)}|{tiles['block']}|{tiles['stream_tile']}"
+        if rule not in ms:
+            ms[rule] = bench_ms(run_paged("mixing", inputs, 1, int(rule.split("|")[0]), **tiles))
+        best = min(ms, key=ms.get)
+        rows.append(dict(batch=batch, context=context, rule=rule, best=best, ms=ms))
+        print(f"mixing decode b={batch} ctx={context}: rule {rule} {1e3 * ms[rule]:.1f} us, best {best} "
+              f"{1e3 * ms[best]:.1f} us", flush=True)
+        del inputs
+        torch.cuda.empty_cache()
+    return rows
+
+
 CONV_SPLIT_COUNTS = [16, 32, 64]
 
 
@@ -194,8 +221,18 @@ def conv_split_sweep(batches, contexts, num_sms: int) -> list[dict]:
 def engine_splits(kind: str, batch: int, context: int, num_sms: int) -> int:
     """The key splits the engine gives decode rows of this layer kind."""
     splits = decode_splits(batch, context, num_sms)
-    return {"conv": splits, "mixing": mixing_splits(splits),
+    return {"conv": splits, "mixing": mixing_decode(batch, splits, num_sms)["num_splits"],
             "plain": flash_splits(batch, context, HEADS, num_sms)}[kind]
+
+
+def engine_tiles(kind: str, batch: int, context: int, num_sms: int) -> dict:
+    """run_paged's tile arguments as the engine gives them to decode rows of this layer kind."""
+    if kind == "plain":
+        return dict(block=flash_block_n(batch, HEADS, num_sms))
+    if kind == "mixing":
+        tiles = mixing_decode(batch, decode_splits(batch, context, num_sms), num_sms)
+        return dict(block=tiles.get("key_tile"), stream_tile=tiles.get("stream_tile"))
+    return {}
 
 
 def bench_ms(fn) -> float:
@@ -214,8 +251,7 @@ def decode_rows(batches, contexts, copy_bw: float, num_sms: int) -> list[dict]:
             result = dict(batch=batch, context=context, kv_bytes=kv_bytes)
             for kind in ("conv", "mixing", "plain"):
                 splits = engine_splits(kind, batch, context, num_sms)
-                block = flash_block_n(batch, HEADS, num_sms) if kind == "plain" else None
-                ms = bench_ms(run_paged(kind, inputs, 1, splits, block))
+                ms = bench_ms(run_paged(kind, inputs, 1, splits, **engine_tiles(kind, batch, context, num_sms)))
                 result[kind] = dict(ms=ms, splits=splits, gbps=kv_bytes / ms / 1e6,
                                     copy_fraction=kv_bytes / (ms * 1e-3) / copy_bw)
             ms = bench_ms(run_paged("conv", inputs, 1, result["conv"]["splits"], conv_state=False))
@@ -354,7 +390,8 @@ def breakdown(num_sms: int, block_m: int) -> list[dict]:
         for kind in ("conv", "conv_recompute", "mixing") if new == 1 else ("conv", "mixing", "mixing_rows"):
             if new == 1:
                 splits = engine_splits(kind.split("_")[0], batch, context, num_sms)
-                fn = run_paged(kind.split("_")[0], inputs, 1, splits, conv_state=kind == "conv")
+                fn = run_paged(kind.split("_")[0], inputs, 1, splits, conv_state=kind == "conv",
+                               **engine_tiles(kind.split("_")[0], batch, context, num_sms))
             else:
                 fn = engine_prefill(kind, inputs, block_m)
             times = kernel_times(fn)
@@ -425,6 +462,8 @@ def main() -> int:
                    "and (c) at each decode shape, against the engine's rules")
     p.add_argument("--flash-tile-sweep", action="store_true", help="also time (c) at every key-split count x "
                    "keys per tile at batches 1-256 (what flash_splits and flash_block_n rest on)")
+    p.add_argument("--mixing-decode-sweep", action="store_true", help="also time (b) at small decode batches "
+                   "at each of MIXING_DECODE_CONFIGS (key splits and tiles; what mixing_decode rests on)")
     p.add_argument("--conv-split-sweep", action="store_true", help="also time (a) at each decode shape with "
                    "its conv and softmax kernels' key splits at each of CONV_SPLIT_COUNTS")
     p.add_argument("--prompt-conv-sweep", action="store_true", help="also time (a)'s prefill at each of "
@@ -448,6 +487,7 @@ def main() -> int:
         kernel_sweep=kernel_sweep(num_sms) if args.kernel_sweep else None,
         split_sweep=split_sweep(batches, contexts, num_sms) if args.split_sweep else None,
         conv_split_sweep=conv_split_sweep(batches, contexts, num_sms) if args.conv_split_sweep else None,
+        mixing_decode_sweep=mixing_decode_sweep(num_sms, args.quick) if args.mixing_decode_sweep else None,
         flash_tile_sweep=flash_tile_sweep(num_sms, args.quick) if args.flash_tile_sweep else None,
         prompt_conv_sweep=(prompt_conv_sweep([2048] if args.quick else [2048, 8192], args.prefill_block_m)
                            if args.prompt_conv_sweep else None),

@@ -76,11 +76,18 @@ def flash_block_n(num_sequences: int, num_heads: int, num_sms: int) -> int:
     return 64 if num_sequences * num_heads <= 8 * num_sms else 128
 
 
-def mixing_splits(num_splits: int) -> int:
-    """Key splits of decode rows in MTA layers without a key-query conv: half of decode_splits' count. Their
-    programs do less work per key than a conv layer's, for which decode_splits' count was best (H200, 830M
-    heads, mixing layer: 1 x 2048 0.022 -> 0.018 ms, 16 x 2048 0.087 -> 0.081, 64 x 2048 0.259 -> 0.253)."""
-    return max(1, num_splits // 2)
+def mixing_decode(num_sequences: int, num_splits: int, num_sms: int) -> dict:
+    """mta_paged_attention's key splits and tiles for decode rows of MTA layers without a key-query conv,
+    given decode_splits' count. Where that count gives at most one (row, split) program per SM, these
+    layers take it with 64-key tiles in every kernel; beyond, half of it with the kernels' default tiles
+    (128 keys), as their programs do less work per key than a conv layer's, for which decode_splits' count
+    was best (mixing layer, at an earlier commit: 64 x 2048 0.259 -> 0.253 ms with half the splits).
+    H200, 830M heads, bf16 (benchmarks/kernels.py --mixing-decode-sweep): 1 x 2048 14.2 -> 13.8 us,
+    1 x 512 13.6 -> 12.2, 1 x 8192 36.9 -> 33.0, 4 x 2048 28.1 -> 26.2 against half the splits at 128-key
+    tiles; at 16 x 2048 half the splits at 128-key tiles stayed best (71.8 us; 73.4 with these)."""
+    if num_sequences * num_splits <= num_sms:
+        return dict(num_splits=num_splits, key_tile=64, stream_tile=64)
+    return dict(num_splits=max(1, num_splits // 2))
 
 
 def fused_prompt_splits(num_groups: int, max_len: int, num_sms: int) -> int:
@@ -313,9 +320,10 @@ class TritonPagedAttention(TorchPagedAttention):
             block_n = flash_block_n(num_seqs, heads, self.num_sms) if decode else None
             paged_flash_attention(q, k_cache, v_cache, work, out, block_n=block_n, num_splits=splits)
         else:
-            splits = mixing_splits(work.num_splits) if decode and mixing_only(params) else None
+            tiles = (mixing_decode(work.work_seq.numel(), work.num_splits, self.num_sms)
+                     if decode and mixing_only(params) else {})
             mta_paged_attention(q, self.q_cache[layer_id], k_cache, v_cache, params, work, out,
-                                state=self.conv_states[layer_id], num_splits=splits, head_norm=head_norm)
+                                state=self.conv_states[layer_id], head_norm=head_norm, **tiles)
 
     def _fused_prompt(self, layer_id: int, params, q: torch.Tensor, work, out: torch.Tensor, head_norm) -> bool:
         """fused_prompt_attention for a mixing-only layer's prompt groups; False if Triton cannot build it

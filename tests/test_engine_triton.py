@@ -151,6 +151,7 @@ def test_plain_decode_rows_get_the_engines_key_splits_and_tiles(monkeypatch):
     monkeypatch.setattr(paged_flash, "paged_flash_attention", spy)
     engine = LLMEngine(model, None, CacheConfig(attention_backend="triton", enforce_eager=True, **config),
                        SchedulerConfig())  # eager: every decode step calls the kernels from Python
+    calls.clear()  # on CUDA the engine's warm-up has run the kernels on throwaway rows
     outputs = run_all(engine, PROMPTS[:1], 3)
     num_sms = engine.runner.backend.num_sms
     decode = (1, flash_block_n(1, 4, num_sms), flash_splits(1, 256, 4, num_sms))
@@ -192,6 +193,43 @@ def _prompt_runs(engine, model, monkeypatch, fail: bool = False) -> list:
     monkeypatch.setattr(fused_module, "mixing_prefill_attention", spy)
     engine.outputs = run_all(engine, PROMPTS[:2], 4)
     return layers
+
+
+@pytest.mark.parametrize("num_sms, full", [(64, True), (1, False)])
+def test_mixing_only_decode_rows_get_the_engines_splits_and_tiles(monkeypatch, num_sms, full):
+    """Decode rows of mixing-only layers reach the row pipeline with mixing_decode's choice: where
+    decode_splits' count gives at most one (row, split) program per SM, that count in 64-key tiles (64
+    "SMs" here), else half of it in the kernels' default tiles (one "SM": 2 -> 1 split); the greedy tokens
+    and logprobs stay the torch backend's."""
+    import mta_serve.kernels.mta_attention as mta_module
+
+    cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, max_seq_len=128,
+                      mta=MIXING_MODELS["no_convs"][0])
+    model = build_model(cfg, seed=4, mta_init="random", device="cuda" if torch.cuda.is_available() else "cpu")
+    config = dict(block_size=4, num_blocks=32)
+    calls, original = [], mta_module.mta_paged_attention
+
+    def spy(q, q_cache, k_cache, v_cache, params, work, out, **kwargs):
+        calls.append((work.block_m, work.num_splits, *(kwargs.get(k) for k in ("num_splits", "key_tile", "stream_tile"))))
+        return original(q, q_cache, k_cache, v_cache, params, work, out, **kwargs)
+
+    monkeypatch.setattr(mta_module, "mta_paged_attention", spy)
+    engine = LLMEngine(model, None, CacheConfig(attention_backend="triton", enforce_eager=True, **config),
+                       SchedulerConfig())
+    engine.runner.backend.num_sms = num_sms
+    calls.clear()  # on CUDA the engine's warm-up has run the kernels on throwaway rows
+    outputs = run_all(engine, PROMPTS[:2], 3)
+    decode = [c[1:] for c in calls if c[0] == 1]
+    assert sum(c[0] == 2 for c in decode) >= 2 * cfg.n_layers  # decode steps over 128 keys: two splits
+    if full:
+        assert all(c[1:] == (c[0], 64, 64) for c in decode)
+    else:  # (one-split launches of a single row fit the one "SM" and take the 64-key tiles)
+        assert all(c[1:] == (1, None, None) for c in decode if c[0] == 2)
+    reference = run_all(LLMEngine(model, None, CacheConfig(attention_backend="torch", **config),
+                                  SchedulerConfig()), PROMPTS[:2], 3)
+    for rid, out in reference.items():
+        assert outputs[rid].token_ids == out.token_ids
+        assert max(abs(x.logprob - y.logprob) for x, y in zip(out.logprobs, outputs[rid].logprobs)) < 1e-4
 
 
 @pytest.mark.parametrize("variant", sorted(MIXING_MODELS))
