@@ -82,9 +82,12 @@ def mixing_decode(num_sequences: int, num_splits: int, num_sms: int) -> dict:
     layers take it with 64-key tiles in every kernel; beyond, half of it with the kernels' default tiles
     (128 keys), as their programs do less work per key than a conv layer's, for which decode_splits' count
     was best (mixing layer, at an earlier commit: 64 x 2048 0.259 -> 0.253 ms with half the splits).
-    H200, 830M heads, bf16 (benchmarks/kernels.py --mixing-decode-sweep): 1 x 2048 14.2 -> 13.8 us,
-    1 x 512 13.6 -> 12.2, 1 x 8192 36.9 -> 33.0, 4 x 2048 28.1 -> 26.2 against half the splits at 128-key
-    tiles; at 16 x 2048 half the splits at 128-key tiles stayed best (71.8 us; 73.4 with these)."""
+    H200, 830M heads, bf16, splits x tiles at 3c399ac (results/kernels_h200_mixing_decode_experiments.json;
+    benchmarks/kernels.py --mixing-decode-sweep runs the same sweep): 1 x 2048 14.2 -> 13.8 us, 1 x 512
+    13.6 -> 12.2, 1 x 8192 36.9 -> 33.0, 4 x 2048 28.1 -> 26.2 against half the splits at 128-key tiles; at
+    16 x 2048 those stayed best (71.8 us; 73.4 with these). The decode table, 205027c's run -> 08d7a51's:
+    1 x 2048 15.2 -> 13.8 us, 1 x 8192 37.0 -> 33.1; the 830M MTA batch-1 step did not change (1.101 /
+    1.102 -> 1.103 / 1.103 ms, benchmarks/step_profile.py)."""
     if num_sequences * num_splits <= num_sms:
         return dict(num_splits=num_splits, key_tile=64, stream_tile=64)
     return dict(num_splits=max(1, num_splits // 2))

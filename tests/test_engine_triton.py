@@ -210,7 +210,8 @@ def test_mixing_only_decode_rows_get_the_engines_splits_and_tiles(monkeypatch, n
     calls, original = [], mta_module.mta_paged_attention
 
     def spy(q, q_cache, k_cache, v_cache, params, work, out, **kwargs):
-        calls.append((work.block_m, work.num_splits, *(kwargs.get(k) for k in ("num_splits", "key_tile", "stream_tile"))))
+        chosen = (kwargs.get(k) for k in ("num_splits", "key_tile", "stream_tile"))
+        calls.append((work.block_m, work.num_splits, *chosen))
         return original(q, q_cache, k_cache, v_cache, params, work, out, **kwargs)
 
     monkeypatch.setattr(mta_module, "mta_paged_attention", spy)
