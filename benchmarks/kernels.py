@@ -143,6 +143,17 @@ def split_sweep(batches, contexts, num_sms: int) -> list[dict]:
 FLASH_SPLITS, FLASH_TILES = (1, 2, 4, 8, 16, 32, 64), (64, 128)
 
 
+def sweep_row(title: str, batch: int, context: int, ms: dict, rule: str, time_rule) -> dict:
+    """A sweep's row at one shape: `ms` (config label -> ms) with the engine's choice, labelled `rule`,
+    timed by time_rule() where the sweep's configs missed it, and the best label; printed."""
+    if rule not in ms:
+        ms[rule] = time_rule()
+    best = min(ms, key=ms.get)
+    print(f"{title} b={batch} ctx={context}: rule {rule} {1e3 * ms[rule]:.1f} us, best {best} "
+          f"{1e3 * ms[best]:.1f} us", flush=True)
+    return dict(batch=batch, context=context, rule=rule, best=best, ms=ms)
+
+
 def flash_tile_sweep(num_sms: int, quick: bool) -> list[dict]:
     """(c)'s decode time at every key-split count x keys per tile (FLASH_SPLITS x FLASH_TILES; splits of
     fewer than half a tile's keys left out) at batches 1-256, against the engine's choice (flash_splits,
@@ -155,13 +166,8 @@ def flash_tile_sweep(num_sms: int, quick: bool) -> list[dict]:
             ms = {f"{s}x{b}": bench_ms(run_paged("plain", inputs, 1, s, b))
                   for s in FLASH_SPLITS for b in FLASH_TILES if context // s >= b // 2}
             splits, block = flash_splits(batch, context, HEADS, num_sms), flash_block_n(batch, HEADS, num_sms)
-            rule = f"{splits}x{block}"
-            if rule not in ms:
-                ms[rule] = bench_ms(run_paged("plain", inputs, 1, splits, block))
-            best = min(ms, key=ms.get)
-            rows.append(dict(batch=batch, context=context, rule=rule, best=best, ms=ms))
-            print(f"flash tiles b={batch} ctx={context}: rule {rule} {1e3 * ms[rule]:.1f} us, best {best} "
-                  f"{1e3 * ms[best]:.1f} us", flush=True)
+            rows.append(sweep_row("flash tiles", batch, context, ms, f"{splits}x{block}",
+                                  lambda: bench_ms(run_paged("plain", inputs, 1, splits, block))))
             del inputs
             torch.cuda.empty_cache()
     return rows
@@ -180,14 +186,10 @@ def mixing_decode_sweep(num_sms: int, quick: bool) -> list[dict]:
         inputs = paged_batch(batch, context, 1)
         ms = {f"{s}|{kt}|{st}": bench_ms(run_paged("mixing", inputs, 1, s, kt, stream_tile=st))
               for s, kt, st in MIXING_DECODE_CONFIGS}
+        splits = engine_splits("mixing", batch, context, num_sms)
         tiles = engine_tiles("mixing", batch, context, num_sms)
-        rule = f"{engine_splits('mixing', batch, context, num_sms)}|{tiles['block']}|{tiles['stream_tile']}"
-        if rule not in ms:
-            ms[rule] = bench_ms(run_paged("mixing", inputs, 1, int(rule.split("|")[0]), **tiles))
-        best = min(ms, key=ms.get)
-        rows.append(dict(batch=batch, context=context, rule=rule, best=best, ms=ms))
-        print(f"mixing decode b={batch} ctx={context}: rule {rule} {1e3 * ms[rule]:.1f} us, best {best} "
-              f"{1e3 * ms[best]:.1f} us", flush=True)
+        rows.append(sweep_row("mixing decode", batch, context, ms, f"{splits}|{tiles['block']}|{tiles['stream_tile']}",
+                              lambda: bench_ms(run_paged("mixing", inputs, 1, splits, **tiles))))
         del inputs
         torch.cuda.empty_cache()
     return rows
