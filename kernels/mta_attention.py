@@ -182,7 +182,9 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     hb = triton.next_power_of_2(n_heads)
     probs_rows = 1 if decode else 16
     widest = max(bn, scores_tile, pv_tile, probs_tile, CONV_BN)
-    length = triton.cdiv(max(max_len or 0, work.max_len), widest) * widest
+    # prompt groups that write a ConvState fill its rows after their last at keys up to c - 1 past it
+    reach = max(cq, cq2) - 1 if ring == 2 else 0
+    length = triton.cdiv(max(max_len or 0, work.max_len) + reach, widest) * widest
     # prompt groups' pre-conv output (rows_l rows) goes where P' later does
     rows_p = rows_l if not decode and params.pre_kernel is not None else rows_o
     per_item = 4 * n_heads * length * (rows_s + rows_l + rows_p)

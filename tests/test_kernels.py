@@ -371,6 +371,29 @@ def test_mta_kernel_conv_state_carries_rows_from_prompts_to_decode_rows(post, ke
         torch.testing.assert_close(out, reference, atol=2e-5, rtol=1e-5)
 
 
+def test_mta_kernel_conv_state_of_a_prompt_that_fills_its_key_tiles():
+    """A 128-token prompt (every kernel's key tiles end at its last key) leaves the ConvState's partial sums
+    of the next rows at keys up to c - 1 past its end; the decode rows after it read them. (The prompt's
+    buffers once ended at key 127, the state's sums at keys 128.. were never written, and the decode rows
+    read whatever the slot held: NaN here, zeros or an earlier request's sums in the engine.)"""
+    from mta_serve.kernels.mta_attention import ConvState
+
+    weights = mta_weights(pre=(3, 5), post=(3, 5), wpsm=True, head_kernel=H)
+    _, qc, kc, vc, tables, _, _, _ = paged_inputs([(0, 132)], 16, torch.float32)
+    params = layer_params(weights, DEVICE)
+    state = ConvState.allocate(1, H, 3, 3, 256, DEVICE)
+    state.pre.fill_(float("nan"))
+    state.post.fill_(float("nan"))
+    for block_m, step in [(64, [(0, 128)]), (1, [(128, 129)]), (1, [(129, 130)])]:
+        q, starts, ends, rows = _step(qc, tables, 16, step)
+        reference = paged_attention_reference(q, qc, kc, vc, _on_device(weights), tables, starts, ends, rows,
+                                              window(weights))
+        work = build_work_items(tables, starts, ends, rows, block_m, 1, DEVICE, states=[0])
+        out = torch.full(q.shape, float("nan"), device=DEVICE)
+        mta_paged_attention(q, qc, kc, vc, params, work, out, state=state)
+        torch.testing.assert_close(out, reference, atol=2e-5, rtol=1e-5)
+
+
 def test_mta_kernel_conv_state_must_fit_the_layer():
     from mta_serve.kernels.mta_attention import ConvState
 
