@@ -206,7 +206,6 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
         RLT=min(8, triton.next_power_of_2(rows_l)), RLP=triton.next_power_of_2(rows_l), OT=pv_rows,
         PROBS_OT=probs_rows, SPLITS=splits, CSPLITS=conv_splits, SC=SPLIT_CHUNK,
         CQ=cq, CK=ck, PL=left_pad(params.pad_key, ck), CQ2=cq2, CK2=ck2, PL2=left_pad(params.pad_key, ck2),
-        CQP=triton.next_power_of_2(cq), CQ2P=triton.next_power_of_2(cq2),
         PRE_CONV=params.pre_kernel is not None, POST_CONV=params.post_kernel is not None,
         PRE_MIX=params.pre_mix is not None, POST_MIX=params.post_mix is not None,
         QCACHE=q_cache is not None, FP32=q.dtype == torch.float32, RING=ring, SRING=ring if cq > 1 else 0,
@@ -518,7 +517,7 @@ def _logits_kernel(s_ptr, l_ptr, stats_ptr, pre_w_ptr, pre_mix_ptr, item0, bt_pt
                    bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr, work_seq_ptr, work_first_ptr, seq_state_ptr,
                    sring_ptr, RING_TILES, H: tl.constexpr, BN: tl.constexpr, NUM_TILES, HB: tl.constexpr,
                    RO: tl.constexpr, R: tl.constexpr, RL: tl.constexpr, RLT: tl.constexpr, SPLITS,
-                   CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr, CQP: tl.constexpr, PRE_CONV: tl.constexpr,
+                   CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr, PRE_CONV: tl.constexpr,
                    PRE_MIX: tl.constexpr, SRING: tl.constexpr, PDL: tl.constexpr):
     """L rows first - (c_q'-1) + r over this split's keys (steps 2-4 before the softmax), with max and sum.
     SRING 1 (decode rows with a ConvState): the pre-conv is finished from the sequence's ConvState, whose
@@ -544,8 +543,8 @@ def _logits_kernel(s_ptr, l_ptr, stats_ptr, pre_w_ptr, pre_mix_ptr, item0, bt_pt
     for t in range(t0, t1):
         keys = t * BN + j3
         if SRING == 1:
-            x = _decode_conv(s_ptr, sring_ptr, pre_w_ptr, slot, b, first, t * BN, 0.0, 0.0, H, HB, BN, CQ, CQP, CK,
-                             PL, RING_TILES * BN, LENGTH, False)
+            x = _decode_conv(s_ptr, sring_ptr, pre_w_ptr, slot, b, first, t * BN, 0.0, 0.0, H, HB, BN, CQ, CK, PL,
+                             RING_TILES * BN, LENGTH, False)
         elif PRE_CONV:
             x = _row_conv(s_ptr, pre_w_ptr, b, row_tile * RLT, first - (R - RO), last, t * BN, H, HB, R, RLT, BN,
                           CQ, CK, PL, LENGTH, False)
@@ -615,7 +614,7 @@ def _probs_kernel(l_ptr, norm_ptr, stats_ptr, p_ptr, post_w_ptr, post_mix_ptr, i
                   bt_stride, seq_start_ptr, seq_end_ptr, seq_row_ptr, work_seq_ptr, work_first_ptr, seq_state_ptr,
                   ring_ptr, RING_TILES, H: tl.constexpr, BN: tl.constexpr, NUM_TILES,
                   HB: tl.constexpr, RO: tl.constexpr, RL: tl.constexpr, OT: tl.constexpr, SPLITS,
-                  CQ2: tl.constexpr, CK2: tl.constexpr, PL2: tl.constexpr, CQ2P: tl.constexpr,
+                  CQ2: tl.constexpr, CK2: tl.constexpr, PL2: tl.constexpr,
                   POST_CONV: tl.constexpr, POST_MIX: tl.constexpr, FP32: tl.constexpr, RING: tl.constexpr,
                   NORM_HERE: tl.constexpr, SC: tl.constexpr, PDL: tl.constexpr, PROBS_IN: tl.constexpr = False):
     """P' rows first + r over this split's keys: normalized probabilities -> post-conv -> post-mix
@@ -649,7 +648,7 @@ def _probs_kernel(l_ptr, norm_ptr, stats_ptr, p_ptr, post_w_ptr, post_mix_ptr, i
         keys = t * BN + j3
         if RING == 1:
             p = _decode_conv(l_ptr, ring_ptr, post_w_ptr, slot, b, first, t * BN, cur_m, cur_inv, H, HB, BN, CQ2,
-                             CQ2P, CK2, PL2, RING_TILES * BN, LENGTH, True)
+                             CK2, PL2, RING_TILES * BN, LENGTH, True)
         elif POST_CONV:
             p = _row_conv(l_ptr, post_w_ptr, b, row_tile * OT, first - (CQ2 - 1), last, t * BN, H, HB, RL, OT, BN,
                           CQ2, CK2, PL2, LENGTH, True, norm_ptr, inv_base)
@@ -840,8 +839,8 @@ def _state_row_store(state_ptr, slot, h, pos, keys, y, RING_LENGTH, H: tl.conste
 
 @triton.jit
 def _decode_conv(x_ptr, ring_ptr, w_ptr, slot, b, pos, key0, m, inv, H: tl.constexpr, HB: tl.constexpr,
-                 BN: tl.constexpr, C: tl.constexpr, CP: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr,
-                 RING_LENGTH, LENGTH, SOFTMAX: tl.constexpr):
+                 BN: tl.constexpr, C: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr, RING_LENGTH, LENGTH,
+                 SOFTMAX: tl.constexpr):
     """Key-query conv (step 2 or 5) of decode row `pos` over keys key0 + [0, BN) -> [HB, 1, BN]. The row's
     own input row is item b's at x_ptr [items, H, 1, LENGTH] (logits normalized with their max m and 1 / sum
     of exp inv [HB, 1] when SOFTMAX); the taps of the C - 1 rows before it are the partial sum the ConvState
@@ -850,21 +849,40 @@ def _decode_conv(x_ptr, ring_ptr, w_ptr, slot, b, pos, key0, m, inv, H: tl.const
     their positions, so the caller's tiles must reach key pos + C - 1."""
     heads = tl.arange(0, HB)[:, None]
     keys = key0 + tl.arange(0, BN)[None, :]
-    k = tl.arange(0, CP)[None, :]  # output row pos + k, whose kernel row C - 1 - k this row is
-    row_base = x_ptr + (b * H + heads).to(tl.int64) * LENGTH
-    h3, k3, j3 = heads[:, :, None], k[:, :, None], keys[:, None, :]
-    sums = ring_ptr + _ring_row(slot, h3, pos + k3, H, C) * RING_LENGTH + j3
-    ok = (h3 < H) & (j3 <= pos + k3) & (j3 < RING_LENGTH)
+    h_ok = heads < H
+    # Output row pos + k's sums as slot k of a tuple of [HB, BN] tiles, all in the input row's layout. As one
+    # [HB, next_power_of_2(C), BN] tensor they took four barriers per kernel column in the sm_90 build, to
+    # broadcast the row to it, and 117 / 114 registers (_logits / _probs) against 96 / 80 now. H200, conv
+    # layer decode (benchmarks/results/kernels_h200_decode_conv_state_experiments.json): 64 x 2048 0.331 ->
+    # 0.320 ms (_logits 51 -> 46 us, _probs 57 -> 50), 256 x 8192 4.86 -> 4.66 ms, 1 x 2048 27 -> 26 us.
     # Rows pos .. pos + C - 2 have partial sums; row pos + C - 1's ring row held row pos - 1's, read by no one.
     # Loaded before the taps, so that their memory latency overlaps them (H200, 64 x 2048, against loading
     # them after: _probs 108 -> 59 us, _logits 93 -> 52 us at 32-key tiles and 4 warps; 70 -> 59 and 56 -> 51
     # us at each order's best tiles and warps).
-    y = tl.load(sums, mask=ok & (k3 < C - 1), other=0.0)
+    ys = ()
+    for k in tl.static_range(C):
+        if k < C - 1:
+            ys = ys + (tl.load(ring_ptr + _ring_row(slot, heads, pos + k, H, C) * RING_LENGTH + keys,
+                               mask=h_ok & (keys <= pos + k) & (keys < RING_LENGTH), other=0.0),)
+        else:
+            ys = ys + (tl.zeros((HB, BN), tl.float32),)
+    row_base = x_ptr + (b * H + heads).to(tl.int64) * LENGTH
     for c in range(CK):
-        y += _conv_column(row_base, w_ptr, heads, C - 1 - k, keys - PL + c, heads < H, pos, pos, c, m, inv,
-                          H, C, CK, SOFTMAX)
-    tl.store(sums, y, mask=ok & (k3 >= 1) & (k3 < C))
-    return tl.sum(tl.where(k3 == 0, y, 0.0), axis=1)[:, None, :]
+        shifted = keys - PL + c
+        x_ok = h_ok & (shifted >= 0) & (shifted <= pos)
+        if SOFTMAX:
+            x = exp_norm(tl.load(row_base + shifted, mask=x_ok, other=float("-inf")), m, inv)
+        else:
+            x = tl.load(row_base + shifted, mask=x_ok, other=0.0)
+        out = ()
+        for k in tl.static_range(C):  # this row is kernel row C - 1 - k of output row pos + k
+            w = tl.load(w_ptr + heads * (C * CK) + (C - 1 - k) * CK + c, mask=h_ok, other=0.0)
+            out = out + (ys[k] + w * x,)
+        ys = out
+    for k in tl.static_range(1, C):
+        tl.store(ring_ptr + _ring_row(slot, heads, pos + k, H, C) * RING_LENGTH + keys, ys[k],
+                 mask=h_ok & (keys <= pos + k) & (keys < RING_LENGTH))
+    return ys[0][:, None, :]
 
 
 @triton.jit(do_not_specialize=["item0", "bt_stride", "NUM_TILES", "SPLITS"])
