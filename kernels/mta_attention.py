@@ -499,15 +499,23 @@ def _conv_input_row(x_ptr, norm_ptr, inv_base, b, heads, i, pos0, H: tl.constexp
 
 
 @triton.jit
+def _input_values(ptrs, ok, m, inv, SOFTMAX: tl.constexpr):
+    """A conv's input values at `ptrs`, 0 where not `ok`; under SOFTMAX logits, normalized with their max m
+    and 1 / sum of exp inv."""
+    if SOFTMAX:
+        x = exp_norm(tl.load(ptrs, mask=ok, other=float("-inf")), m, inv)
+    else:
+        x = tl.load(ptrs, mask=ok, other=0.0)
+    return x
+
+
+@triton.jit
 def _conv_column(row_base, w_ptr, heads, a, shifted, row_ok, pos, last, c, m, inv, H: tl.constexpr,
                  CQ: tl.constexpr, CK: tl.constexpr, SOFTMAX: tl.constexpr):
     """One input row (position pos, pointers row_base [HB, 1]) at the keys `shifted` [1, BN], weighted for
     every output row by kernel column c: w[h, a, c] x[h, shifted] -> [HB, OUT, BN] (a [1, OUT])."""
-    ok = row_ok & (shifted >= 0) & (shifted <= tl.minimum(pos, last))
-    if SOFTMAX:
-        x = exp_norm(tl.load(row_base + shifted, mask=ok, other=float("-inf")), m, inv)
-    else:
-        x = tl.load(row_base + shifted, mask=ok, other=0.0)
+    x = _input_values(row_base + shifted, row_ok & (shifted >= 0) & (shifted <= tl.minimum(pos, last)), m, inv,
+                      SOFTMAX)
     w = tl.load(w_ptr + heads * (CQ * CK) + a * CK + c, mask=(heads < H) & (a >= 0) & (a < CQ), other=0.0)
     return w[:, :, None] * x[:, None, :]
 
@@ -772,15 +780,14 @@ def _conv_row_shifts(row_ptr, norm_ptr, inv_base, keys, active, lim, CK: tl.cons
     key is outside 0..lim; under SOFTMAX the logits normalized with the row's max and 1 / sum of exp (at
     norm_ptr and norm_ptr + inv_base, which must be readable even where the row is not active)."""
     xs = ()
+    m = 0.0
+    inv = 0.0
     if SOFTMAX:
         m = tl.load(norm_ptr)
         inv = tl.load(norm_ptr + inv_base)
     for c in tl.static_range(CK):
         ok = ((keys + c).to(tl.uint32) <= lim.to(tl.uint32)) & active  # 0 <= key <= lim (lim >= 0 where active)
-        if SOFTMAX:
-            xs = xs + (exp_norm(tl.load(row_ptr + keys + c, mask=ok, other=float("-inf")), m, inv),)
-        else:
-            xs = xs + (tl.load(row_ptr + keys + c, mask=ok, other=0.0),)
+        xs = xs + (_input_values(row_ptr + keys + c, ok, m, inv, SOFTMAX),)
     return xs
 
 
@@ -869,11 +876,7 @@ def _decode_conv(x_ptr, ring_ptr, w_ptr, slot, b, pos, key0, m, inv, H: tl.const
     row_base = x_ptr + (b * H + heads).to(tl.int64) * LENGTH
     for c in range(CK):
         shifted = keys - PL + c
-        x_ok = h_ok & (shifted >= 0) & (shifted <= pos)
-        if SOFTMAX:
-            x = exp_norm(tl.load(row_base + shifted, mask=x_ok, other=float("-inf")), m, inv)
-        else:
-            x = tl.load(row_base + shifted, mask=x_ok, other=0.0)
+        x = _input_values(row_base + shifted, h_ok & (shifted >= 0) & (shifted <= pos), m, inv, SOFTMAX)
         out = ()
         for k in tl.static_range(C):  # this row is kernel row C - 1 - k of output row pos + k
             w = tl.load(w_ptr + heads * (C * CK) + (C - 1 - k) * CK + c, mask=h_ok, other=0.0)
