@@ -869,8 +869,8 @@ def _decode_conv(x_ptr, ring_ptr, w_ptr, slot, b, pos, key0, m, inv, H: tl.const
     ys = ()
     for k in tl.static_range(C):
         if k < C - 1:
-            ys = ys + (tl.load(ring_ptr + _ring_row(slot, heads, pos + k, H, C) * RING_LENGTH + keys,
-                               mask=h_ok & (keys <= pos + k) & (keys < RING_LENGTH), other=0.0),)
+            ptrs, ok = _sum_row(ring_ptr, slot, heads, keys, pos + k, H, C, RING_LENGTH)
+            ys = ys + (tl.load(ptrs, mask=ok, other=0.0),)
         else:
             ys = ys + (tl.zeros((HB, BN), tl.float32),)
     row_base = x_ptr + (b * H + heads).to(tl.int64) * LENGTH
@@ -883,9 +883,18 @@ def _decode_conv(x_ptr, ring_ptr, w_ptr, slot, b, pos, key0, m, inv, H: tl.const
             out = out + (ys[k] + w * x,)
         ys = out
     for k in tl.static_range(1, C):
-        tl.store(ring_ptr + _ring_row(slot, heads, pos + k, H, C) * RING_LENGTH + keys, ys[k],
-                 mask=h_ok & (keys <= pos + k) & (keys < RING_LENGTH))
+        ptrs, ok = _sum_row(ring_ptr, slot, heads, keys, pos + k, H, C, RING_LENGTH)
+        tl.store(ptrs, ys[k], mask=ok)
     return ys[0][:, None, :]
+
+
+@triton.jit
+def _sum_row(ring_ptr, slot, heads, keys, row, H: tl.constexpr, C: tl.constexpr, RING_LENGTH):
+    """Pointers [HB, BN] to the ConvState's partial sums of output row `row` at `keys`, and where they are
+    kept (real heads, keys up to the row). Computed where used rather than held across the kernel-column
+    loop, which would keep [HB, BN] pointers per row in registers."""
+    ptrs = ring_ptr + _ring_row(slot, heads, row, H, C) * RING_LENGTH + keys
+    return ptrs, (heads < H) & (keys <= row) & (keys < RING_LENGTH)
 
 
 @triton.jit(do_not_specialize=["item0", "bt_stride", "NUM_TILES", "SPLITS"])
