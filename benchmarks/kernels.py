@@ -220,6 +220,38 @@ def conv_split_sweep(batches, contexts, num_sms: int) -> list[dict]:
     return rows
 
 
+# (key tile, warps) of the decode conv and softmax kernels (_logits, _probs) tried by --conv-tile-sweep
+CONV_TILE_CONFIGS = [(32, 4), (32, 8), (64, 4), (64, 8)]
+
+
+def conv_tile_sweep(num_sms: int, quick: bool) -> list[dict]:
+    """(a)'s decode time (with its ConvState) at each of CONV_TILE_CONFIGS for _logits and _probs (_pv in 2
+    warps, the others in 4) and at mta_paged_attention's defaults ("engine"), every config timed twice,
+    interleaved: what mta_attention's ring decode tiles rest on. Keys of `ms`: "K|W" -> [ms, ms]."""
+    rows = []
+    batches = [1, 64] if quick else [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    for batch in batches:
+        for context in ([2048] if quick else [512, 2048, 8192]):
+            inputs = paged_batch(batch, context, 1)
+            splits = engine_splits("conv", batch, context, num_sms)
+            rule = "engine"  # mta_paged_attention's defaults
+            configs = {f"{k}|{w}": dict(block=k, num_warps={"_pv_kernel": 2, "_logits_kernel": w, "_probs_kernel": w})
+                       for k, w in CONV_TILE_CONFIGS}
+            configs[rule] = engine_tiles("conv", batch, context, num_sms)
+            ms: dict = {label: [] for label in configs}
+            for _ in range(2):
+                for label, config in configs.items():
+                    ms[label].append(bench_ms(run_paged("conv", inputs, 1, splits, **config)))
+            best = min(ms, key=lambda label: min(ms[label]))
+            print(f"conv tiles b={batch} ctx={context}: rule {rule} "
+                  f"{' / '.join(f'{1e3 * t:.1f}' for t in ms[rule])} us, best {best} "
+                  f"{' / '.join(f'{1e3 * t:.1f}' for t in ms[best])} us", flush=True)
+            rows.append(dict(batch=batch, context=context, splits=splits, rule=rule, best=best, ms=ms))
+            del inputs
+            torch.cuda.empty_cache()
+    return rows
+
+
 def engine_splits(kind: str, batch: int, context: int, num_sms: int) -> int:
     """The key splits the engine gives decode rows of this layer kind."""
     splits = decode_splits(batch, context, num_sms)
@@ -468,6 +500,8 @@ def main() -> int:
                    "at each of MIXING_DECODE_CONFIGS (key splits and tiles; what mixing_decode rests on)")
     p.add_argument("--conv-split-sweep", action="store_true", help="also time (a) at each decode shape with "
                    "its conv and softmax kernels' key splits at each of CONV_SPLIT_COUNTS")
+    p.add_argument("--conv-tile-sweep", action="store_true", help="also time (a) at decode batches 1-256 at "
+                   "each of CONV_TILE_CONFIGS (its conv and softmax kernels' key tile and warps)")
     p.add_argument("--prompt-conv-sweep", action="store_true", help="also time (a)'s prefill at each of "
                    "PROMPT_CONV_CONFIGS (the prompt conv kernel's key tile and warps)")
     args = p.parse_args()
@@ -489,6 +523,7 @@ def main() -> int:
         kernel_sweep=kernel_sweep(num_sms) if args.kernel_sweep else None,
         split_sweep=split_sweep(batches, contexts, num_sms) if args.split_sweep else None,
         conv_split_sweep=conv_split_sweep(batches, contexts, num_sms) if args.conv_split_sweep else None,
+        conv_tile_sweep=conv_tile_sweep(num_sms, args.quick) if args.conv_tile_sweep else None,
         mixing_decode_sweep=mixing_decode_sweep(num_sms, args.quick) if args.mixing_decode_sweep else None,
         flash_tile_sweep=flash_tile_sweep(num_sms, args.quick) if args.flash_tile_sweep else None,
         prompt_conv_sweep=(prompt_conv_sweep([2048] if args.quick else [2048, 8192], args.prefill_block_m)
