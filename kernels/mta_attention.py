@@ -139,8 +139,9 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     in the two that read K and V (powers of two; by default 128, and `key_tile` for prompt groups' P'V);
     unless `key_tile` is given, decode rows' probabilities kernel uses 128-key tiles (32 with a ConvState).
     Prompt groups' key-query convs run in _prompt_conv_kernel's CONV_BN-key tiles. `num_warps` for every
-    kernel (or a dict by kernel name), by default 4 but for decode rows DECODE_WARPS' (RING_DECODE_WARPS'
-    with a ConvState) and for prompt groups PROMPT_WARPS'.
+    kernel (or a dict by kernel name), by default 4 but for decode rows DECODE_WARPS' (with a ConvState
+    RING_DECODE_WARPS', or RING_ONE_TILE_WARPS' where the conv and softmax programs hold one key tile each
+    and number at most four per SM) and for prompt groups PROMPT_WARPS'.
     With a `state` (post-conv layers; work.seq_state names each sequence's slot) prompt groups also write
     the conv partial sums after their sequences' last rows there, and decode rows finish their outputs from
     it and write the next partial sums.
@@ -230,7 +231,7 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
                    work_seq_ptr=work.work_seq, work_first_ptr=work.work_first)
         _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, norms, partial, items, seq,
                 weights, c, 1.0 / math.sqrt(head_dim),
-                num_warps or (RING_DECODE_WARPS if ring == 1 else DECODE_WARPS if decode else PROMPT_WARPS))
+                num_warps or _default_warps(decode, ring, _one_tile_each(q.device, wave, conv_splits, bn, length)))
     return out
 
 
@@ -255,8 +256,30 @@ PROMPT_PV_ROWS = 64
 # (its [heads, keys] tiles of 128 keys). Decode rows finishing their convs from a ConvState: _probs in 4
 # warps over 32-key tiles (--kernel-sweep at 64 x 2048: 59 us, against 62 / 96 with 2 / 8 warps and
 # 67-70 us with 64- or 128-key tiles at their best warp count).
+# Where each of their programs holds a single key tile and there are at most four programs per SM (small
+# batches up to 2048 keys), 8 warps for _logits and _probs: a program's loads (its tile's c - 1 partial
+# sums per conv) are all it waits on, and more threads have more of them in flight. benchmarks/kernels.py
+# --conv-tile-sweep at 05055aa (H200, conv layer, both kernels in 8 warps against 4): faster at 8 of those
+# 10 shapes by 2.2-12 % (1 x 2048 23.3 -> 21.9 us, 1 x 512 20.7 -> 18.2, 8 x 512 25.1 -> 22.6, 8 x 2048
+# 61.5 -> 59.0), 4 x 2048 +0.2 %, 16 x 512 -0.5 %; slower at 16 x 2048 and 64 x 512 (one tile, 1,024
+# programs: +1.2 %, +1.8 %) and at every shape with several tiles per program (up to +9.5 %).
 DECODE_WARPS = {"_pv_kernel": 2, "_probs_kernel": 8}
 RING_DECODE_WARPS = {"_pv_kernel": 2}
+RING_ONE_TILE_WARPS = {"_pv_kernel": 2, "_logits_kernel": 8, "_probs_kernel": 8}
+
+
+def _one_tile_each(device: torch.device, items: int, conv_splits: int, key_tile: int, length: int) -> bool:
+    """Whether a launch's conv and softmax programs (items x conv_splits) hold one key tile each and number
+    at most four per SM."""
+    return conv_splits * key_tile >= length and items * conv_splits <= 4 * _num_sms(device)
+
+
+def _default_warps(decode: bool, ring: int, one_tile: bool) -> dict:
+    """Warps per kernel: prompt groups, decode rows, decode rows finishing their convs from a ConvState
+    (ring 1) whose conv and softmax programs hold one key tile each or several."""
+    if ring == 1:
+        return RING_ONE_TILE_WARPS if one_tile else RING_DECODE_WARPS
+    return DECODE_WARPS if decode else PROMPT_WARPS
 
 
 def _state_args(state: ConvState | None, work: WorkItems, key_tile: int, widest: int, dummy: torch.Tensor) -> dict:

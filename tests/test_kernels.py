@@ -412,6 +412,33 @@ def test_mta_kernel_conv_state_must_fit_the_layer():
                             state=ConvState.allocate(5, H, 3, 2, 32, DEVICE))
 
 
+@pytest.mark.parametrize("seqs, conv_splits, programs, eight", [
+    ([(127, 128)], None, (4, 4), True), ([(127, 128)], 2, (2, 4), False), ([(129, 130)] * 3, None, (8, 8), False)])
+def test_mta_kernel_decode_conv_warps_follow_the_programs_key_tiles(monkeypatch, seqs, conv_splits, programs,
+                                                                    eight):
+    """Decode rows finishing their convs from a ConvState run _logits and _probs in 8 warps where each of
+    those programs holds one key tile and they number at most four per SM (two "SMs" here), else in 4; _pv
+    in 2 either way. `programs`: the launch's (key splits, 32-key tiles) per row. One row over 128 keys: 4
+    splits of one tile (8 warps), or 2 of two (4 warps); three rows over 256 keys: 8 splits of one tile each,
+    24 programs (4 warps). Only the launch's choice is recorded: the interpreter ignores warps, and the
+    ConvState tests above check the rows."""
+    from mta_serve.kernels import mta_attention
+    from mta_serve.kernels.mta_attention import ConvState
+
+    launches = []  # (constexpr arguments, warps) of each _launch call
+    monkeypatch.setattr(mta_attention, "_num_sms", lambda device: 2)
+    monkeypatch.setattr(mta_attention, "_launch", lambda *args: launches.append((args[-3], args[-1])))
+    q, qc, kc, vc, tables, starts, ends, rows = paged_inputs(seqs, 16, torch.float32)
+    work = build_work_items(tables, starts, ends, rows, 1, 1, DEVICE, states=list(range(len(seqs))))
+    state = ConvState.allocate(len(seqs), H, 3, 3, ends[0], DEVICE)
+    params = layer_params(mta_weights(pre=(3, 5), post=(3, 5), wpsm=True, head_kernel=H), DEVICE)
+    mta_paged_attention(q, qc, kc, vc, params, work, torch.empty(q.shape, device=DEVICE), state=state,
+                        conv_splits=conv_splits)
+    (c, warps), = launches
+    assert (c["CSPLITS"], c["NUM_TILES"], c["BN"]) == (*programs, 32)
+    assert warps == ({"_pv_kernel": 2, "_logits_kernel": 8, "_probs_kernel": 8} if eight else {"_pv_kernel": 2})
+
+
 @pytest.mark.parametrize("variant,splits,head_dim", [(v, s, D) for v in ("talking_heads", "wposm_only", "plain")
                                                      for s in (1, 3)] + [("talking_heads", 3, 48)])
 def test_mixing_prefill_kernel_matches_reference(variant, splits, head_dim):

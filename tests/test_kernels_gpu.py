@@ -98,11 +98,14 @@ def test_flash_kernel_paper_shapes(dtype, shape, tile):
     torch.testing.assert_close(out, reference, atol=1e-2 if tile == "prefill" else 2e-3, rtol=1e-2)
 
 
+@pytest.mark.parametrize("conv_splits", [None, 14])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", sorted(SHAPES))
-def test_mta_conv_state_paper_shapes(dtype, shape):
+def test_mta_conv_state_paper_shapes(dtype, shape, conv_splits):
     """The engine's path for a paper conv layer: prompt chunks (a whole prompt, one after a cached prefix,
-    a short one) write each sequence's ConvState slot, then two decode steps read it."""
+    a short one) write each sequence's ConvState slot, then two decode steps read it. The decode rows' conv
+    and softmax kernels in the default key splits (one 32-key tile per program, 8 warps) or in 14 (several
+    tiles per program, 4 warps)."""
     from mta_serve.kernels.mta_attention import ConvState
     from test_kernels import _step
 
@@ -117,6 +120,7 @@ def test_mta_conv_state_paper_shapes(dtype, shape):
         work = build_work_items(tables, starts, ends, rows, block_m, 8 if block_m == 1 else 1, "cuda",
                                 states=[2, 0, 1])
         out = torch.full(q.shape, float("nan"), device="cuda")
-        mta_paged_attention(q, qc, kc, vc, params, work, out, state=state)
+        mta_paged_attention(q, qc, kc, vc, params, work, out, state=state,
+                            conv_splits=conv_splits if block_m == 1 else None)
         reference = _reference(q, qc, kc, vc, weights, tables, starts, ends, rows, 10)
         torch.testing.assert_close(out, reference, atol=2e-3, rtol=2e-3)
