@@ -13,16 +13,19 @@ Shapes are the 830M model's attention (16 heads x 96, G = H), bf16, paged with 1
   --prompt-conv-sweep (a)'s prompt conv kernel's key tiles and warps;
 Achieved bandwidth = bytes that must move (K and V once, the queries, the output) / time; the copy
 bandwidth of a 2 GiB device-to-device copy is measured in the same run. Kernel times are CUDA-graph replays
-(the kernels' device time, without Python's launch cost). Prints a table, writes JSON.
+(the kernels' device time, without Python's launch cost); the decode table and --conv-tile-sweep replay
+enough distinct layers' inputs in turn that K and V come from HBM, as in a decode step (cold_copies).
+Prints a table, writes JSON.
 
     python benchmarks/kernels.py [--out benchmarks/results/kernels_h200.json] [--quick] [--sweep [KIND ...]]
-        [--breakdown] [--kernel-sweep] [--split-sweep] [--conv-split-sweep] [--flash-tile-sweep]
+        [--breakdown] [--kernel-sweep] [--split-sweep] [--conv-split-sweep] [--conv-tile-sweep] [--flash-tile-sweep]
         [--mixing-decode-sweep] [--fused-sweep]
         [--prompt-conv-sweep] [--no-dense] [--no-decode] [--no-prefill]
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import sys
 import time
@@ -227,12 +230,14 @@ CONV_TILE_CONFIGS = [(32, 4), (32, 8), (64, 4), (64, 8)]
 def conv_tile_sweep(num_sms: int, quick: bool) -> list[dict]:
     """(a)'s decode time (with its ConvState) at each of CONV_TILE_CONFIGS for _logits and _probs (_pv in 2
     warps, the others in 4) and at mta_paged_attention's defaults ("engine"), every config timed twice,
-    interleaved: what mta_attention's ring decode tiles rest on. Keys of `ms`: "K|W" -> [ms, ms]."""
+    interleaved, over cold_copies' inputs: what mta_attention's RING_ONE_TILE_WARPS rests on. Keys of `ms`:
+    "K|W" -> [ms, ms]."""
     rows = []
     batches = [1, 64] if quick else [1, 2, 4, 8, 16, 32, 64, 128, 256]
     for batch in batches:
         for context in ([2048] if quick else [512, 2048, 8192]):
-            inputs = paged_batch(batch, context, 1)
+            inputs = [paged_batch(batch, context, 1)
+                      for _ in range(cold_copies(2 * batch * context * HEADS * HEAD_DIM * 2))]
             splits = engine_splits("conv", batch, context, num_sms)
             rule = "engine"  # mta_paged_attention's defaults
             configs = {f"{k}|{w}": dict(block=k, num_warps={"_pv_kernel": 2, "_logits_kernel": w, "_probs_kernel": w})
@@ -241,7 +246,7 @@ def conv_tile_sweep(num_sms: int, quick: bool) -> list[dict]:
             ms: dict = {label: [] for label in configs}
             for _ in range(2):
                 for label, config in configs.items():
-                    ms[label].append(bench_ms(run_paged("conv", inputs, 1, splits, **config)))
+                    ms[label].append(bench_cold_ms([run_paged("conv", x, 1, splits, **config) for x in inputs]))
             best = min(ms, key=lambda label: min(ms[label]))
             print(f"conv tiles b={batch} ctx={context}: rule {rule} "
                   f"{' / '.join(f'{1e3 * t:.1f}' for t in ms[rule])} us, best {best} "
@@ -276,27 +281,49 @@ def bench_ms(fn) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
 
 
+def cold_copies(kv_bytes: int) -> int:
+    """How many distinct layers' inputs a decode timing cycles through: enough that their K and V together
+    are four times the GPU's L2 cache, at most 32. In a decode step a layer's K and V come from HBM (the
+    other layers' and the weights have evicted them), but one layer replayed alone keeps small batches' K
+    and V in L2: H200, 1 x 2048 (12.6 MB), (c) 8.0 us replayed against 10.0 us cycling through 8 layers'
+    inputs, (a) 22.0 against 28.1 (results/kernels_h200_decode_cold_l2.json)."""
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    return max(1, min(32, -(-4 * l2 // kv_bytes)))
+
+
+def bench_cold_ms(fns) -> float:
+    """Device time per call of the layers `fns` (each over its own inputs) replayed in turn from one graph."""
+    def every_layer():
+        for fn in fns:
+            fn()
+    return bench_ms(every_layer) / len(fns)
+
+
 def decode_rows(batches, contexts, copy_bw: float, num_sms: int) -> list[dict]:
+    """The decode table, each layer timed over cold_copies' distinct inputs."""
     rows = []
     for batch in batches:
         for context in contexts:
-            inputs = paged_batch(batch, context, 1)
             kv_bytes = 2 * batch * context * HEADS * HEAD_DIM * 2
-            result = dict(batch=batch, context=context, kv_bytes=kv_bytes)
+            inputs = [paged_batch(batch, context, 1) for _ in range(cold_copies(kv_bytes))]
+            result = dict(batch=batch, context=context, kv_bytes=kv_bytes, copies=len(inputs))
             for kind in ("conv", "mixing", "plain"):
                 splits = engine_splits(kind, batch, context, num_sms)
-                ms = bench_ms(run_paged(kind, inputs, 1, splits, **engine_tiles(kind, batch, context, num_sms)))
+                tiles = engine_tiles(kind, batch, context, num_sms)
+                ms = bench_cold_ms([run_paged(kind, x, 1, splits, **tiles) for x in inputs])
                 result[kind] = dict(ms=ms, splits=splits, gbps=kv_bytes / ms / 1e6,
                                     copy_fraction=kv_bytes / (ms * 1e-3) / copy_bw)
-            ms = bench_ms(run_paged("conv", inputs, 1, result["conv"]["splits"], conv_state=False))
+            ms = bench_cold_ms([run_paged("conv", x, 1, result["conv"]["splits"], conv_state=False) for x in inputs])
             result["conv_recompute"] = dict(ms=ms, gbps=kv_bytes / ms / 1e6,
                                             copy_fraction=kv_bytes / (ms * 1e-3) / copy_bw)
-            k = torch.randn(batch, HEADS, context, HEAD_DIM, dtype=DTYPE, device="cuda")
-            v = torch.randn_like(k)
+            del inputs
+            k = [torch.randn(batch, HEADS, context, HEAD_DIM, dtype=DTYPE, device="cuda")
+                 for _ in range(result["copies"])]
+            v = [torch.randn_like(x) for x in k]
             q = torch.randn(batch, HEADS, 1, HEAD_DIM, dtype=DTYPE, device="cuda")
-            ms = bench_ms(lambda: F.scaled_dot_product_attention(q, k, v))
+            ms = bench_cold_ms([functools.partial(F.scaled_dot_product_attention, q, kx, vx) for kx, vx in zip(k, v)])
             result["sdpa"] = dict(ms=ms, gbps=kv_bytes / ms / 1e6, copy_fraction=kv_bytes / (ms * 1e-3) / copy_bw)
-            del inputs, k, v
+            del k, v
             torch.cuda.empty_cache()
             rows.append(result)
             print(f"decode b={batch:4d} ctx={context:5d}  " + "  ".join(
