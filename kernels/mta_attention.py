@@ -259,10 +259,11 @@ PROMPT_PV_ROWS = 64
 # Where each of their programs holds a single key tile and there are at most four programs per SM (small
 # batches up to 2048 keys), 8 warps for _logits and _probs: a program's loads (its tile's c - 1 partial
 # sums per conv) are all it waits on, and more threads have more of them in flight. benchmarks/kernels.py
-# --conv-tile-sweep at 05055aa (H200, conv layer, both kernels in 8 warps against 4): faster at 8 of those
-# 10 shapes by 2.2-12 % (1 x 2048 23.3 -> 21.9 us, 1 x 512 20.7 -> 18.2, 8 x 512 25.1 -> 22.6, 8 x 2048
-# 61.5 -> 59.0), 4 x 2048 +0.2 %, 16 x 512 -0.5 %; slower at 16 x 2048 and 64 x 512 (one tile, 1,024
-# programs: +1.2 %, +1.8 %) and at every shape with several tiles per program (up to +9.5 %).
+# --conv-tile-sweep at d01c563 (H200, conv layer, K and V from HBM, both kernels in 8 warps against 4, two
+# runs each): at those 10 shapes 8 x 2048 62.1 / 62.0 -> 59.4 / 59.4 us, 32 x 512 61.9 / 61.7 -> 60.3 /
+# 60.4, 8 x 512 31.4 / 31.4 -> 31.4 / 30.1, the 7 others within 0.6 % (1 x 2048 28.0 / 28.0 -> 28.1 / 28.2);
+# 8 warps were slower at 16 x 2048 and 64 x 512 (one tile, 1,024 programs: +1.1 %, +1.7 %) and at every
+# shape with several tiles per program (up to +9.5 %).
 DECODE_WARPS = {"_pv_kernel": 2, "_probs_kernel": 8}
 RING_DECODE_WARPS = {"_pv_kernel": 2}
 RING_ONE_TILE_WARPS = {"_pv_kernel": 2, "_logits_kernel": 8, "_probs_kernel": 8}
