@@ -3,9 +3,8 @@
 Shapes are the 830M model's attention (16 heads x 96, G = H), bf16, paged with 16-token blocks:
 - decode: batch x context for (a) a paper MTA-conv layer (6x11 pre and post conv, wpsm, all-head
   head_kernel; its decode rows finish their convs from a ConvState's partial sums, as in the engine;
-  also without the state, recomputing the rows before them: "conv_recompute"), (b) a mixing-only layer (wpsm + head_kernel), (c) plain
-  attention (paged flash kernel), and
-  (d) torch SDPA on contiguous K/V;
+  also without the state, recomputing the rows before them: "conv_recompute"), (b) a mixing-only layer
+  (wpsm + head_kernel), (c) plain attention (paged flash kernel), and (d) torch SDPA on contiguous K/V;
 - prefill of one whole prompt for (a), (b), (c) vs SDPA (flash, causal) and the dense reference
   (dense_attention.attention_probs, which materializes the T x T maps), each through the engine's prompt
   path ((b): the fused two-pass kernel, kernels/mixing_prefill.py), and (b) also through the row pipeline
@@ -284,9 +283,9 @@ def bench_ms(fn) -> float:
 def cold_copies(kv_bytes: int) -> int:
     """How many distinct layers' inputs a decode timing cycles through: enough that their K and V together
     are four times the GPU's L2 cache, at most 32. In a decode step a layer's K and V come from HBM (the
-    other layers' and the weights have evicted them), but one layer replayed alone keeps small batches' K
-    and V in L2: H200, 1 x 2048 (12.6 MB), (c) 8.0 us replayed against 10.0 us cycling through 8 layers'
-    inputs, (a) 22.0 against 28.1 (results/kernels_h200_decode_cold_l2.json)."""
+    other layers' K and V and the weights have evicted them), but one layer replayed alone keeps small
+    batches' K and V in L2: H200, 1 x 2048 (12.6 MB), (c) 8.0 us replayed against 10.0 us cycling through 8
+    layers' inputs, (a) 22.0 against 28.1 (results/kernels_h200_decode_cold_l2.json)."""
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     return max(1, min(32, -(-4 * l2 // kv_bytes)))
 
