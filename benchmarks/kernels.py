@@ -235,8 +235,7 @@ def conv_tile_sweep(num_sms: int, quick: bool) -> list[dict]:
     batches = [1, 64] if quick else [1, 2, 4, 8, 16, 32, 64, 128, 256]
     for batch in batches:
         for context in ([2048] if quick else [512, 2048, 8192]):
-            inputs = [paged_batch(batch, context, 1)
-                      for _ in range(cold_copies(2 * batch * context * HEADS * HEAD_DIM * 2))]
+            inputs = [paged_batch(batch, context, 1) for _ in range(cold_copies(kv_bytes(batch, context)))]
             splits = engine_splits("conv", batch, context, num_sms)
             rule = "engine"  # mta_paged_attention's defaults
             configs = {f"{k}|{w}": dict(block=k, num_warps={"_pv_kernel": 2, "_logits_kernel": w, "_probs_kernel": w})
@@ -280,14 +279,19 @@ def bench_ms(fn) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
 
 
-def cold_copies(kv_bytes: int) -> int:
-    """How many distinct layers' inputs a decode timing cycles through: enough that their K and V together
-    are four times the GPU's L2 cache, at most 32. In a decode step a layer's K and V come from HBM (the
-    other layers' K and V and the weights have evicted them), but one layer replayed alone keeps small
-    batches' K and V in L2: H200, 1 x 2048 (12.6 MB), (c) 8.0 us replayed against 10.0 us cycling through 8
-    layers' inputs, (a) 22.0 against 28.1 (results/kernels_h200_decode_cold_l2.json)."""
+def kv_bytes(batch: int, context: int) -> int:
+    """Bytes of K and V a decode layer reads (bf16)."""
+    return 2 * batch * context * HEADS * HEAD_DIM * 2
+
+
+def cold_copies(num_bytes: int) -> int:
+    """How many distinct layers' inputs (K and V of `num_bytes` each) a decode timing cycles through: enough
+    that their K and V together are four times the GPU's L2 cache, at most 32. In a decode step a layer's K
+    and V come from HBM (the other layers' K and V and the weights have evicted them), but one layer
+    replayed alone keeps small batches' K and V in L2: H200, 1 x 2048 (12.6 MB), (c) 8.0 us replayed against
+    10.0 us cycling through 8 layers' inputs, (a) 22.0 against 28.1 (results/kernels_h200_decode_cold_l2.json)."""
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    return max(1, min(32, -(-4 * l2 // kv_bytes)))
+    return max(1, min(32, -(-4 * l2 // num_bytes)))
 
 
 def bench_cold_ms(fns) -> float:
@@ -303,25 +307,25 @@ def decode_rows(batches, contexts, copy_bw: float, num_sms: int) -> list[dict]:
     rows = []
     for batch in batches:
         for context in contexts:
-            kv_bytes = 2 * batch * context * HEADS * HEAD_DIM * 2
-            inputs = [paged_batch(batch, context, 1) for _ in range(cold_copies(kv_bytes))]
-            result = dict(batch=batch, context=context, kv_bytes=kv_bytes, copies=len(inputs))
+            kv = kv_bytes(batch, context)
+            inputs = [paged_batch(batch, context, 1) for _ in range(cold_copies(kv))]
+            result = dict(batch=batch, context=context, kv_bytes=kv, copies=len(inputs))
             for kind in ("conv", "mixing", "plain"):
                 splits = engine_splits(kind, batch, context, num_sms)
                 tiles = engine_tiles(kind, batch, context, num_sms)
                 ms = bench_cold_ms([run_paged(kind, x, 1, splits, **tiles) for x in inputs])
-                result[kind] = dict(ms=ms, splits=splits, gbps=kv_bytes / ms / 1e6,
-                                    copy_fraction=kv_bytes / (ms * 1e-3) / copy_bw)
+                result[kind] = dict(ms=ms, splits=splits, gbps=kv / ms / 1e6,
+                                    copy_fraction=kv / (ms * 1e-3) / copy_bw)
             ms = bench_cold_ms([run_paged("conv", x, 1, result["conv"]["splits"], conv_state=False) for x in inputs])
-            result["conv_recompute"] = dict(ms=ms, gbps=kv_bytes / ms / 1e6,
-                                            copy_fraction=kv_bytes / (ms * 1e-3) / copy_bw)
+            result["conv_recompute"] = dict(ms=ms, gbps=kv / ms / 1e6,
+                                            copy_fraction=kv / (ms * 1e-3) / copy_bw)
             del inputs
             k = [torch.randn(batch, HEADS, context, HEAD_DIM, dtype=DTYPE, device="cuda")
                  for _ in range(result["copies"])]
             v = [torch.randn_like(x) for x in k]
             q = torch.randn(batch, HEADS, 1, HEAD_DIM, dtype=DTYPE, device="cuda")
             ms = bench_cold_ms([functools.partial(F.scaled_dot_product_attention, q, kx, vx) for kx, vx in zip(k, v)])
-            result["sdpa"] = dict(ms=ms, gbps=kv_bytes / ms / 1e6, copy_fraction=kv_bytes / (ms * 1e-3) / copy_bw)
+            result["sdpa"] = dict(ms=ms, gbps=kv / ms / 1e6, copy_fraction=kv / (ms * 1e-3) / copy_bw)
             del k, v
             torch.cuda.empty_cache()
             rows.append(result)

@@ -231,7 +231,8 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
                    work_seq_ptr=work.work_seq, work_first_ptr=work.work_first)
         _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, norms, partial, items, seq,
                 weights, c, 1.0 / math.sqrt(head_dim),
-                num_warps or _default_warps(decode, ring, _one_tile_each(q.device, wave, conv_splits, bn, length)))
+                num_warps or _default_warps(decode, ring,
+                                            ring == 1 and _one_tile_each(q.device, wave, conv_splits, bn, length)))
     return out
 
 
