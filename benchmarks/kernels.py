@@ -12,8 +12,9 @@ Shapes are the 830M model's attention (16 heads x 96, G = H), bf16, paged with 1
   --prompt-conv-sweep (a)'s prompt conv kernel's key tiles and warps;
 Achieved bandwidth = bytes that must move (K and V once, the queries, the output) / time; the copy
 bandwidth of a 2 GiB device-to-device copy is measured in the same run. Kernel times are CUDA-graph replays
-(the kernels' device time, without Python's launch cost); the decode table and --conv-tile-sweep replay
-enough distinct layers' inputs in turn that K and V come from HBM, as in a decode step (cold_copies).
+(the kernels' device time, without Python's launch cost); the decode table and the --split-sweep,
+--flash-tile-sweep, --mixing-decode-sweep and --conv-tile-sweep replay enough distinct layers' inputs in
+turn that K and V come from HBM, as in a decode step (cold_copies).
 Prints a table, writes JSON.
 
     python benchmarks/kernels.py [--out benchmarks/results/kernels_h200.json] [--quick] [--sweep [KIND ...]]
@@ -128,11 +129,11 @@ def split_sweep(batches, contexts, num_sms: int) -> list[dict]:
     rows = []
     for batch in batches:
         for context in contexts:
-            inputs = paged_batch(batch, context, 1)
+            inputs = cold_batches(batch, context)
             for kind in ("conv", "mixing", "plain"):
                 rule = engine_splits(kind, batch, context, num_sms)
                 tiles = engine_tiles(kind, batch, context, num_sms)
-                ms = {s: bench_ms(run_paged(kind, inputs, 1, s, **tiles)) for s in sorted(set(SPLIT_COUNTS) | {rule})}
+                ms = {s: time_cold(kind, inputs, s, **tiles) for s in sorted(set(SPLIT_COUNTS) | {rule})}
                 best = min(ms, key=ms.get)
                 rows.append(dict(kind=kind, batch=batch, context=context, rule=rule, best=best, ms=ms))
                 print(f"splits {kind} b={batch} ctx={context}: rule {rule} {ms[rule]:.4f} ms, best {best} "
@@ -164,12 +165,12 @@ def flash_tile_sweep(num_sms: int, quick: bool) -> list[dict]:
     small = [512, 2048] if quick else [512, 1024, 2048, 4096, 8192]
     for batch in ([1, 64] if quick else [1, 2, 4, 8, 16, 32, 64, 256]):
         for context in (small if batch <= 16 else [512, 2048, 8192]):
-            inputs = paged_batch(batch, context, 1)
-            ms = {f"{s}x{b}": bench_ms(run_paged("plain", inputs, 1, s, b))
+            inputs = cold_batches(batch, context)
+            ms = {f"{s}x{b}": time_cold("plain", inputs, s, b)
                   for s in FLASH_SPLITS for b in FLASH_TILES if context // s >= b // 2}
             splits, block = flash_splits(batch, context, HEADS, num_sms), flash_block_n(batch, HEADS, num_sms)
             rows.append(sweep_row("flash tiles", batch, context, ms, f"{splits}x{block}",
-                                  lambda: bench_ms(run_paged("plain", inputs, 1, splits, block))))
+                                  lambda: time_cold("plain", inputs, splits, block)))
             del inputs
             torch.cuda.empty_cache()
     return rows
@@ -185,13 +186,13 @@ def mixing_decode_sweep(num_sms: int, quick: bool) -> list[dict]:
     rows = []
     shapes = [(1, 2048)] if quick else [(1, 512), (1, 2048), (1, 8192), (4, 2048), (16, 2048)]
     for batch, context in shapes:
-        inputs = paged_batch(batch, context, 1)
-        ms = {f"{s}|{kt}|{st}": bench_ms(run_paged("mixing", inputs, 1, s, kt, stream_tile=st))
+        inputs = cold_batches(batch, context)
+        ms = {f"{s}|{kt}|{st}": time_cold("mixing", inputs, s, kt, stream_tile=st)
               for s, kt, st in MIXING_DECODE_CONFIGS}
         splits = engine_splits("mixing", batch, context, num_sms)
         tiles = engine_tiles("mixing", batch, context, num_sms)
         rows.append(sweep_row("mixing decode", batch, context, ms, f"{splits}|{tiles['block']}|{tiles['stream_tile']}",
-                              lambda: bench_ms(run_paged("mixing", inputs, 1, splits, **tiles))))
+                              lambda: time_cold("mixing", inputs, splits, **tiles)))
         del inputs
         torch.cuda.empty_cache()
     return rows
@@ -235,7 +236,7 @@ def conv_tile_sweep(num_sms: int, quick: bool) -> list[dict]:
     batches = [1, 64] if quick else [1, 2, 4, 8, 16, 32, 64, 128, 256]
     for batch in batches:
         for context in ([2048] if quick else [512, 2048, 8192]):
-            inputs = [paged_batch(batch, context, 1) for _ in range(cold_copies(kv_bytes(batch, context)))]
+            inputs = cold_batches(batch, context)
             splits = engine_splits("conv", batch, context, num_sms)
             rule = "engine"  # mta_paged_attention's defaults
             configs = {f"{k}|{w}": dict(block=k, num_warps={"_pv_kernel": 2, "_logits_kernel": w, "_probs_kernel": w})
@@ -244,7 +245,7 @@ def conv_tile_sweep(num_sms: int, quick: bool) -> list[dict]:
             ms: dict = {label: [] for label in configs}
             for _ in range(2):
                 for label, config in configs.items():
-                    ms[label].append(bench_cold_ms([run_paged("conv", x, 1, splits, **config) for x in inputs]))
+                    ms[label].append(time_cold("conv", inputs, splits, **config))
             best = min(ms, key=lambda label: min(ms[label]))
             print(f"conv tiles b={batch} ctx={context}: rule {rule} "
                   f"{' / '.join(f'{1e3 * t:.1f}' for t in ms[rule])} us, best {best} "
@@ -294,6 +295,16 @@ def cold_copies(num_bytes: int) -> int:
     return max(1, min(32, -(-4 * l2 // num_bytes)))
 
 
+def cold_batches(batch: int, context: int) -> list:
+    """cold_copies' distinct decode inputs (paged_batch) of this shape."""
+    return [paged_batch(batch, context, 1) for _ in range(cold_copies(kv_bytes(batch, context)))]
+
+
+def time_cold(kind: str, inputs: list, *args, **kwargs) -> float:
+    """bench_cold_ms of run_paged(kind, x, 1, *args, **kwargs) over each of `inputs`."""
+    return bench_cold_ms([run_paged(kind, x, 1, *args, **kwargs) for x in inputs])
+
+
 def bench_cold_ms(fns) -> float:
     """Device time per call of the layers `fns` (each over its own inputs) replayed in turn from one graph."""
     def every_layer():
@@ -308,15 +319,15 @@ def decode_rows(batches, contexts, copy_bw: float, num_sms: int) -> list[dict]:
     for batch in batches:
         for context in contexts:
             kv = kv_bytes(batch, context)
-            inputs = [paged_batch(batch, context, 1) for _ in range(cold_copies(kv))]
+            inputs = cold_batches(batch, context)
             result = dict(batch=batch, context=context, kv_bytes=kv, copies=len(inputs))
             for kind in ("conv", "mixing", "plain"):
                 splits = engine_splits(kind, batch, context, num_sms)
                 tiles = engine_tiles(kind, batch, context, num_sms)
-                ms = bench_cold_ms([run_paged(kind, x, 1, splits, **tiles) for x in inputs])
+                ms = time_cold(kind, inputs, splits, **tiles)
                 result[kind] = dict(ms=ms, splits=splits, gbps=kv / ms / 1e6,
                                     copy_fraction=kv / (ms * 1e-3) / copy_bw)
-            ms = bench_cold_ms([run_paged("conv", x, 1, result["conv"]["splits"], conv_state=False) for x in inputs])
+            ms = time_cold("conv", inputs, result["conv"]["splits"], conv_state=False)
             result["conv_recompute"] = dict(ms=ms, gbps=kv / ms / 1e6,
                                             copy_fraction=kv / (ms * 1e-3) / copy_bw)
             del inputs
