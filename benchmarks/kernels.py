@@ -19,7 +19,7 @@ Prints a table, writes JSON.
 
     python benchmarks/kernels.py [--out benchmarks/results/kernels_h200.json] [--quick] [--sweep [KIND ...]]
         [--breakdown] [--kernel-sweep] [--split-sweep] [--conv-split-sweep] [--conv-tile-sweep] [--flash-tile-sweep]
-        [--mixing-decode-sweep] [--fused-sweep]
+        [--mixing-decode-sweep] [--one-pass-sweep] [--fused-sweep]
         [--prompt-conv-sweep] [--no-dense] [--no-decode] [--no-prefill]
 """
 from __future__ import annotations
@@ -76,7 +76,8 @@ def paged_batch(batch: int, context: int, new_rows: int):
 
 def run_paged(kind: str, inputs, block_m: int, splits: int, block: int | None = None, num_warps: int | None = None,
               decode_dot: bool = True, conv_state: bool = True, pv_in_cache_dtype: bool = False,
-              num_stages: int = 2, conv_splits: int | None = None, stream_tile: int | None = None):
+              num_stages: int = 2, conv_splits: int | None = None, stream_tile: int | None = None,
+              one_pass: tuple[int, int] | None = None):
     """The engine's kernel for this layer kind: paged flash for plain layers, the MTA row pipeline else
     (for the conv layer with a ConvState slot per sequence, unless conv_state is False: decode rows then
     recompute the previous rows); "mixing_fused": the mixing layer's prompt groups through the fused
@@ -99,7 +100,8 @@ def run_paged(kind: str, inputs, block_m: int, splits: int, block: int | None = 
     params = layer_params(weights, "cuda")
     q_cache = qc if kind == "conv" else None
     return lambda: mta_paged_attention(q, q_cache, kc, vc, params, work, out, key_tile=block, num_warps=num_warps,
-                                       state=state, conv_splits=conv_splits, stream_tile=stream_tile)
+                                       state=state, conv_splits=conv_splits, stream_tile=stream_tile,
+                                       one_pass=one_pass)
 
 
 def sweep(batch: int, context: int, kinds: list[str]) -> list[dict]:
@@ -198,6 +200,31 @@ def mixing_decode_sweep(num_sms: int, quick: bool) -> list[dict]:
     return rows
 
 
+# (key tile, head parts) of the mixing layer's one-pass decode form tried by --one-pass-sweep
+ONE_PASS_CONFIGS = [(16, 4), (32, 1), (32, 4), (32, 16), (64, 1), (64, 4), (64, 16), (128, 4), (128, 16)]
+
+
+def one_pass_sweep(num_sms: int, quick: bool) -> list[dict]:
+    """(b)'s decode time in the one-pass form at each of ONE_PASS_CONFIGS against the engine's choice (what
+    triton_attention.mixing_decode's one-pass rule rests on), over cold_copies' inputs. Keys of `ms`:
+    "K|P" (one pass, K-key tiles, P head parts) or "engine"."""
+    rows = []
+    shapes = [(1, 2048)] if quick else [(1, 512), (1, 2048), (1, 8192), (2, 2048), (4, 2048), (8, 2048),
+                                       (16, 2048), (64, 2048)]
+    for batch, context in shapes:
+        inputs = cold_batches(batch, context)
+        splits = engine_splits("mixing", batch, context, num_sms)
+        tiles = engine_tiles("mixing", batch, context, num_sms)
+        ms = {f"{k}|{p}": time_cold("mixing", inputs, splits, one_pass=(k, p)) for k, p in ONE_PASS_CONFIGS}
+        pipeline = {key: value for key, value in tiles.items() if key != "one_pass"}
+        ms["pipeline"] = time_cold("mixing", inputs, splits, **pipeline)
+        rows.append(sweep_row("one pass", batch, context, ms, "engine",
+                              lambda: time_cold("mixing", inputs, splits, **tiles)))
+        del inputs
+        torch.cuda.empty_cache()
+    return rows
+
+
 CONV_SPLIT_COUNTS = [16, 32, 64]
 
 
@@ -269,7 +296,8 @@ def engine_tiles(kind: str, batch: int, context: int, num_sms: int) -> dict:
         return dict(block=flash_block_n(batch, HEADS, num_sms))
     if kind == "mixing":
         tiles = mixing_decode(batch, decode_splits(batch, context, num_sms), num_sms)
-        return dict(block=tiles.get("key_tile"), stream_tile=tiles.get("stream_tile"))
+        return dict(block=tiles.get("key_tile"), stream_tile=tiles.get("stream_tile"),
+                    one_pass=tiles.get("one_pass"))
     return {}
 
 
@@ -539,6 +567,8 @@ def main() -> int:
                    "keys per tile at batches 1-256 (what flash_splits and flash_block_n rest on)")
     p.add_argument("--mixing-decode-sweep", action="store_true", help="also time (b) at small decode batches "
                    "at each of MIXING_DECODE_CONFIGS (key splits and tiles; what mixing_decode rests on)")
+    p.add_argument("--one-pass-sweep", action="store_true", help="also time (b) at decode batches 1-64 in the "
+                   "one-pass form at each of ONE_PASS_CONFIGS (what mixing_decode's one-pass rule rests on)")
     p.add_argument("--conv-split-sweep", action="store_true", help="also time (a) at each decode shape with "
                    "its conv and softmax kernels' key splits at each of CONV_SPLIT_COUNTS")
     p.add_argument("--conv-tile-sweep", action="store_true", help="also time (a) at decode batches 1-256 at "
@@ -566,6 +596,7 @@ def main() -> int:
         conv_split_sweep=conv_split_sweep(batches, contexts, num_sms) if args.conv_split_sweep else None,
         conv_tile_sweep=conv_tile_sweep(num_sms, args.quick) if args.conv_tile_sweep else None,
         mixing_decode_sweep=mixing_decode_sweep(num_sms, args.quick) if args.mixing_decode_sweep else None,
+        one_pass_sweep=one_pass_sweep(num_sms, args.quick) if args.one_pass_sweep else None,
         flash_tile_sweep=flash_tile_sweep(num_sms, args.quick) if args.flash_tile_sweep else None,
         prompt_conv_sweep=(prompt_conv_sweep([2048] if args.quick else [2048, 8192], args.prefill_block_m)
                            if args.prompt_conv_sweep else None),

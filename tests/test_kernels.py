@@ -313,6 +313,43 @@ def test_mta_kernel_ten_heads_gqa_head_dim_96_nan_poisoned_cache(tile):
     torch.testing.assert_close(out, reference, atol=3e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("variant,heads,dtype,one_pass", [
+    ("talking_heads", (H, G, D), torch.float32, (16, 1)), ("talking_heads", (H, G, D), torch.float16, (4, 2)),
+    ("wposm_only", (H, G, D), torch.float32, (8, 4)), ("plain", (H, G, D), torch.float32, (16, 2)),
+    ("all_heads", (10, 5, 24), torch.float32, (16, 2)), ("all_heads", (16, 16, 16), torch.float16, (32, 4))])
+def test_mta_kernel_one_pass_decode_matches_reference(variant, heads, dtype, one_pass):
+    """Decode rows of layers that mix heads without a key-query conv, in the one-pass form (per-tile H x H
+    partial products merged with every head's normalizers): against the reference, with tiles of 4-32 keys
+    (up to 38 per row, several merged per load), programs of 1-8 heads, GQA, 10 heads padded to 16 and 16
+    heads (the tl.dot branches: exact fp32, and fp16's split product), cache blocks no sequence owns NaN."""
+    n_heads = heads[0]
+    spec = VARIANTS.get(variant) or dict(wpsm=True, head_kernel=n_heads)
+    weights = mta_weights(**spec, n_heads=n_heads)
+    q, qc, kc, vc, tables, starts, ends, rows = paged_inputs(LONG_DECODE, 4, dtype, heads=heads)
+    unused = torch.ones(kc.shape[0], dtype=torch.bool, device=DEVICE)
+    unused[tables.flatten().long()] = False
+    for cache in (kc, vc):
+        cache[unused] = float("nan")
+    reference = paged_attention_reference(q, qc, kc, vc, _on_device(weights), tables, starts, ends, rows, 0)
+    out = torch.full(q.shape, float("nan"), device=DEVICE)
+    mta_paged_attention(q, None, kc, vc, layer_params(weights, DEVICE),
+                        build_work_items(tables, starts, ends, rows, 1, 2, DEVICE), out, one_pass=one_pass)
+    tol = dict(atol=3e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(out, reference, **tol)
+
+
+def test_mta_kernel_one_pass_refuses_conv_layers_and_odd_parts():
+    q, qc, kc, vc, tables, starts, ends, rows = paged_inputs(DECODE, 4, torch.float32)
+    work = build_work_items(tables, starts, ends, rows, 1, 2, DEVICE)
+    out = torch.empty(q.shape, device=DEVICE)
+    with pytest.raises(ValueError, match="without key-query convs"):
+        mta_paged_attention(q, qc, kc, vc, layer_params(mta_weights(**VARIANTS["paper"]), DEVICE), work, out,
+                            one_pass=(16, 1))
+    with pytest.raises(ValueError, match="parts dividing the 4 heads"):
+        mta_paged_attention(q, None, kc, vc, layer_params(mta_weights(**VARIANTS["talking_heads"]), DEVICE), work,
+                            out, one_pass=(16, 3))
+
+
 def _step(qc, tables, block_size, steps):
     """The step's q and (starts, ends, rows) for `steps` [(start, end)] over caches holding every position."""
     q, rows = [], [0]
