@@ -200,14 +200,14 @@ def mixing_decode_sweep(num_sms: int, quick: bool) -> list[dict]:
     return rows
 
 
-# (key tile, head parts) of the mixing layer's one-pass decode form tried by --one-pass-sweep
-ONE_PASS_CONFIGS = [(16, 4), (32, 1), (32, 4), (32, 16), (64, 1), (64, 4), (64, 16), (128, 4), (128, 16)]
+# (key tile, key splits) of the mixing layer's one-pass decode form tried by --one-pass-sweep
+ONE_PASS_CONFIGS = [(k, s) for k in (32, 64, 128) for s in (2, 4, 8, 16, 32)]
 
 
 def one_pass_sweep(num_sms: int, quick: bool) -> list[dict]:
     """(b)'s decode time in the one-pass form at each of ONE_PASS_CONFIGS against the engine's choice (what
     triton_attention.mixing_decode's one-pass rule rests on), over cold_copies' inputs. Keys of `ms`:
-    "K|P" (one pass, K-key tiles, P head parts) or "engine"."""
+    "K|S" (one pass, K-key tiles, S key splits), "pipeline" (the four kernels) or "engine"."""
     rows = []
     shapes = [(1, 2048)] if quick else [(1, 512), (1, 2048), (1, 8192), (2, 2048), (4, 2048), (8, 2048),
                                        (16, 2048), (64, 2048)]

@@ -146,7 +146,7 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     With a `state` (post-conv layers; work.seq_state names each sequence's slot) prompt groups also write
     the conv partial sums after their sequences' last rows there, and decode rows finish their outputs from
     it and write the next partial sums.
-    `one_pass` = (key tile, head parts), for decode rows of layers without key-query convs: after
+    `one_pass` = (key tile, key splits), for decode rows of layers without key-query convs: after
     _scores_kernel, the one-pass form (_one_pass_kernel, _merge_heads_kernel) in place of the four kernels
     after it.
     The last kernel casts each output row to out's dtype and applies `head_norm` (steps 8-9) to it.
@@ -170,9 +170,9 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
                              f"the layer's are over {cq}, {cq2}")
     if one_pass is not None and not (decode and cq == 1 and cq2 == 1):
         raise ValueError("one_pass is for decode rows of layers without key-query convs")
-    if one_pass is not None and (n_heads % one_pass[1] or one_pass[0] & (one_pass[0] - 1)):
-        raise ValueError(f"one_pass = (key tile, head parts) needs a power-of-two tile and parts dividing the "
-                         f"{n_heads} heads, got {one_pass}")
+    if one_pass is not None and (one_pass[1] < 1 or one_pass[0] & (one_pass[0] - 1)):
+        raise ValueError(f"one_pass = (key tile, key splits) needs a power-of-two tile and at least one split, "
+                         f"got {one_pass}")
     # Decode rows that finish their convs from the state compute only their own score and logit rows.
     rows_s, rows_l = (1, 1) if ring == 1 else (rows_o + cq - 1 + cq2 - 1, rows_o + cq2 - 1)
     # Measured on the H200 (benchmarks/kernels.py --sweep); prompt groups use narrow key tiles so that the
@@ -198,8 +198,8 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     # prompt groups' pre-conv output (rows_l rows) goes where P' later does
     rows_p = rows_l if not decode and params.pre_kernel is not None else rows_o
     per_item = 4 * n_heads * length * (rows_s + rows_l + rows_p)
-    if one_pass:  # one [heads (out), heads (in), d] partial product per key tile
-        per_item += 4 * n_heads * n_heads * head_dim * length // one_pass[0]
+    if one_pass:  # one [heads (out), heads (in), d] partial product per key split
+        per_item += 4 * n_heads * n_heads * head_dim * one_pass[1]
     wave = max(1, min(num_items, budget_bytes // per_item))
     if decode:
         splits = num_splits or work.num_splits
@@ -221,8 +221,8 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
         PRE_CONV=params.pre_kernel is not None, POST_CONV=params.post_kernel is not None,
         PRE_MIX=params.pre_mix is not None, POST_MIX=params.post_mix is not None,
         QCACHE=q_cache is not None, FP32=q.dtype == torch.float32, RING=ring, SRING=ring if cq > 1 else 0,
-        ONE_PASS=one_pass is not None, OP_BN=one_pass[0] if one_pass else 0, TC=4,
-        HP=n_heads // one_pass[1] if one_pass else 0,
+        ONE_PASS=one_pass is not None, OP_BN=one_pass[0] if one_pass else 0,
+        OP_SPLITS=one_pass[1] if one_pass else 0, TC=8,
         NORM_HERE=decode and rows_l == 1 and (ring == 1 or params.post_kernel is None),
         # PROBS_IN: False here, True in the prompt path's _probs launch; present in every launch's arguments
         # because _named_args keeps the names a kernel's first launch offered
@@ -237,10 +237,9 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     stats = torch.empty(2, wave, conv_splits, n_heads, rows_l, **f32)
     norms = torch.empty(2, wave, n_heads, rows_l, **f32)
     partial = torch.empty(wave, splits, n_heads, rows_o, head_dim, **f32)
-    if one_pass:  # the one-pass form's per-tile statistics [2, items, tiles, HB] and products
-        tiles = length // one_pass[0]
-        stats = torch.empty(2, wave, tiles, hb, **f32)
-        partial = torch.empty(wave, tiles, n_heads, n_heads, head_dim, **f32)
+    if one_pass:  # the one-pass form's per-split statistics [2, items, splits, HB] and products
+        stats = torch.empty(2, wave, one_pass[1], hb, **f32)
+        partial = torch.empty(wave, one_pass[1], n_heads, n_heads, head_dim, **f32)
     for item0 in range(0, num_items, wave):
         items = min(wave, num_items - item0)
         seq = dict(item0=item0, bt_ptr=work.block_tables, bt_stride=work.block_tables.stride(0),
@@ -389,9 +388,8 @@ def _launch(q, q_cache, k_cache, v_cache, out, scores, logits, probs, stats, nor
     run(_scores_kernel, (items * c["H"], scores_args["NUM_TILES"] * triton.cdiv(c["R"], c["RT"])), q,
         q if q_cache is None else q_cache, k_cache, scores, args=scores_args)
     if c["ONE_PASS"]:
-        one_pass_args = streaming(c["OP_BN"])
-        run(_one_pass_kernel, (items, one_pass_args["NUM_TILES"], c["H"] // c["HP"]), scores, v_cache, stats,
-            partial, args=one_pass_args)
+        one_pass_args = dict(streaming(c["OP_BN"]), SPLITS=c["OP_SPLITS"])
+        run(_one_pass_kernel, (items, c["OP_SPLITS"], c["H"]), scores, v_cache, stats, partial, args=one_pass_args)
         run(_merge_heads_kernel, (items, c["H"]), stats, partial, out, args=one_pass_args)
         return
     prompt = c["RO"] > 1  # prompt groups run their key-query convs in _prompt_conv_kernel
@@ -983,88 +981,95 @@ def _pv_kernel(p_ptr, v_ptr, part_ptr, item0, bt_ptr, bt_stride, seq_start_ptr, 
 
 
 # The one-pass form of a decode row in a layer that mixes heads but has no key-query conv. The post-softmax
-# head mixing is linear, so with per-tile softmax statistics (m_gt, s_gt) of each logit head g and the
+# head mixing is linear, so with per-split softmax statistics (m_gt, s_gt) of each logit head g and the
 # merged ones (m_g, s_g):
 #   O_h = sum_g W[h, g] / s_g sum_j exp(L_gj - m_g) v_hj = sum_t sum_g W[h, g] exp(m_gt - m_g) / s_g U_tgh,
-#   U_tgh = sum_{j in tile t} exp(L_gj - m_gt) v_hj,
-# the H x H partial products per tile that the spec's decode-state analysis names. A tile's program needs
-# every head's scores of its keys, but no normalizer of other tiles: two kernels after _scores_kernel
-# instead of four (one-row steps spend most of a mixing layer's time between kernels).
+#   U_tgh = sum_{j in split t} exp(L_gj - m_gt) v_hj,
+# the H x H partial products that the spec's decode-state analysis names, here per key split t (an online
+# softmax over its tiles). A split's program needs every head's scores of its keys, but no normalizer of
+# other splits: two kernels after _scores_kernel instead of four (one-row steps spend most of a mixing
+# layer's time between kernels).
 
-@triton.jit(do_not_specialize=["item0", "bt_stride", "NUM_TILES"])
+@triton.jit(do_not_specialize=["item0", "bt_stride", "NUM_TILES", "SPLITS"])
 def _one_pass_kernel(s_ptr, v_ptr, stats_ptr, part_ptr, pre_mix_ptr, item0, bt_ptr, bt_stride, seq_start_ptr,
                      seq_end_ptr, seq_row_ptr, work_seq_ptr, work_first_ptr, H: tl.constexpr, GROUP: tl.constexpr,
                      D: tl.constexpr, DP: tl.constexpr, HB: tl.constexpr, BN: tl.constexpr, NUM_TILES,
-                     BLOCK_SIZE: tl.constexpr, HP: tl.constexpr, PRE_MIX: tl.constexpr, FP32: tl.constexpr,
+                     BLOCK_SIZE: tl.constexpr, SPLITS, PRE_MIX: tl.constexpr, FP32: tl.constexpr,
                      PDL: tl.constexpr):
-    """Key tile t of one decode row: its logits L [HB, BN] (pre-mixed scores), their per-head max and sum of
-    exp -> stats_ptr [2, items, NUM_TILES, HB], and for the HP heads h of this program's part
-    U[g, h] = exp(L[g] - max_g) @ V_h -> part_ptr [items, NUM_TILES, H (h), H (g), D]."""
+    """Key split `split` of one decode row, for value head h: over its BN-key tiles, the logits L [HB, BN]
+    (pre-mixed scores), their running per-head max and sum of exp -> stats_ptr [2, items, SPLITS, HB] (the
+    h = 0 programs), and U[g] = sum_j exp(L[g, j] - max_g) v_hj -> part_ptr [items, SPLITS, H (h), H (g), D]."""
     pdl.wait(PDL)
     LENGTH = NUM_TILES * BN  # row stride of the fp32 buffers; a product, so its divisibility is known
-    b, t, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, split, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     first, start, end, row0, last, bt = work_item(item0 + b, work_seq_ptr, work_first_ptr, seq_start_ptr,
                                                   seq_end_ptr, seq_row_ptr, bt_ptr, bt_stride, 1)
-    if t * BN > last:
-        return  # past the row's keys: never read
+    t0, t1 = split_key_tiles(last, split, BN, SPLITS)
     g = tl.arange(0, HB)
-    keys = t * BN + tl.arange(0, BN)
-    ok = (g[:, None] < H) & (keys[None, :] <= last)
-    x = tl.load(s_ptr + (b * H + g).to(tl.int64)[:, None] * LENGTH + keys[None, :], mask=ok, other=0.0)
-    if PRE_MIX:  # exact fp32 products, as in _logits_kernel
-        x = tl.reshape(_mix(pre_mix_ptr, tl.reshape(x, (HB, 1, BN)), H, HB, 1, BN, True), (HB, BN))
-    x = tl.where(ok, x, float("-inf"))
-    m = tl.max(x, axis=1)
-    m = tl.where(m == float("-inf"), 0.0, m)  # heads past H: no keys
-    e = exp_minus(x, m[:, None])  # [HB, BN], 0 where masked
-    if part == 0:
-        base = (b * NUM_TILES + t) * HB + g
-        tl.store(stats_ptr + base, m)
-        tl.store(stats_ptr + tl.num_programs(0) * NUM_TILES * HB + base, tl.sum(e, axis=1))
     offs_d = tl.arange(0, DP)
-    slots = cache_slots(bt, keys, keys <= last, BLOCK_SIZE)
-    v_mask = (keys <= last)[:, None] & (offs_d[None, :] < D)
-    for i in range(HP):
-        h = part * HP + i
-        v = tl.load(v_ptr + (slots * (H // GROUP) + h // GROUP)[:, None] * D + offs_d[None, :], mask=v_mask,
-                    other=0.0)
+    m = tl.full((HB,), float("-inf"), tl.float32)
+    l = tl.zeros((HB,), tl.float32)
+    acc = tl.zeros((HB, DP), tl.float32)
+    for t in range(t0, t1):
+        keys = t * BN + tl.arange(0, BN)
+        ok = (g[:, None] < H) & (keys[None, :] <= last)
+        x = tl.load(s_ptr + (b * H + g).to(tl.int64)[:, None] * LENGTH + keys[None, :], mask=ok, other=0.0)
+        if PRE_MIX:  # exact fp32 products, as in _logits_kernel
+            x = tl.reshape(_mix(pre_mix_ptr, tl.reshape(x, (HB, 1, BN)), H, HB, 1, BN, True), (HB, BN))
+        x = tl.where(ok, x, float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # heads past H: no keys
+        alpha = exp_minus(m, m_safe)
+        e = exp_minus(x, m_safe[:, None])  # [HB, BN], 0 where masked
+        l = l * alpha + tl.sum(e, axis=1)
+        slots = cache_slots(bt, keys, keys <= last, BLOCK_SIZE)
+        v = tl.load(v_ptr + (slots * (H // GROUP) + h // GROUP)[:, None] * D + offs_d[None, :],
+                    mask=(keys <= last)[:, None] & (offs_d[None, :] < D), other=0.0)
+        acc = acc * alpha[:, None]
         if HB < 16:  # too few rows for tl.dot
-            u = tl.sum(e[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+            acc += tl.sum(e[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
         elif FP32:
-            u = tl.dot(e, v, input_precision="ieee")
+            acc = tl.dot(e, v, acc, input_precision="ieee")
         else:
-            u = split_dot(e, v, tl.zeros((HB, DP), tl.float32))
-        rows = ((b * NUM_TILES + t) * H + h) * H + g
-        tl.store(part_ptr + rows.to(tl.int64)[:, None] * D + offs_d[None, :], u,
-                 mask=(g[:, None] < H) & (offs_d[None, :] < D))
+            acc = split_dot(e, v, acc)
+        m = m_new
+    if h == 0:
+        base = (b * SPLITS + split) * HB + g
+        tl.store(stats_ptr + base, m)
+        tl.store(stats_ptr + tl.num_programs(0) * SPLITS * HB + base, l)
+    rows = ((b * SPLITS + split) * H + h) * H + g
+    tl.store(part_ptr + rows.to(tl.int64)[:, None] * D + offs_d[None, :], acc,
+             mask=(g[:, None] < H) & (offs_d[None, :] < D))
 
 
-@triton.jit(do_not_specialize=["item0", "bt_stride", "NUM_TILES"])
+@triton.jit(do_not_specialize=["item0", "bt_stride", "SPLITS"])
 def _merge_heads_kernel(stats_ptr, part_ptr, out_ptr, post_mix_ptr, item0, bt_ptr, bt_stride, seq_start_ptr,
                         seq_end_ptr, seq_row_ptr, work_seq_ptr, work_first_ptr, nw_ptr, gw_ptr, gb_ptr, eps, scale,
                         H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, HB: tl.constexpr, BN: tl.constexpr,
-                        NUM_TILES, TC: tl.constexpr, POST_MIX: tl.constexpr, NORM: tl.constexpr,
+                        SPLITS, TC: tl.constexpr, POST_MIX: tl.constexpr, NORM: tl.constexpr,
                         SCALE: tl.constexpr, GATE: tl.constexpr, PDL: tl.constexpr):
-    """Output head h of one decode row from _one_pass_kernel's tiles (TC per load): the merged normalizers,
-    then sum over tiles t and heads g of W[h, g] exp(m_gt - m_g) / s_g U[t, h, g], then norm_gate."""
+    """Output head h of one decode row from _one_pass_kernel's splits (TC per load; splits without keys
+    skipped): the merged normalizers, then sum over splits s and heads g of W[h, g] exp(m_gs - m_g) / l_g
+    U[s, h, g], then norm_gate."""
     pdl.wait(PDL)
     pdl.launch_dependents(PDL)  # the o-projection after it requests its weights early
     b, h = tl.program_id(0), tl.program_id(1)
     first, start, end, row0, last, bt = work_item(item0 + b, work_seq_ptr, work_first_ptr, seq_start_ptr,
                                                   seq_end_ptr, seq_row_ptr, bt_ptr, bt_stride, 1)
-    num_tiles = last // BN + 1
+    num_tiles = tl.cdiv(last + 1, BN)
+    used = tl.cdiv(num_tiles, tl.cdiv(num_tiles, SPLITS))  # splits with keys (split_key_tiles)
     g = tl.arange(0, HB)[None, :]
-    tt = tl.arange(0, TC)[:, None]
-    sums = tl.num_programs(0) * NUM_TILES * HB
+    ss = tl.arange(0, TC)[:, None]
+    sums = tl.num_programs(0) * SPLITS * HB
     m = tl.full((1, HB), float("-inf"), tl.float32)
     l = tl.zeros((1, HB), tl.float32)
-    for t0 in range(0, num_tiles, TC):
-        ok = (t0 + tt < num_tiles) & (g < H)
-        m_t = tl.load(stats_ptr + (b * NUM_TILES + t0 + tt) * HB + g, mask=ok, other=float("-inf"))  # [TC, HB]
-        l_t = tl.load(stats_ptr + sums + (b * NUM_TILES + t0 + tt) * HB + g, mask=ok, other=0.0)
-        m_new = tl.maximum(m, tl.max(m_t, axis=0)[None, :])
+    for s0 in range(0, used, TC):
+        ok = (s0 + ss < used) & (g < H)
+        m_s = tl.load(stats_ptr + (b * SPLITS + s0 + ss) * HB + g, mask=ok, other=float("-inf"))  # [TC, HB]
+        l_s = tl.load(stats_ptr + sums + (b * SPLITS + s0 + ss) * HB + g, mask=ok, other=0.0)
+        m_new = tl.maximum(m, tl.max(m_s, axis=0)[None, :])
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l = l * exp_minus(m, m_safe) + tl.sum(tl.where(ok, l_t * exp_minus(m_t, m_safe), 0.0), axis=0)[None, :]
+        l = l * exp_minus(m, m_safe) + tl.sum(tl.where(ok, l_s * exp_minus(m_s, m_safe), 0.0), axis=0)[None, :]
         m = m_new
     m = tl.where(m == float("-inf"), 0.0, m)
     inv = tl.where(l > 0.0, 1.0 / tl.where(l > 0.0, l, 1.0), 0.0)
@@ -1075,11 +1080,11 @@ def _merge_heads_kernel(stats_ptr, part_ptr, out_ptr, post_mix_ptr, item0, bt_pt
     offs_d = tl.arange(0, DP)
     d3 = offs_d[None, None, :]
     acc = tl.zeros((DP,), tl.float32)
-    for t0 in range(0, num_tiles, TC):
-        ok = (t0 + tt < num_tiles) & (g < H)
-        m_t = tl.load(stats_ptr + (b * NUM_TILES + t0 + tt) * HB + g, mask=ok, other=0.0)
-        c = tl.where(ok, exp_minus(m_t, m) * w, 0.0)  # [TC, HB]
-        rows = ((b * NUM_TILES + t0 + tt) * H + h) * H + g
+    for s0 in range(0, used, TC):
+        ok = (s0 + ss < used) & (g < H)
+        m_s = tl.load(stats_ptr + (b * SPLITS + s0 + ss) * HB + g, mask=ok, other=0.0)
+        c = tl.where(ok, exp_minus(m_s, m) * w, 0.0)  # [TC, HB]
+        rows = ((b * SPLITS + s0 + ss) * H + h) * H + g
         u = tl.load(part_ptr + rows.to(tl.int64)[:, :, None] * D + d3, mask=ok[:, :, None] & (d3 < D), other=0.0)
         acc += tl.sum(tl.sum(c[:, :, None] * u, axis=1), axis=0)
     out_ty = out_ptr.dtype.element_ty

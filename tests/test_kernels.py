@@ -315,13 +315,14 @@ def test_mta_kernel_ten_heads_gqa_head_dim_96_nan_poisoned_cache(tile):
 
 @pytest.mark.parametrize("variant,heads,dtype,one_pass", [
     ("talking_heads", (H, G, D), torch.float32, (16, 1)), ("talking_heads", (H, G, D), torch.float16, (4, 2)),
-    ("wposm_only", (H, G, D), torch.float32, (8, 4)), ("plain", (H, G, D), torch.float32, (16, 2)),
+    ("wposm_only", (H, G, D), torch.float32, (4, 20)), ("plain", (H, G, D), torch.float32, (16, 3)),
     ("all_heads", (10, 5, 24), torch.float32, (16, 2)), ("all_heads", (16, 16, 16), torch.float16, (32, 4))])
 def test_mta_kernel_one_pass_decode_matches_reference(variant, heads, dtype, one_pass):
-    """Decode rows of layers that mix heads without a key-query conv, in the one-pass form (per-tile H x H
+    """Decode rows of layers that mix heads without a key-query conv, in the one-pass form (per-split H x H
     partial products merged with every head's normalizers): against the reference, with tiles of 4-32 keys
-    (up to 38 per row, several merged per load), programs of 1-8 heads, GQA, 10 heads padded to 16 and 16
-    heads (the tl.dot branches: exact fp32, and fp16's split product), cache blocks no sequence owns NaN."""
+    (up to 38 per row), 1-20 key splits (several tiles per split, splits without keys, several merge
+    loads), GQA, 10 heads padded to 16 and 16 heads (the tl.dot branches: exact fp32, and fp16's split
+    product), cache blocks no sequence owns NaN."""
     n_heads = heads[0]
     spec = VARIANTS.get(variant) or dict(wpsm=True, head_kernel=n_heads)
     weights = mta_weights(**spec, n_heads=n_heads)
@@ -338,16 +339,17 @@ def test_mta_kernel_one_pass_decode_matches_reference(variant, heads, dtype, one
     torch.testing.assert_close(out, reference, **tol)
 
 
-def test_mta_kernel_one_pass_refuses_conv_layers_and_odd_parts():
+def test_mta_kernel_one_pass_refuses_conv_layers_and_bad_tiles():
     q, qc, kc, vc, tables, starts, ends, rows = paged_inputs(DECODE, 4, torch.float32)
     work = build_work_items(tables, starts, ends, rows, 1, 2, DEVICE)
     out = torch.empty(q.shape, device=DEVICE)
     with pytest.raises(ValueError, match="without key-query convs"):
         mta_paged_attention(q, qc, kc, vc, layer_params(mta_weights(**VARIANTS["paper"]), DEVICE), work, out,
                             one_pass=(16, 1))
-    with pytest.raises(ValueError, match="parts dividing the 4 heads"):
-        mta_paged_attention(q, None, kc, vc, layer_params(mta_weights(**VARIANTS["talking_heads"]), DEVICE), work,
-                            out, one_pass=(16, 3))
+    for bad in [(12, 2), (16, 0)]:
+        with pytest.raises(ValueError, match="power-of-two tile and at least one split"):
+            mta_paged_attention(q, None, kc, vc, layer_params(mta_weights(**VARIANTS["talking_heads"]), DEVICE),
+                                work, out, one_pass=bad)
 
 
 def _step(qc, tables, block_size, steps):
