@@ -286,7 +286,7 @@ def conv_tile_sweep(num_sms: int, quick: bool) -> list[dict]:
 def engine_splits(kind: str, batch: int, context: int, num_sms: int) -> int:
     """The key splits the engine gives decode rows of this layer kind."""
     splits = decode_splits(batch, context, num_sms)
-    return {"conv": splits, "mixing": mixing_decode(batch, splits, num_sms)["num_splits"],
+    return {"conv": splits, "mixing": mixing_decode(batch, splits, num_sms, context)["num_splits"],
             "plain": flash_splits(batch, context, HEADS, num_sms)}[kind]
 
 
@@ -295,7 +295,7 @@ def engine_tiles(kind: str, batch: int, context: int, num_sms: int) -> dict:
     if kind == "plain":
         return dict(block=flash_block_n(batch, HEADS, num_sms))
     if kind == "mixing":
-        tiles = mixing_decode(batch, decode_splits(batch, context, num_sms), num_sms)
+        tiles = mixing_decode(batch, decode_splits(batch, context, num_sms), num_sms, context)
         return dict(block=tiles.get("key_tile"), stream_tile=tiles.get("stream_tile"),
                     one_pass=tiles.get("one_pass"))
     return {}

@@ -76,9 +76,15 @@ def flash_block_n(num_sequences: int, num_heads: int, num_sms: int) -> int:
     return 64 if num_sequences * num_heads <= 8 * num_sms else 128
 
 
-def mixing_decode(num_sequences: int, num_splits: int, num_sms: int) -> dict:
+def mixing_decode(num_sequences: int, num_splits: int, num_sms: int, max_len: int) -> dict:
     """mta_paged_attention's key splits and tiles for decode rows of MTA layers without a key-query conv,
-    given decode_splits' count. Where that count gives at most one (row, split) program per SM, these
+    given decode_splits' count and the longest sequence. A single row takes the one-pass form in 128-key
+    tiles, 8 splits up to 4096 keys and 16 beyond: H200, 830M heads, bf16, K and V from HBM (`benchmarks/
+    kernels.py --one-pass-sweep`, results/kernels_h200_0cac5e0_one_pass_sweep.json), against the
+    pipeline: 1 x 512 14.5 -> 11.7 us, 1 x 2048 16.4 -> 16.3 us, 1 x 8192 (16 splits) 34.4 -> 33.5 us;
+    the 830M MTA batch-1 step 1.093 / 1.099 -> 1.066 / 1.065 ms (`benchmarks/step_profile.py`, two runs
+    each, interleaved: two kernels fewer per mixing layer). From 2 rows it was slower (2 x 2048 21.1 ->
+    21.2 us, 4 x 2048 28.9 -> 34.1). Where decode_splits' count gives at most one (row, split) program per SM, these
     layers take it with 64-key tiles in every kernel; beyond, half of it with the kernels' default tiles
     (128 keys), as their programs do less work per key than a conv layer's, for which decode_splits' count
     was best (mixing layer, at an earlier commit: 64 x 2048 0.259 -> 0.253 ms with half the splits).
@@ -88,6 +94,8 @@ def mixing_decode(num_sequences: int, num_splits: int, num_sms: int) -> dict:
     16 x 2048 those stayed best (71.8 us; 73.4 with these). The decode table, 205027c's run -> 08d7a51's:
     1 x 2048 15.2 -> 13.8 us, 1 x 8192 37.0 -> 33.1; the 830M MTA batch-1 step did not change (1.101 /
     1.102 -> 1.103 / 1.103 ms, benchmarks/step_profile.py)."""
+    if num_sequences == 1:
+        return dict(num_splits=num_splits, one_pass=(128, 8 if max_len <= 4096 else 16))
     if num_sequences * num_splits <= num_sms:
         return dict(num_splits=num_splits, key_tile=64, stream_tile=64)
     return dict(num_splits=max(1, num_splits // 2))
@@ -323,7 +331,7 @@ class TritonPagedAttention(TorchPagedAttention):
             block_n = flash_block_n(num_seqs, heads, self.num_sms) if decode else None
             paged_flash_attention(q, k_cache, v_cache, work, out, block_n=block_n, num_splits=splits)
         else:
-            tiles = (mixing_decode(work.work_seq.numel(), work.num_splits, self.num_sms)
+            tiles = (mixing_decode(work.work_seq.numel(), work.num_splits, self.num_sms, work.max_len)
                      if decode and mixing_only(params) else {})
             mta_paged_attention(q, self.q_cache[layer_id], k_cache, v_cache, params, work, out,
                                 state=self.conv_states[layer_id], head_norm=head_norm, **tiles)

@@ -197,10 +197,11 @@ def _prompt_runs(engine, model, monkeypatch, fail: bool = False) -> list:
 
 @pytest.mark.parametrize("num_sms, full", [(64, True), (1, False)])
 def test_mixing_only_decode_rows_get_the_engines_splits_and_tiles(monkeypatch, num_sms, full):
-    """Decode rows of mixing-only layers reach the row pipeline with mixing_decode's choice: where
-    decode_splits' count gives at most one (row, split) program per SM, that count in 64-key tiles (64
-    "SMs" here), else half of it in the kernels' default tiles (one "SM": 2 -> 1 split); the greedy tokens
-    and logprobs stay the torch backend's."""
+    """Decode rows of mixing-only layers reach mta_paged_attention with mixing_decode's choice: a single row
+    the one-pass form (128-key tiles, 8 splits); more rows, where decode_splits' count gives at most one
+    (row, split) program per SM, that count in 64-key tiles (64 "SMs" here), else half of it in the
+    kernels' default tiles (one "SM": 2 -> 1 split); the greedy tokens and logprobs stay the torch
+    backend's."""
     import mta_serve.kernels.mta_attention as mta_module
 
     cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, max_seq_len=128,
@@ -210,8 +211,8 @@ def test_mixing_only_decode_rows_get_the_engines_splits_and_tiles(monkeypatch, n
     calls, original = [], mta_module.mta_paged_attention
 
     def spy(q, q_cache, k_cache, v_cache, params, work, out, **kwargs):
-        chosen = (kwargs.get(k) for k in ("num_splits", "key_tile", "stream_tile"))
-        calls.append((work.block_m, work.num_splits, *chosen))
+        chosen = (kwargs.get(k) for k in ("num_splits", "key_tile", "stream_tile", "one_pass"))
+        calls.append((work.block_m, work.work_seq.numel(), work.num_splits, *chosen))
         return original(q, q_cache, k_cache, v_cache, params, work, out, **kwargs)
 
     monkeypatch.setattr(mta_module, "mta_paged_attention", spy)
@@ -220,12 +221,14 @@ def test_mixing_only_decode_rows_get_the_engines_splits_and_tiles(monkeypatch, n
     engine.runner.backend.num_sms = num_sms
     calls.clear()  # on CUDA the engine's warm-up has run the kernels on throwaway rows
     outputs = run_all(engine, PROMPTS[:2], 3)
-    decode = [c[1:] for c in calls if c[0] == 1]
+    decode = [c[2:] for c in calls if c[0] == 1 and c[1] > 1]
+    single = [c[2:] for c in calls if c[0] == 1 and c[1] == 1]
     assert sum(c[0] == 2 for c in decode) >= 2 * cfg.n_layers  # decode steps over 128 keys: two splits
+    assert single and all(c[1:] == (c[0], None, None, (128, 8)) for c in single)
     if full:
-        assert all(c[1:] == (c[0], 64, 64) for c in decode)
-    else:  # (one-split launches of a single row fit the one "SM" and take the 64-key tiles)
-        assert all(c[1:] == (1, None, None) for c in decode if c[0] == 2)
+        assert all(c[1:] == (c[0], 64, 64, None) for c in decode)
+    else:  # (one-split launches fit the one "SM" and take the 64-key tiles)
+        assert all(c[1:] == (1, None, None, None) for c in decode if c[0] == 2)
     reference = run_all(LLMEngine(model, None, CacheConfig(attention_backend="torch", **config),
                                   SchedulerConfig()), PROMPTS[:2], 3)
     for rid, out in reference.items():
