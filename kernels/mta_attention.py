@@ -23,6 +23,11 @@ rows, finishes its own outputs from the partial sums and adds its taps to those 
 paper's 6 x 11 layer then computes 1 score row and 1 pre-conv row instead of 11 and 6, and each conv reads
 one shifted input row 11 times instead of 6 rows 11 times.
 
+Decode rows of layers without a key-query conv may instead take the one-pass form (`one_pass`): after
+stage 1, `_one_pass_kernel` (item, key split, value head) and `_merge_heads_kernel` (item, head) replace
+stages 2-4, with per-split H x H partial products of P V merged under every head's normalizers (the
+comment above `_one_pass_kernel`).
+
 K is read once (stage 1), V once (stage 4). The rows in between are fp32, so the result is the reference's
 up to summation order (for 16-bit models the post-softmax head mixing is a tf32x3 dot and prompt P'V two
 16-bit dots of P' split into a 16-bit head and remainder, both about fp32's accuracy). Extra memory is
@@ -198,8 +203,8 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
     # prompt groups' pre-conv output (rows_l rows) goes where P' later does
     rows_p = rows_l if not decode and params.pre_kernel is not None else rows_o
     per_item = 4 * n_heads * length * (rows_s + rows_l + rows_p)
-    if one_pass:  # one [heads (out), heads (in), d] partial product per key split
-        per_item += 4 * n_heads * n_heads * head_dim * one_pass[1]
+    if one_pass:  # a score row and one [heads (out), heads (in), d] partial product per key split
+        per_item = 4 * n_heads * (length * rows_s + n_heads * head_dim * one_pass[1])
     wave = max(1, min(num_items, budget_bytes // per_item))
     if decode:
         splits = num_splits or work.num_splits
@@ -232,14 +237,16 @@ def mta_paged_attention(q: torch.Tensor, q_cache: torch.Tensor | None, k_cache: 
                    **_state_args(state if ring else None, work, bn, widest, dummy), **head_norm.kernel_args(dummy))
     f32 = dict(dtype=torch.float32, device=q.device)
     scores = torch.empty(wave, n_heads, rows_s, length, **f32)
-    logits = torch.empty(wave, n_heads, rows_l, length, **f32)
-    probs = torch.empty(wave, n_heads, rows_p, length, **f32)
-    stats = torch.empty(2, wave, conv_splits, n_heads, rows_l, **f32)
-    norms = torch.empty(2, wave, n_heads, rows_l, **f32)
-    partial = torch.empty(wave, splits, n_heads, rows_o, head_dim, **f32)
-    if one_pass:  # the one-pass form's per-split statistics [2, items, splits, HB] and products
+    if one_pass:  # per-split statistics [2, items, splits, HB] and products; no logit or P' rows
+        logits = probs = norms = dummy
         stats = torch.empty(2, wave, one_pass[1], hb, **f32)
         partial = torch.empty(wave, one_pass[1], n_heads, n_heads, head_dim, **f32)
+    else:
+        logits = torch.empty(wave, n_heads, rows_l, length, **f32)
+        probs = torch.empty(wave, n_heads, rows_p, length, **f32)
+        stats = torch.empty(2, wave, conv_splits, n_heads, rows_l, **f32)
+        norms = torch.empty(2, wave, n_heads, rows_l, **f32)
+        partial = torch.empty(wave, splits, n_heads, rows_o, head_dim, **f32)
     for item0 in range(0, num_items, wave):
         items = min(wave, num_items - item0)
         seq = dict(item0=item0, bt_ptr=work.block_tables, bt_stride=work.block_tables.stride(0),
