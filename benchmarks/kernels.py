@@ -207,7 +207,8 @@ ONE_PASS_CONFIGS = [(k, s) for k in (32, 64, 128) for s in (2, 4, 8, 16, 32)]
 def one_pass_sweep(num_sms: int, quick: bool) -> list[dict]:
     """(b)'s decode time in the one-pass form at each of ONE_PASS_CONFIGS against the engine's choice (what
     triton_attention.mixing_decode's one-pass rule rests on), over cold_copies' inputs. Keys of `ms`:
-    "K|S" (one pass, K-key tiles, S key splits), "pipeline" (the four kernels) or "engine"."""
+    "K|S" (one pass, K-key tiles, S key splits) or "pipeline" (the four kernels at the engine's tiles); the
+    row's `rule` names the engine's choice among them."""
     rows = []
     shapes = [(1, 2048)] if quick else [(1, 512), (1, 2048), (1, 8192), (2, 2048), (4, 2048), (8, 2048),
                                        (16, 2048), (64, 2048)]
@@ -216,9 +217,9 @@ def one_pass_sweep(num_sms: int, quick: bool) -> list[dict]:
         splits = engine_splits("mixing", batch, context, num_sms)
         tiles = engine_tiles("mixing", batch, context, num_sms)
         ms = {f"{k}|{p}": time_cold("mixing", inputs, splits, one_pass=(k, p)) for k, p in ONE_PASS_CONFIGS}
-        pipeline = {key: value for key, value in tiles.items() if key != "one_pass"}
-        ms["pipeline"] = time_cold("mixing", inputs, splits, **pipeline)
-        rows.append(sweep_row("one pass", batch, context, ms, "engine",
+        ms["pipeline"] = time_cold("mixing", inputs, splits, **dict(tiles, one_pass=None))
+        rule = "{}|{}".format(*tiles["one_pass"]) if tiles["one_pass"] else "pipeline"
+        rows.append(sweep_row("one pass", batch, context, ms, rule,
                               lambda: time_cold("mixing", inputs, splits, **tiles)))
         del inputs
         torch.cuda.empty_cache()

@@ -293,6 +293,14 @@ def test_flash_kernel_matches_reference(dtype, tile):
 
 
 
+def poison_unowned_blocks(tables: torch.Tensor, *caches: torch.Tensor) -> None:
+    """NaN into the cache blocks no sequence's block table names, so that a kernel reading one shows."""
+    unused = torch.ones(caches[0].shape[0], dtype=torch.bool, device=caches[0].device)
+    unused[tables.flatten().long()] = False
+    for cache in caches:
+        cache[unused] = float("nan")
+
+
 @pytest.mark.parametrize("tile", ["decode", "prefill"])
 def test_mta_kernel_ten_heads_gqa_head_dim_96_nan_poisoned_cache(tile):
     """The 550M head count (10, padded to 16: the tl.dot head-mixing branch) with GQA and a head size that
@@ -301,10 +309,7 @@ def test_mta_kernel_ten_heads_gqa_head_dim_96_nan_poisoned_cache(tile):
     seqs, block_m = ([(0, 1), (6, 7), (40, 41)], 1) if tile == "decode" else ([(0, 9), (20, 37)], 16)
     weights = mta_weights(pre=(3, 5), post=(2, 3), wpsm=True, head_kernel=10, n_heads=10)
     q, qc, kc, vc, tables, starts, ends, rows = paged_inputs(seqs, 4, torch.float32, heads=heads)
-    unused = torch.ones(kc.shape[0], dtype=torch.bool, device=DEVICE)
-    unused[tables.flatten().long()] = False
-    for cache in (qc, kc, vc):
-        cache[unused] = float("nan")
+    poison_unowned_blocks(tables, qc, kc, vc)
     reference = paged_attention_reference(q, qc, kc, vc, _on_device(weights), tables, starts, ends, rows,
                                           window(weights))
     out = torch.full(q.shape, float("nan"), device=DEVICE)
@@ -327,10 +332,7 @@ def test_mta_kernel_one_pass_decode_matches_reference(variant, heads, dtype, one
     spec = VARIANTS.get(variant) or dict(wpsm=True, head_kernel=n_heads)
     weights = mta_weights(**spec, n_heads=n_heads)
     q, qc, kc, vc, tables, starts, ends, rows = paged_inputs(LONG_DECODE, 4, dtype, heads=heads)
-    unused = torch.ones(kc.shape[0], dtype=torch.bool, device=DEVICE)
-    unused[tables.flatten().long()] = False
-    for cache in (kc, vc):
-        cache[unused] = float("nan")
+    poison_unowned_blocks(tables, kc, vc)
     reference = paged_attention_reference(q, qc, kc, vc, _on_device(weights), tables, starts, ends, rows, 0)
     out = torch.full(q.shape, float("nan"), device=DEVICE)
     mta_paged_attention(q, None, kc, vc, layer_params(weights, DEVICE),
