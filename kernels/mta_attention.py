@@ -1065,23 +1065,12 @@ def _merge_heads_kernel(stats_ptr, part_ptr, out_ptr, post_mix_ptr, item0, bt_pt
                                                   seq_end_ptr, seq_row_ptr, bt_ptr, bt_stride, 1)
     num_tiles = tl.cdiv(last + 1, BN)
     used = tl.cdiv(num_tiles, tl.cdiv(num_tiles, SPLITS))  # splits with keys (split_key_tiles)
-    g = tl.arange(0, HB)[None, :]
-    ss = tl.arange(0, TC)[:, None]
-    sums = tl.num_programs(0) * SPLITS * HB
-    m = tl.full((1, HB), float("-inf"), tl.float32)
-    l = tl.zeros((1, HB), tl.float32)
-    for s0 in range(0, used, TC):
-        ok = (s0 + ss < used) & (g < H)
-        m_s = tl.load(stats_ptr + (b * SPLITS + s0 + ss) * HB + g, mask=ok, other=float("-inf"))  # [TC, HB]
-        l_s = tl.load(stats_ptr + sums + (b * SPLITS + s0 + ss) * HB + g, mask=ok, other=0.0)
-        m_new = tl.maximum(m, tl.max(m_s, axis=0)[None, :])
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l = l * exp_minus(m, m_safe) + tl.sum(tl.where(ok, l_s * exp_minus(m_s, m_safe), 0.0), axis=0)[None, :]
-        m = m_new
-    m = tl.where(m == float("-inf"), 0.0, m)
-    inv = tl.where(l > 0.0, 1.0 / tl.where(l > 0.0, l, 1.0), 0.0)
+    g = tl.arange(0, HB)[:, None]
+    ss = tl.arange(0, TC)[None, :]
+    m, inv = _split_normalizers(stats_ptr, b * SPLITS * HB + g, g < H, HB, tl.num_programs(0) * SPLITS * HB,
+                                used, TC)  # [HB, 1]
     if POST_MIX:
-        w = tl.load(post_mix_ptr + h * H + g, mask=g < H, other=0.0) * inv  # [1, HB]
+        w = tl.load(post_mix_ptr + h * H + g, mask=g < H, other=0.0) * inv
     else:
         w = tl.where(g == h, inv, 0.0)
     offs_d = tl.arange(0, DP)
@@ -1090,7 +1079,7 @@ def _merge_heads_kernel(stats_ptr, part_ptr, out_ptr, post_mix_ptr, item0, bt_pt
     for s0 in range(0, used, TC):
         ok = (s0 + ss < used) & (g < H)
         m_s = tl.load(stats_ptr + (b * SPLITS + s0 + ss) * HB + g, mask=ok, other=0.0)
-        c = tl.where(ok, exp_minus(m_s, m) * w, 0.0)  # [TC, HB]
+        c = tl.where(ok, exp_minus(m_s, m) * w, 0.0)  # [HB, TC]
         rows = ((b * SPLITS + s0 + ss) * H + h) * H + g
         u = tl.load(part_ptr + rows.to(tl.int64)[:, :, None] * D + d3, mask=ok[:, :, None] & (d3 < D), other=0.0)
         acc += tl.sum(tl.sum(c[:, :, None] * u, axis=1), axis=0)
