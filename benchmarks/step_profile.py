@@ -13,11 +13,12 @@ sampled tokens), and `--profile-steps` more run under the PyTorch profiler. Per 
   - the kernels that take the most GPU time.
 
     python benchmarks/step_profile.py [--models configs/830m_mta.yaml configs/830m_baseline.yaml] \
-        [--batch 1 64] [--context 2048] [--steps 32] [--cuda-graphs on off] [--overlap-steps on off] [--out FILE]
+        [--batch 1 64] [--context 2048 512] [--steps 32] [--cuda-graphs on off] [--overlap-steps on off] [--out FILE]
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 import statistics
 import sys
@@ -28,6 +29,7 @@ import torch
 
 from common import (ROOT, add_model_args, build_bench_model, copy_bandwidth, release, run_info, sync,
                     write_result)
+from mta_serve.config import ModelConfig
 from mta_serve.llm import LLM
 from mta_serve.sampling_params import SamplingParams
 
@@ -109,12 +111,13 @@ def kernel_table(prof, steps: int, top: int) -> tuple[float, list[dict]]:
     return sum(r["us_per_step"] for r in rows) * 1e-6, rows[:top]
 
 
-def fill_margin(batch: int, args) -> int:
-    """More than the number of steps that prefill `batch` prompts."""
-    return -(-batch * args.context // args.max_num_batched_tokens) + 1
+def fill_margin(batch: int, context: int, args) -> int:
+    """More than the number of steps that prefill `batch` prompts of `context` tokens."""
+    return -(-batch * context // args.max_num_batched_tokens) + 1
 
 
-def measure(path: str, batch: int, graphs: bool, overlap: str, args, device, bandwidth: float) -> dict:
+def measure(path: str, batch: int, context: int, graphs: bool, overlap: str, args, device,
+            bandwidth: float) -> dict:
     cfg, model, weight_bytes, kv_per_token = build_bench_model(path, args.dtype, device)
     options = dict(max_num_seqs=max(batch, 1), max_num_batched_tokens=args.max_num_batched_tokens,
                    overlap_steps=OVERLAP[overlap])
@@ -124,8 +127,8 @@ def measure(path: str, batch: int, graphs: bool, overlap: str, args, device, ban
     decode_steps = args.warmup_steps + args.steps + args.profile_steps + 2  # + time_steps' untimed steps
     # Requests admitted first decode while later prompts still prefill, so they run ahead by up to the
     # number of fill steps: the margin keeps every request running until the last measured step.
-    margin = fill_margin(batch, args)
-    prompt_len = args.context - decode_steps - 1 - margin  # prompt + outputs = context
+    margin = fill_margin(batch, context, args)
+    prompt_len = context - decode_steps - 1 - margin  # prompt + outputs = context
     fill(llm, batch, prompt_len, decode_steps + 1 + margin, cfg.vocab_size, args.seed)
     time_steps(llm, args.warmup_steps, device)
     first_context = prompt_len + 1 + args.warmup_steps + 2  # keys the first timed step attends to (at least)
@@ -172,7 +175,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_args(p)
     p.add_argument("--batch", nargs="+", type=int, default=[1, 64])
-    p.add_argument("--context", type=int, default=2048, help="prompt + generated tokens of each request")
+    p.add_argument("--context", nargs="+", type=int, default=[2048],
+                   help="prompt + generated tokens of each request (several: one row each)")
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--warmup-steps", type=int, default=4)
     p.add_argument("--profile-steps", type=int, default=8, help="steps recorded by the profiler, after the "
@@ -185,20 +189,24 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "step_profile.json"))
     args = p.parse_args()
-    margin = fill_margin(max(args.batch), args)
-    if args.context - args.steps - args.warmup_steps - args.profile_steps - margin < 4:
-        p.error(f"--context must exceed --steps + --warmup-steps + --profile-steps + {margin + 3} (the steps "
-                "that fill the batch and two untimed steps)")
+    for context in args.context:
+        margin = fill_margin(max(args.batch), context, args)
+        if context - args.steps - args.warmup_steps - args.profile_steps - margin < 4:
+            p.error(f"--context {context} must exceed --steps + --warmup-steps + --profile-steps + {margin + 3} "
+                    "(the steps that fill the batch and two untimed steps)")
+    for path in args.models:
+        max_len = ModelConfig.from_yaml(path).max_seq_len
+        if max(args.context) > max_len:
+            p.error(f"--context {max(args.context)} exceeds {path}'s max_seq_len {max_len}")
     device = torch.device(args.device)
     bandwidth = copy_bandwidth(device)
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s on {args.device}", flush=True)
     rows = []
     for path in args.models:
-        for batch in args.batch:
-            for graphs in args.cuda_graphs:
-                for overlap in args.overlap_steps:
-                    rows.append(measure(path, batch, graphs == "on", overlap, args, device, bandwidth))
-                    print(describe(rows[-1]), flush=True)
+        for batch, context in itertools.product(args.batch, args.context):
+            for graphs, overlap in itertools.product(args.cuda_graphs, args.overlap_steps):
+                rows.append(measure(path, batch, context, graphs == "on", overlap, args, device, bandwidth))
+                print(describe(rows[-1]), flush=True)
     write_result(args.out, dict(**run_info(device, bandwidth), rows=rows))
     return 0
 

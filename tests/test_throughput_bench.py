@@ -38,22 +38,27 @@ def test_step_profile_runs_and_reports(tmp_path):
     out = tmp_path / "step_profile.json"
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "step_profile.py"), "--models", str(ROOT / "configs" / "tiny.yaml"),
-         "--device", "cpu", "--batch", "1", "3", "--context", "40", "--steps", "5", "--warmup-steps", "1",
+         "--device", "cpu", "--batch", "1", "3", "--context", "40", "48", "--steps", "5", "--warmup-steps", "1",
          "--profile-steps", "2", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())
     rows = result["rows"]
-    assert [r["batch"] for r in rows] == [1, 3] and result["copy_bandwidth_gbps"] > 0
-    for row in rows:
+    assert [r["batch"] for r in rows] == [1, 1, 3, 3] and result["copy_bandwidth_gbps"] > 0
+    for row, context in zip(rows, [40, 48, 40, 48]):
         # prompts of 40 - (1 + 5 + 2 + 2) - 1 - 2 = 27 tokens (+ 2: an untimed step before the warm-up and
         # the timed steps; 2: the fill steps' margin, so that no request ends during the timed steps); the
         # 5 timed steps attend to 27 + 1 + 1 + 2 = 31 .. 35 keys
-        assert row["step_ms"] > 0 and row["mean_context"] == 33
+        assert row["step_ms"] > 0 and row["mean_context"] == context - 7
         assert abs(row["step_over_roofline"] - row["step_ms"] / row["roofline_ms"]) < 1e-9
         assert row["roofline_ms"] > row["weight_bound_ms"] > 0
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_profile.py"), "--context", "5"],
                          capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "--context must exceed" in bad.stderr
+    assert bad.returncode == 2 and "--context 5 must exceed" in bad.stderr
+    too_long = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_profile.py"), "--models",
+                               str(ROOT / "configs" / "tiny.yaml"), "--context", "64", "600"],
+                              capture_output=True, text=True, timeout=120)
+    assert too_long.returncode == 2 and "--context 600 exceeds" in too_long.stderr
+    assert "max_seq_len 512" in too_long.stderr
 
 
 def test_host_overhead_runs_and_reports(tmp_path):
