@@ -118,8 +118,12 @@ def render_chat(req: ChatCompletionRequest, tokenizer) -> tuple[list[int], bool]
             eos_token=_special_text(tokenizer, "eos_id"))
     except jinja2.TemplateError as exc:
         raise ParamError("messages", f"the chat template cannot render these messages: {exc}") from None
-    # A model's own template writes BOS as text itself; the default one does not.
-    return tokenizer.encode(text, add_bos=template is None), template is not None
+    try:  # a model's own template writes BOS as text itself; the default one does not
+        return tokenizer.encode(text, add_bos=template is None), template is not None
+    except ValueError as exc:
+        how = ("its chat template" if template
+               else "the default chat template ('role: content' lines, then 'assistant:')")
+        raise ParamError("messages", f"the chat prompt rendered with {how} cannot be tokenized: {exc}") from None
 
 
 def chat_jobs(req: ChatCompletionRequest, tokenizer, max_model_len: int) -> list[Job]:

@@ -86,7 +86,8 @@ async def _generate(request: Request, served: ServedModel, schema, make_jobs, st
     """admit -> parse -> engine requests -> an SSE stream or one JSON body."""
     async with _admission(served):
         req = await _parse_generation(request, served, schema)
-        jobs = _jobs(lambda: make_jobs(req, served.tokenizer, served.max_model_len), served)
+        prompt_param = "messages" if schema is ChatCompletionRequest else "prompt"
+        jobs = _jobs(lambda: make_jobs(req, served.tokenizer, served.max_model_len), served, prompt_param)
         streams = _submit(served, jobs)
     if req.stream:
         return _sse(stream(served, req, jobs, streams), streams)
@@ -160,8 +161,9 @@ async def _parse_generation(request: Request, served: ServedModel, schema: type[
     return req
 
 
-def _jobs(make, served: ServedModel) -> list[Job]:
-    """Build the engine requests, turning every validation failure into a 400 that names the parameter."""
+def _jobs(make, served: ServedModel, prompt_param: str) -> list[Job]:
+    """Build the engine requests, turning every validation failure into a 400 that names the parameter (the
+    engine's own checks of the prompt name `prompt_param`: the field the prompt came from)."""
     try:
         jobs = make()
         for job in jobs:
@@ -169,7 +171,7 @@ def _jobs(make, served: ServedModel) -> list[Job]:
     except (ParamError, SamplingParamsError) as exc:
         raise APIError(400, str(exc), param=exc.param) from None
     except ValueError as exc:  # RequestError (lengths, ids), tokenizer errors
-        raise APIError(400, str(exc), param="prompt") from None
+        raise APIError(400, str(exc), param=prompt_param) from None
     return jobs
 
 

@@ -238,6 +238,10 @@ def test_error_messages_and_routes(server):
     assert httpx.get(server.url + "/v1/completions").status_code == 405
     chat = post(server, "/v1/chat/completions", {"model": MODEL, "messages": []})
     assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages"
+    long_chat = post(server, "/v1/chat/completions", {"model": MODEL, "max_tokens": 5,
+                                                       "messages": [{"role": "user", "content": "a" * 600}]})
+    assert long_chat.status_code == 400 and long_chat.json()["error"]["param"] == "messages", long_chat.text
+    assert "exceeds the context length 512" in long_chat.json()["error"]["message"]
     tools = post(server, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
                                                    "tools": [{"type": "function"}]})
     assert tools.status_code == 400 and tools.json()["error"]["param"] == "tools"

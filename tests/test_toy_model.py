@@ -36,6 +36,16 @@ def test_default_command_serves_the_toy_model(fresh_samples):
             body = {"model": "mta-toy", "prompt": sample.prompt, "max_tokens": 6, "temperature": 0}
             choice = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]
             assert choice["text"] == sample.answer and choice["finish_reason"] == "stop"
+        # The toy vocabulary (a-z . # _) cannot spell the default chat template's "user: ...": the error
+        # names the messages and the template, not a prompt the client never sent.
+        body = {"model": "mta-toy", "messages": [{"role": "user", "content": "abc"}]}
+        resp = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+        err = resp.json()["error"]
+        assert resp.status_code == 400 and err["param"] == "messages", resp.text
+        assert "default chat template" in err["message"] and "':'" in err["message"]
+        body = {"model": "mta-toy", "prompt": "abc:", "max_tokens": 2}
+        resp = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == "prompt", resp.text
     finally:
         server.stop()
 
