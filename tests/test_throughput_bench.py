@@ -1,12 +1,17 @@
-"""benchmarks/throughput.py end to end on the CPU with two tiny models and a tiny workload: it must run
-every part (workload (a), a sweep, the reduced reference-style comparison, the roofline) and write JSON
-whose numbers are consistent with the workload it generated."""
+"""The benchmark scripts end to end on the CPU: benchmarks/throughput.py with two tiny models and a tiny
+workload must run every part (workload (a), a sweep, the reduced reference-style comparison, the roofline)
+and write JSON whose numbers are consistent with the workload it generated; step_profile.py,
+host_overhead.py and launch_chain.py likewise, small."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,3 +79,17 @@ def test_host_overhead_runs_and_reports(tmp_path):
     for row in rows:
         assert 0 < row["launch_ms"] < row["step_ms"] and 0 < row["outputs_ms"] < row["step_ms"]
         assert row["schedule_ms"] + row["runner_ms"] + row["sample_launch_ms"] <= row["launch_ms"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU check; on CUDA the script times the chain")
+def test_launch_chain_checks_its_chain_on_the_cpu():
+    """benchmarks/launch_chain.py without CUDA: the interpreter runs the chain of link kernels and the
+    script checks that every link added to what the one before it wrote; without the interpreter it
+    says how to run it."""
+    script = [sys.executable, str(ROOT / "benchmarks" / "launch_chain.py"), "--links", "6"]
+    done = subprocess.run(script, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert done.returncode == 0 and "6 links checked" in done.stdout, done.stderr[-2000:]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    refused = subprocess.run(script, capture_output=True, text=True, timeout=300, env=env)
+    assert refused.returncode == 2 and "TRITON_INTERPRET=1" in refused.stderr
