@@ -50,9 +50,9 @@ def test_step_profile_runs_and_reports(tmp_path):
     rows = result["rows"]
     assert [r["batch"] for r in rows] == [1, 1, 3, 3] and result["copy_bandwidth_gbps"] > 0
     for row, context in zip(rows, [40, 48, 40, 48]):
-        # prompts of 40 - (1 + 5 + 2 + 2) - 1 - 2 = 27 tokens (+ 2: an untimed step before the warm-up and
-        # the timed steps; 2: the fill steps' margin, so that no request ends during the timed steps); the
-        # 5 timed steps attend to 27 + 1 + 1 + 2 = 31 .. 35 keys
+        # at context 40, prompts of 40 - (1 + 5 + 2 + 2) - 1 - 2 = 27 tokens (+ 2: an untimed step before the
+        # warm-up and the timed steps; 2: the fill steps' margin, so that no request ends during the timed
+        # steps); the 5 timed steps attend to 27 + 1 + 1 + 2 = 31 .. 35 keys (at 48: 39 .. 43)
         assert row["step_ms"] > 0 and row["mean_context"] == context - 7
         assert abs(row["step_over_roofline"] - row["step_ms"] / row["roofline_ms"]) < 1e-9
         assert row["roofline_ms"] > row["weight_bound_ms"] > 0
