@@ -36,6 +36,9 @@ def _model_dir(model: str | None) -> Path:
         return embedded_model_dir(DEFAULT_MODEL)
     if model in EMBEDDED_MODELS and not Path(model).exists():
         return embedded_model_dir(model)
+    if not Path(model).exists():
+        raise CLIError(f"--model {model}: no such checkpoint directory, and not an embedded model "
+                       f"({', '.join(EMBEDDED_MODELS)})")
     return Path(model)
 
 

@@ -20,7 +20,8 @@ def test_help_lists_serve_and_convert():
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--model", "/nonexistent/model"], "does not exist"),
+    (["--model", "/nonexistent/model"], "no such checkpoint directory, and not an embedded model (mta-toy, "),
+    (["--model", "mta-tiny"], "not an embedded model (mta-toy, toy-baseline)"),
     (["convert", "reference", "/nonexistent", "/tmp/out"], "params.json is missing"),
     (["convert", "hf", "/nonexistent", "/tmp/out"], "nonexistent"),
 ])
