@@ -4,7 +4,7 @@ Unknown fields are ignored, since clients such as `vllm bench serve` send extras
 not implemented are rejected with 400 when the client sets them (see UNSUPPORTED)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
@@ -40,6 +40,13 @@ class _Sampling(_Body):
     min_tokens: StrictInt = 0
     ignore_eos: StrictBool = False
     user: StrictStr | None = None
+    response_format: dict | None = None
+    # vLLM's structured-output extensions: known, so that a client relying on them is refused, not ignored
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
 
 
 class CompletionRequest(_Sampling):
@@ -76,7 +83,6 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: StrictInt | None = None
     tools: list | None = None
     tool_choice: StrictStr | dict | None = None
-    response_format: dict | None = None
 
 
 class TokenizeRequest(_Body):
@@ -97,4 +103,6 @@ UNSUPPORTED = {
     "tools": lambda v: bool(v),
     "tool_choice": lambda v: v not in (None, "none", "auto"),
     "response_format": lambda v: v is not None and v.get("type", "text") != "text",
+    **{name: (lambda v: v is not None) for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                                                     "structured_outputs")},
 }

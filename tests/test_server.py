@@ -200,6 +200,10 @@ ERRORS = [
     ({"prompt": "a", "logprobs": 21}, 400, "logprobs"),
     ({"prompt": "a", "suffix": "z"}, 400, "suffix"),
     ({"prompt": "a", "best_of": 2}, 400, "best_of"),
+    ({"prompt": "a", "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ({"prompt": "a", "guided_regex": "[a-z]+"}, 400, "guided_regex"),
+    ({"prompt": "a", "guided_json": {}}, 400, "guided_json"),
+    ({"prompt": "a", "structured_outputs": {"choice": ["x"]}}, 400, "structured_outputs"),
     ({"prompt": "a", "temperature": -1}, 400, "temperature"),
     ({"prompt": "a", "top_p": 0}, 400, "top_p"),
     ({"prompt": "a", "seed": 2**70}, 400, "seed"),
@@ -245,6 +249,12 @@ def test_error_messages_and_routes(server):
     tools = post(server, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
                                                    "tools": [{"type": "function"}]})
     assert tools.status_code == 400 and tools.json()["error"]["param"] == "tools"
+    choice = post(server, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                                    "guided_choice": ["yes", "no"]})
+    assert choice.status_code == 400 and "'guided_choice'" in choice.json()["error"]["message"]
+    plain = post(server, "/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": 1,
+                                             "response_format": {"type": "text"}, "guided_json": None})
+    assert plain.status_code == 200, plain.text
 
 
 def test_api_key():
