@@ -44,10 +44,6 @@ def run_chain(bufs: tuple[torch.Tensor, torch.Tensor], links: int, level: int) -
         _link_kernel[grid](bufs[i % 2], bufs[(i + 1) % 2], BLOCK=BLOCK, **launch)
 
 
-def chain_result(bufs, links: int) -> torch.Tensor:
-    return bufs[links % 2]
-
-
 def replay_us(programs: int, links: int, level: int, replays: int) -> float:
     """Median replay time (µs) of a CUDA graph of the chain; checks the chain added `links` per replay."""
     bufs = (torch.zeros(programs * BLOCK, device="cuda"), torch.zeros(programs * BLOCK, device="cuda"))
@@ -72,9 +68,8 @@ def replay_us(programs: int, links: int, level: int, replays: int) -> float:
 def check(bufs, links: int, times: int) -> None:
     """After `times` runs of an even chain from zeros, bufs[0] holds links * times: every link added 1 to
     what the link before it wrote."""
-    got = chain_result(bufs, links)
-    if not torch.all(got == float(links * times)):
-        raise RuntimeError(f"the chain computed {got.unique().tolist()[:4]}, expected {links * times}")
+    if not torch.all(bufs[0] == float(links * times)):
+        raise RuntimeError(f"the chain computed {bufs[0].unique().tolist()[:4]}, expected {links * times}")
 
 
 def measure(programs: list[int], links: int, replays: int) -> list[dict]:
@@ -82,9 +77,9 @@ def measure(programs: list[int], links: int, replays: int) -> list[dict]:
     rows = []
     for n in programs:
         for level in levels:
-            one, many = replay_us(n, 2, level, replays), replay_us(n, links, level, replays)
+            two, many = replay_us(n, 2, level, replays), replay_us(n, links, level, replays)
             rows.append(dict(programs=n, pdl=level, links=links, replay_us=many,
-                             us_per_link=(many - one) / (links - 2)))
+                             us_per_link=(many - two) / (links - 2)))
             print(f"{n:5d} programs  PDL {level}: {rows[-1]['us_per_link']:.2f} us per link "
                   f"({many:.1f} us for {links})", flush=True)
     return rows
