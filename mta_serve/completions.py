@@ -17,6 +17,7 @@ from .engine import RequestOutput
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .request import TokenLogprob
 from .sampling_params import SamplingParams
+from .tokenizer import IncrementalDetokenizer
 
 # Used when the tokenizer has no chat template: one "role: content" line per message, then the cue.
 DEFAULT_CHAT_TEMPLATE = (
@@ -198,29 +199,44 @@ async def merge(streams: list) -> AsyncIterator[tuple[int, RequestOutput]]:
 
 # ---- engine outputs -> OpenAI JSON ------------------------------------------------------------------------
 
-def _token_text(tokenizer, token_id: int) -> str:
-    return _safe_decode(tokenizer, [token_id], skip_special=False)
+def _token_bytes(tokenizer, token_id: int) -> bytes:
+    """The token's bytes: its own where the tokenizer has them (token_bytes), else its decoded text's."""
+    if hasattr(tokenizer, "token_bytes"):
+        return tokenizer.token_bytes(token_id)
+    return _safe_decode(tokenizer, [token_id], skip_special=False).encode("utf-8")
+
+
+def _token_str(raw: bytes) -> str:
+    """A token's text; as OpenAI writes it, "bytes:\\xNN..." for bytes that are not whole characters (so
+    tokens holding different parts of characters stay apart)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
 def _lp(value: float) -> float:
     return max(value, LOGPROB_FLOOR)
 
 
-def text_length(tokenizer, ids: list[int]) -> int:
-    """How many characters these tokens add to a returned text (special tokens add none), token by token,
-    so streamed and whole responses agree on text_offset."""
-    return sum(len(_safe_decode(tokenizer, [t])) for t in ids)
+def text_offsets(tokenizer, ids: list[int], offset: int) -> list[int]:
+    """Where each token's text starts, counting from `offset`: the characters a streaming detokenizer has
+    emitted before it, so a token that completes a character split across tokens shares the offset of the
+    token that began it."""
+    detokenizer = IncrementalDetokenizer(tokenizer)
+    starts = []
+    for token_id in ids:
+        starts.append(offset)
+        offset += len(detokenizer.push(token_id))
+    return starts
 
 
 def completion_logprobs(tokenizer, records: list[TokenLogprob | None], ids: list[int], offset: int) -> dict:
     """OpenAI's completion logprobs for `ids` (records[i] None = no logprob, e.g. the first prompt token);
     `offset` is where the first token's text starts."""
-    tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
+    tokens, token_logprobs, top_logprobs = [], [], []
     for token_id, record in zip(ids, records):
-        text = _token_text(tokenizer, token_id)
-        tokens.append(text)
-        text_offset.append(offset)
-        offset += text_length(tokenizer, [token_id])
+        tokens.append(_token_str(_token_bytes(tokenizer, token_id)))
         if record is None:
             token_logprobs.append(None)
             top_logprobs.append(None)
@@ -228,17 +244,17 @@ def completion_logprobs(tokenizer, records: list[TokenLogprob | None], ids: list
         token_logprobs.append(_lp(record.logprob))
         top: dict[str, float] = {}
         for t, v in [(token_id, record.logprob), *record.top.items()]:
-            top.setdefault(_token_text(tokenizer, t), _lp(v))  # tokens that decode alike: keep the likeliest
-        top = dict(sorted(top.items(), key=lambda kv: -kv[1]))
-        top_logprobs.append(top)
+            key = _token_str(_token_bytes(tokenizer, t))
+            top[key] = max(top.get(key, LOGPROB_FLOOR), _lp(v))  # tokens written alike: keep the likeliest
+        top_logprobs.append(dict(sorted(top.items(), key=lambda kv: -kv[1])))
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
-            "text_offset": text_offset}
+            "text_offset": text_offsets(tokenizer, ids, offset)}
 
 
 def chat_logprobs(tokenizer, records: list[TokenLogprob]) -> dict:
     def entry(token_id: int, logprob: float) -> dict:
-        text = _token_text(tokenizer, token_id)
-        return {"token": text, "logprob": _lp(logprob), "bytes": list(text.encode("utf-8"))}
+        raw = _token_bytes(tokenizer, token_id)
+        return {"token": _token_str(raw), "logprob": _lp(logprob), "bytes": list(raw)}
 
     content = [{**entry(r.token_id, r.logprob), "top_logprobs": [entry(t, v) for t, v in r.top.items()]}
                for r in records]

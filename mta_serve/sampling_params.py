@@ -30,7 +30,7 @@ class SamplingParams:
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0  # 0 = off
+    top_k: int = 0  # 0 or -1 (vLLM's spelling) = off
     min_p: float = 0.0
     seed: int | None = None
     presence_penalty: float = 0.0
@@ -60,7 +60,7 @@ class SamplingParams:
             (self.max_tokens >= 1, "max_tokens", "an integer >= 1"),
             (self.temperature >= 0, "temperature", "a number >= 0"),
             (0 < self.top_p <= 1, "top_p", "a number in (0, 1]"),
-            (self.top_k >= 0, "top_k", "an integer >= 0 (0 = off)"),
+            (self.top_k >= -1, "top_k", "an integer >= -1 (0 or -1 = off)"),
             (0 <= self.min_p <= 1, "min_p", "a number in [0, 1]"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty", "a number in [-2, 2]"),
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "a number in [-2, 2]"),

@@ -1,7 +1,8 @@
 """OpenAI-compatible HTTP server (FastAPI + uvicorn) over the continuous-batching engine.
 
-Routes: POST /v1/completions, POST /v1/chat/completions (both streaming or not), GET /v1/models, GET /health,
-GET /metrics, POST /tokenize, POST /detokenize, GET /tokenizer_info. Every error is OpenAI's JSON:
+Routes: POST /v1/completions, POST /v1/chat/completions (both streaming or not), GET /v1/models (and
+/v1/models/{id}), GET /health, GET /metrics, POST /tokenize, POST /detokenize, GET /tokenizer_info. Every
+error is OpenAI's JSON:
 {"error": {"message", "type", "param", "code"}}.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .async_engine import AsyncEngine, EngineDeadError, RequestStream, ShuttingDownError
 from .completions import (Job, ParamError, chat_jobs, chat_logprobs, completion_jobs, completion_logprobs, merge,
-                          new_id, now, text_length)
+                          new_id, now)
 from .engine import RequestOutput
 from .protocol import (UNSUPPORTED, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                        TokenizeRequest)
@@ -310,14 +311,14 @@ async def _completion_stream(served, req: CompletionRequest, jobs: list[Job],
         job = jobs[i]
         if req.echo and i not in echoed:  # the prompt first, with its logprobs (computed by now)
             echoed.add(i)
-            offsets[i] = text_length(served.tokenizer, job.prompt_ids)
+            offsets[i] = len(job.prompt_text)
             yield {**head, "choices": [_echo_choice(served, req, job, out)]}
         text = "" if echo_only else out.new_text
         logprobs = None
         if req.logprobs is not None and not echo_only:
             records = out.logprobs[len(out.logprobs) - len(out.new_token_ids):]
             logprobs = completion_logprobs(served.tokenizer, records, out.new_token_ids, offsets[i])
-        offsets[i] += text_length(served.tokenizer, [] if echo_only else out.new_token_ids)
+        offsets[i] += len(text)
         finish = ("length" if echo_only else out.finish_reason) if out.finished else None
         if out.finished:
             finals[i] = out
@@ -380,11 +381,20 @@ def _add_info_routes(app: FastAPI, served: ServedModel) -> None:
             return error_response(503, "the engine loop has stopped", type_="server_error")
         return JSONResponse({})
 
+    def model_card() -> dict:
+        return {"id": served.name, "object": "model", "created": 0, "owned_by": "mta-serve",
+                "max_model_len": served.max_model_len}
+
     @app.get("/v1/models")
     async def models() -> dict:
-        card = {"id": served.name, "object": "model", "created": 0, "owned_by": "mta-serve",
-                "max_model_len": served.max_model_len}
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict:
+        if model != served.name:
+            raise APIError(404, f"model '{model}' does not exist; this server serves '{served.name}'",
+                           param="model", type_="not_found_error")
+        return model_card()
 
     @app.get("/metrics")
     async def metrics() -> Response:

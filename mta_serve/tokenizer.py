@@ -60,6 +60,9 @@ class Tokenizer(Protocol):
 
     def save(self, dir: Path) -> None: ...
 
+    # Optional, on the byte and tiktoken tokenizers: token_bytes(token_id) -> bytes, a token's own bytes,
+    # which the API's logprobs report where a token holds part of a character.
+
 
 # ---------------------------------------------------------------------------------------------------------
 # helpers
@@ -159,6 +162,11 @@ class BytesTokenizer:
         # "replace" keeps decode total: a model can emit invalid UTF-8 and streaming relies on U+FFFD.
         return buf.decode("utf-8", errors="replace")
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The token's own bytes (a special token's text), which may be part of a character."""
+        _check_ids([token_id], self.vocab_size, self.kind)
+        return bytes([token_id]) if token_id < 256 else self.SPECIAL_TEXT[token_id].encode("utf-8")
+
     def save(self, dir: Path) -> None:
         _write_config(Path(dir), self)
 
@@ -245,6 +253,11 @@ class TiktokenTokenizer:
         if skip_special:
             ids = [i for i in ids if i < self.n_ranks]
         return self._enc.decode(ids, errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The token's own bytes (a special token's text), which may be part of a character."""
+        _check_ids([token_id], self.vocab_size, self.kind)
+        return self._enc.decode_single_token_bytes(token_id)
 
     def save(self, dir: Path) -> None:
         dir = Path(dir)

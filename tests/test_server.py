@@ -101,10 +101,47 @@ def test_logprobs_shape(server):
     lp = body["choices"][0]["logprobs"]
     assert set(lp) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
     assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 4
-    # keyed by token text: alternatives that decode alike (lone high bytes) share a key, as in OpenAI's format
-    assert all(1 <= len(top) <= 4 for top in lp["top_logprobs"])
+    # keyed by token text, lone high bytes as "bytes:\\xNN" (as OpenAI writes them), so none share a key
+    assert all(3 <= len(top) <= 4 for top in lp["top_logprobs"])
     assert all(max(top.values()) == lp_ for top, lp_ in zip(lp["top_logprobs"], lp["token_logprobs"]))  # greedy
     assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
+
+
+def test_logprobs_of_tokens_holding_part_of_a_character(server):
+    """The byte tokenizer spells é as two tokens: each is written "bytes:\\xNN" with its own byte (chat:
+    `bytes`), and text_offset counts characters of the returned text, so both start where é does; five
+    alternatives asked for are five distinct keys. Streamed offsets agree."""
+    hello = [256, 104, 195, 169, 108, 108, 111]  # BOS h é l l o
+    body = dict(prompt=[hello], max_tokens=1, temperature=0, logprobs=5, echo=True, logit_bias={"195": 100})
+    choice = completion(server, **body)["choices"][0]
+    lp = choice["logprobs"]
+    assert choice["text"].startswith("héllo")
+    assert lp["tokens"] == ["<|bos|>", "h", "bytes:\\xc3", "bytes:\\xa9", "l", "l", "o", "bytes:\\xc3"]
+    assert lp["text_offset"] == [0, 0, 1, 1, 2, 3, 4, 5]
+    assert all(len(top) >= 5 for top in lp["top_logprobs"][1:])
+    chunks = [c["choices"][0]["logprobs"] for c in stream(server, "/v1/completions", body)
+              if c["choices"] and c["choices"][0]["logprobs"]]
+    assert [x for c in chunks for x in c["text_offset"]] == lp["text_offset"]
+    chat = post(server, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                                 "max_tokens": 1, "temperature": 0, "logprobs": True,
+                                                 "top_logprobs": 3, "logit_bias": {"195": 100}}).json()
+    entry = chat["choices"][0]["logprobs"]["content"][0]
+    assert entry["token"] == "bytes:\\xc3" and entry["bytes"] == [195]
+    assert len({bytes(t["bytes"]) for t in entry["top_logprobs"]}) == 3
+
+
+def test_alternatives_written_alike_keep_the_likeliest():
+    """Where two tokens decode to the same text (possible with Hugging Face tokenizers), the key holds the
+    larger logprob, whichever of them was chosen."""
+    from mta_serve.completions import completion_logprobs
+    from mta_serve.request import TokenLogprob
+
+    class TwoAlike:  # ids 0 and 1 both decode to "a"; id 2 to "b"
+        def decode(self, ids, skip_special=True):
+            return "".join("b" if i == 2 else "a" for i in ids)
+
+    record = TokenLogprob(0, -2.0, {1: -0.5, 2: -1.0, 0: -2.0})
+    assert completion_logprobs(TwoAlike(), [record], [0], 0)["top_logprobs"] == [{"a": -0.5, "b": -1.0}]
 
 
 def test_echo_with_logprobs_as_lm_eval_sends_it(server):
@@ -128,6 +165,10 @@ def test_sampling_options_are_applied(server):
                            frequency_penalty=2.0, presence_penalty=2.0, ignore_eos=True, user="u1",
                            min_tokens=2, repetition_penalty=1.1, top_k=5, min_p=0.01, top_p=0.9)
     assert len(penalized["choices"][0]["text"]) >= 1
+    # top_k -1 is off, as vLLM's clients send it: the same draws as top_k 0
+    off = [completion(server, prompt="x", max_tokens=4, temperature=1.0, seed=3, top_k=k, ignore_eos=True)
+           for k in (0, -1)]
+    assert off[0]["choices"][0]["text"] == off[1]["choices"][0]["text"]
 
 
 # ---- chat ---------------------------------------------------------------------------------------------
@@ -167,9 +208,13 @@ def test_tokenizer_routes(server):
     assert post(server, "/detokenize", {"tokens": [999]}).status_code == 400
 
 
-def test_models_and_metrics(server):
+def test_models_and_metrics(server, client):
     models = httpx.get(server.url + "/v1/models").json()
     assert models["data"][0]["id"] == MODEL and models["data"][0]["max_model_len"] == 512
+    assert httpx.get(server.url + f"/v1/models/{MODEL}").json() == models["data"][0]
+    assert client.models.retrieve(MODEL).id == MODEL
+    missing = httpx.get(server.url + "/v1/models/nope")
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
     completion(server, prompt="metrics", max_tokens=4, ignore_eos=True)
     text = httpx.get(server.url + "/metrics").text
     for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
@@ -206,6 +251,7 @@ ERRORS = [
     ({"prompt": "a", "structured_outputs": {"choice": ["x"]}}, 400, "structured_outputs"),
     ({"prompt": "a", "temperature": -1}, 400, "temperature"),
     ({"prompt": "a", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "a", "top_k": -2}, 400, "top_k"),
     ({"prompt": "a", "seed": 2**70}, 400, "seed"),
     ({"prompt": "a", "n": 0}, 400, "n"),
     ({"prompt": "a", "logit_bias": {"x": 1}}, 400, "logit_bias"),

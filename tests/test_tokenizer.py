@@ -110,6 +110,18 @@ def test_bytes_ids_and_round_trip():
     assert tok.decode([256, 104, 257], skip_special=False) == "<|bos|>h<|eos|>"
 
 
+def test_token_bytes_are_each_tokens_own(ranks_file: Path):
+    """A token's bytes (for the API's logprobs), including tokens that hold part of a character."""
+    tok = BytesTokenizer()
+    assert [tok.token_bytes(i) for i in (104, 195, 169, 256)] == [b"h", b"\xc3", b"\xa9", b"<|bos|>"]
+    tik = TiktokenTokenizer(ranks_file)
+    ids = tik.encode("hello \u00e9", add_bos=False)
+    assert b"".join(tik.token_bytes(i) for i in ids) == "hello \u00e9".encode("utf-8")
+    assert tik.token_bytes(tik.bos_id) == tik.decode([tik.bos_id], skip_special=False).encode("utf-8")
+    with pytest.raises(TokenizerError):
+        tok.token_bytes(258)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # tiktoken
 
