@@ -219,21 +219,33 @@ def _lp(value: float) -> float:
     return max(value, LOGPROB_FLOOR)
 
 
-def text_offsets(tokenizer, ids: list[int], offset: int) -> list[int]:
-    """Where each token's text starts, counting from `offset`: the characters a streaming detokenizer has
-    emitted before it, so a token that completes a character split across tokens shares the offset of the
-    token that began it."""
-    detokenizer = IncrementalDetokenizer(tokenizer)
-    starts = []
-    for token_id in ids:
-        starts.append(offset)
-        offset += len(detokenizer.push(token_id))
-    return starts
+class TextOffsets:
+    """Where each token's text starts in a returned text (OpenAI's text_offset), token by token, so streamed
+    and whole responses agree. It decodes as the engine does (an IncrementalDetokenizer with the prompt's
+    last ids as context), so offsets are characters of that text. Tokens held back as part of a character
+    start where the character does; when held tokens turn out not to form one (invalid bytes), the token
+    that releases them starts at its own text, at the end of what they release."""
+
+    def __init__(self, tokenizer, context_ids: list[int] | None, offset: int):
+        self._tokenizer = tokenizer
+        self._detokenizer = IncrementalDetokenizer(tokenizer, context_ids)
+        self._offset = offset  # characters emitted so far
+        self._holding = False
+
+    def starts(self, ids: list[int]) -> list[int]:
+        starts = []
+        for token_id in ids:
+            delta = self._detokenizer.push(token_id)
+            own = len(_safe_decode(self._tokenizer, [token_id])) if delta and self._holding else len(delta)
+            starts.append(self._offset + max(0, len(delta) - own))
+            self._offset += len(delta)
+            self._holding = not delta
+        return starts
 
 
-def completion_logprobs(tokenizer, records: list[TokenLogprob | None], ids: list[int], offset: int) -> dict:
+def completion_logprobs(tokenizer, records: list[TokenLogprob | None], ids: list[int], starts: list[int]) -> dict:
     """OpenAI's completion logprobs for `ids` (records[i] None = no logprob, e.g. the first prompt token);
-    `offset` is where the first token's text starts."""
+    `starts`: their text offsets (TextOffsets)."""
     tokens, token_logprobs, top_logprobs = [], [], []
     for token_id, record in zip(ids, records):
         tokens.append(_token_str(_token_bytes(tokenizer, token_id)))
@@ -248,7 +260,7 @@ def completion_logprobs(tokenizer, records: list[TokenLogprob | None], ids: list
             top[key] = max(top.get(key, LOGPROB_FLOOR), _lp(v))  # tokens written alike: keep the likeliest
         top_logprobs.append(dict(sorted(top.items(), key=lambda kv: -kv[1])))
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
-            "text_offset": text_offsets(tokenizer, ids, offset)}
+            "text_offset": starts}
 
 
 def chat_logprobs(tokenizer, records: list[TokenLogprob]) -> dict:

@@ -21,8 +21,8 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .async_engine import AsyncEngine, EngineDeadError, RequestStream, ShuttingDownError
-from .completions import (Job, ParamError, chat_jobs, chat_logprobs, completion_jobs, completion_logprobs, merge,
-                          new_id, now)
+from .completions import (Job, ParamError, TextOffsets, chat_jobs, chat_logprobs, completion_jobs, completion_logprobs,
+                          merge, new_id, now)
 from .engine import RequestOutput
 from .protocol import (UNSUPPORTED, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                        TokenizeRequest)
@@ -284,14 +284,23 @@ def _completion_choice(served: ServedModel, req: CompletionRequest, job: Job, ou
     text = (job.prompt_text if req.echo else "") + ("" if echo_only else out.text)
     logprobs = None
     if req.logprobs is not None:
-        records = list(out.prompt_logprobs or []) if req.echo else []
-        ids = list(job.prompt_ids) if req.echo else []
+        records, ids, starts = [], [], []
+        if req.echo:
+            records, ids = list(out.prompt_logprobs or []), list(job.prompt_ids)
+            starts = TextOffsets(served.tokenizer, None, 0).starts(ids)
         if not echo_only:
             records += out.logprobs
             ids += out.token_ids
-        logprobs = completion_logprobs(served.tokenizer, records, ids, 0)
+            starts += _generated_offsets(served, req, job).starts(out.token_ids)
+        logprobs = completion_logprobs(served.tokenizer, records, ids, starts)
     return {"index": job.index, "text": text, "logprobs": logprobs,
             "finish_reason": "length" if echo_only else out.finish_reason}
+
+
+def _generated_offsets(served, req: CompletionRequest, job: Job) -> TextOffsets:
+    """The text offsets of a choice's generated tokens: after the echoed prompt, decoded with its ids as
+    context, as the engine decodes them."""
+    return TextOffsets(served.tokenizer, job.prompt_ids, len(job.prompt_text) if req.echo else 0)
 
 
 def _completion_body(served, req: CompletionRequest, jobs: list[Job], finals: dict[int, RequestOutput]) -> dict:
@@ -304,21 +313,22 @@ async def _completion_stream(served, req: CompletionRequest, jobs: list[Job],
                              streams: list[RequestStream]) -> AsyncIterator[dict]:
     head = {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": served.name}
     finals: dict[int, RequestOutput] = {}
-    offsets = [0] * len(jobs)  # characters of each choice's text sent so far (for text_offset)
+    offsets: dict[int, TextOffsets] = {}  # each choice's, for text_offset
     echoed: set[int] = set()
     echo_only = _echo_only(req)
     async for i, out in merge(streams):
         job = jobs[i]
         if req.echo and i not in echoed:  # the prompt first, with its logprobs (computed by now)
             echoed.add(i)
-            offsets[i] = len(job.prompt_text)
             yield {**head, "choices": [_echo_choice(served, req, job, out)]}
         text = "" if echo_only else out.new_text
         logprobs = None
         if req.logprobs is not None and not echo_only:
             records = out.logprobs[len(out.logprobs) - len(out.new_token_ids):]
-            logprobs = completion_logprobs(served.tokenizer, records, out.new_token_ids, offsets[i])
-        offsets[i] += len(text)
+            if i not in offsets:
+                offsets[i] = _generated_offsets(served, req, job)
+            logprobs = completion_logprobs(served.tokenizer, records, out.new_token_ids,
+                                           offsets[i].starts(out.new_token_ids))
         finish = ("length" if echo_only else out.finish_reason) if out.finished else None
         if out.finished:
             finals[i] = out
@@ -332,7 +342,8 @@ async def _completion_stream(served, req: CompletionRequest, jobs: list[Job],
 def _echo_choice(served, req: CompletionRequest, job: Job, out: RequestOutput) -> dict:
     logprobs = None
     if req.logprobs is not None:
-        logprobs = completion_logprobs(served.tokenizer, out.prompt_logprobs, job.prompt_ids, 0)
+        starts = TextOffsets(served.tokenizer, None, 0).starts(job.prompt_ids)
+        logprobs = completion_logprobs(served.tokenizer, out.prompt_logprobs, job.prompt_ids, starts)
     return {"index": job.index, "text": job.prompt_text, "logprobs": logprobs, "finish_reason": None}
 
 

@@ -130,6 +130,39 @@ def test_logprobs_of_tokens_holding_part_of_a_character(server):
     assert len({bytes(t["bytes"]) for t in entry["top_logprobs"]}) == 3
 
 
+def test_text_offsets_count_characters_of_the_returned_text():
+    """Bytes of a split character start where it does; a byte that never completes one is a character of its
+    own (U+FFFD), so the token after it starts after it; a prompt ending mid-character is decoded as the
+    engine decodes the generated text, with it as context."""
+    from mta_serve.completions import TextOffsets
+    from mta_serve.tokenizer import BytesTokenizer
+
+    tok = BytesTokenizer()
+    assert TextOffsets(tok, None, 0).starts([104, 195, 169, 108]) == [0, 1, 1, 2]  # h é l
+    assert TextOffsets(tok, None, 0).starts([0xa9, 104, 105]) == [0, 1, 2]  # \ufffd h i
+    counter = TextOffsets(tok, [256, 104, 195], 2)  # after an echoed "h\ufffd", one token at a time
+    assert [counter.starts([t])[0] for t in (104, 104)] == [2, 3]
+
+
+def test_streamed_offsets_with_a_stop_string_and_an_echoed_split_character(server):
+    """The engine holds text back while it might begin a stop string; offsets follow the tokens, not the
+    text sent so far. An echoed prompt ending in half a character: the generated tokens start after it."""
+    body = dict(prompt="hello", max_tokens=8, temperature=0, logprobs=0, stop=["qqqqqq"], ignore_eos=True,
+                logit_bias={"97": 100})
+    whole = completion(server, **body)["choices"][0]
+    assert whole["text"] == "aaaaaaaa" and whole["logprobs"]["text_offset"] == list(range(8))
+    chunks = [c["choices"][0]["logprobs"] for c in stream(server, "/v1/completions", body)
+              if c["choices"] and c["choices"][0]["logprobs"]]
+    assert [x for c in chunks for x in c["text_offset"]] == list(range(8))
+    body = dict(prompt=[[256, 104, 195]], max_tokens=3, temperature=0, logprobs=0, echo=True, ignore_eos=True,
+                logit_bias={"104": 100})
+    whole = completion(server, **body)["choices"][0]
+    assert whole["text"] == "h\ufffdhhh" and whole["logprobs"]["text_offset"] == [0, 0, 1, 2, 3, 4]
+    chunks = [c["choices"][0]["logprobs"] for c in stream(server, "/v1/completions", body)
+              if c["choices"] and c["choices"][0]["logprobs"]]
+    assert [x for c in chunks for x in c["text_offset"]] == [0, 0, 1, 2, 3, 4]
+
+
 def test_alternatives_written_alike_keep_the_likeliest():
     """Where two tokens decode to the same text (possible with Hugging Face tokenizers), the key holds the
     larger logprob, whichever of them was chosen."""
@@ -141,7 +174,7 @@ def test_alternatives_written_alike_keep_the_likeliest():
             return "".join("b" if i == 2 else "a" for i in ids)
 
     record = TokenLogprob(0, -2.0, {1: -0.5, 2: -1.0, 0: -2.0})
-    assert completion_logprobs(TwoAlike(), [record], [0], 0)["top_logprobs"] == [{"a": -0.5, "b": -1.0}]
+    assert completion_logprobs(TwoAlike(), [record], [0], [0])["top_logprobs"] == [{"a": -0.5, "b": -1.0}]
 
 
 def test_echo_with_logprobs_as_lm_eval_sends_it(server):
