@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import socket
 import sys
 from importlib import resources
 from pathlib import Path
@@ -131,6 +132,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound before the model loads, so a bad --host or a port in use is a
+    one-line error (uvicorn would log it among its own lines and exit 3)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        raise CLIError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
 def _device(name: str):
     import torch
 
@@ -186,6 +200,9 @@ def serve(args: argparse.Namespace) -> int:
 
     if args.max_queued_requests < 1:
         raise CLIError(f"invalid --max-queued-requests {args.max_queued_requests}: allowed an integer >= 1")
+    if not 0 <= args.shutdown_timeout < float("inf"):
+        raise CLIError(f"invalid --shutdown-timeout {args.shutdown_timeout}: allowed a number of seconds >= 0")
+    listener = _listen(args.host, args.port)
     torch.set_grad_enabled(False)
     model, tokenizer, name = load_model(args)
     engine = AsyncEngine(build_engine(args, model, tokenizer), Metrics(name), max_queued=args.max_queued_requests)
@@ -197,7 +214,7 @@ def serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: None)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout + 5)
-    _graceful_server(config, engine, args.shutdown_timeout).run()
+    _graceful_server(config, engine, args.shutdown_timeout).run(sockets=[listener])
     engine.abort_all()
     engine.stop()
     return 0
@@ -234,11 +251,16 @@ def _mta_from_yaml(path: str) -> MTAConfig:
         data = data["mta"]
     if not isinstance(data, dict):
         raise CLIError(f"{path}: expected a mapping of MTA options")
-    return ModelConfig.from_dict({"dim": 8, "n_layers": 1, "n_heads": 1, "vocab_size": 1, "mta": data}).mta
+    # the options alone; layer ids and the head kernel are checked against the source's layers and heads
+    return ModelConfig.mta_from_dict(data)
 
 
 def convert(args: argparse.Namespace) -> int:
     from .checkpoint import import_reference, save_native
+
+    if Path(args.out_dir).resolve() == Path(args.src_dir).resolve():
+        raise CLIError(f"OUT_DIR {args.out_dir} is SRC_DIR: the conversion would overwrite its source; "
+                       "give another directory")
 
     if args.source == "reference":
         cfg, state_dict, tokenizer = import_reference(args.src_dir, args.tokenizer, args.dtype)

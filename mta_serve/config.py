@@ -154,6 +154,12 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
         return _from_dict(cls, data, "")
 
+    @staticmethod
+    def mta_from_dict(data: dict[str, Any]) -> MTAConfig:
+        """An `mta:` section alone (fields named mta.*); what depends on the model's layers and heads is
+        checked when a ModelConfig takes it."""
+        return _from_dict(MTAConfig, data, "mta.")
+
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ModelConfig":
         try:

@@ -19,6 +19,7 @@ Not thread-safe: one thread owns it (the server's engine loop, or `LLM.generate`
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +34,17 @@ from .sampler import PendingSamples, Sampler, logprob_record
 from .sampling_params import SamplingParams, SamplingParamsError
 from .scheduler import Scheduler, ScheduledRequest
 from .tokenizer import IncrementalDetokenizer
+
+
+def _token_id(value):
+    """An integer-like token id (int, NumPy or 0-d torch integer) as an int; anything else unchanged, for
+    validate() to name."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        return value
+    try:
+        return operator.index(value)
+    except TypeError:
+        return value
 
 
 class RequestError(ValueError):
@@ -125,7 +137,7 @@ class LLMEngine:
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if not isinstance(prompt, str):
-            return list(prompt)
+            return [_token_id(t) for t in prompt]
         if self.tokenizer is None:
             raise RequestError("a text prompt needs a tokenizer; pass token ids instead")
         return self.tokenizer.encode(prompt, add_bos=True)
@@ -136,7 +148,10 @@ class LLMEngine:
         vocab = self.model.cfg.vocab_size
         if not prompt_ids:
             raise RequestError("the prompt is empty")
-        bad = [t for t in prompt_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+        not_ints = [t for t in prompt_ids if isinstance(t, bool) or not isinstance(t, int)]
+        if not_ints:
+            raise RequestError(f"token id {not_ints[0]!r} is not an integer")
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
             raise RequestError(f"token id {bad[0]!r} is out of range [0, {vocab})")
         bad_bias = [t for t in params.logit_bias if not 0 <= t < vocab]

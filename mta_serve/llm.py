@@ -40,16 +40,28 @@ class LLM:
     def generate(self, prompts: str | list[str] | list[list[int]],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generate for every prompt; outputs come back in prompt order."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        """Generate for every prompt; outputs come back in prompt order. If it raises (a prompt the engine
+        refuses, an error in a step, Ctrl-C), its requests are aborted, so the engine is left as it was."""
+        if hasattr(prompts, "tolist"):  # a NumPy array or tensor of ids
+            prompts = prompts.tolist()
+        if isinstance(prompts, str) or (prompts and not isinstance(prompts[0], (str, list, tuple))
+                                        and not hasattr(prompts[0], "tolist")):
             prompts = [prompts]
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
         order = []
-        for prompt, p in zip(prompts, params):
-            order.append(f"llm-{next(self._ids)}")
-            self.engine.add_request(order[-1], prompt, p or SamplingParams())
+        try:
+            for prompt, p in zip(prompts, params):
+                order.append(f"llm-{next(self._ids)}")
+                self.engine.add_request(order[-1], prompt, p or SamplingParams())
+            return self._run(order, use_tqdm)
+        except BaseException:
+            for request_id in order:
+                self.engine.abort_request(request_id)
+            raise
+
+    def _run(self, order: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}
         with torch.inference_mode(), tqdm(total=len(order), desc="generate", disable=not use_tqdm) as bar:
             while self.engine.has_unfinished_requests():

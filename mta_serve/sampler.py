@@ -123,11 +123,12 @@ def _on(device: torch.device, values: list, dtype: torch.dtype) -> torch.Tensor:
 
 def apply_bias_and_masks(logits: torch.Tensor, requests: list[Request]) -> None:
     """logits [m, vocab], row k of requests[k]: add logit_bias; while fewer than min_tokens outputs exist, ban
-    EOS and the stop token ids."""
+    EOS (unless ignore_eos: then it stops nothing) and the stop token ids."""
     vocab = logits.shape[1]
     biased = [(k, t, b) for k, r in enumerate(requests) for t, b in r.params.logit_bias.items() if 0 <= t < vocab]
     banned = [(k, t) for k, r in enumerate(requests) if r.num_drawn_tokens < r.params.min_tokens
-              for t in [*r.params.stop_token_ids, r.eos_token_id] if t is not None and 0 <= t < vocab]
+              for t in [*r.params.stop_token_ids, None if r.params.ignore_eos else r.eos_token_id]
+              if t is not None and 0 <= t < vocab]
     device = logits.device
     if biased:
         rows, ids, bias = zip(*biased)

@@ -54,6 +54,9 @@ class SamplingParams:
         for name in ("max_tokens", "top_k", "min_tokens"):
             if not _is_int(getattr(self, name)):
                 raise SamplingParamsError(name, f"invalid {name}={getattr(self, name)!r}: allowed an integer")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None and not _is_int(getattr(self, name)):
+                raise SamplingParamsError(name, f"invalid {name}={getattr(self, name)!r}: allowed None or an integer")
         if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed < 2**63):
             raise SamplingParamsError("seed", f"invalid seed={self.seed!r}: allowed an integer in [0, 2^63)")
         checks = [

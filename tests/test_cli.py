@@ -24,12 +24,27 @@ def test_help_lists_serve_and_convert():
     (["--model", "mta-tiny"], "not an embedded model (mta-toy, toy-baseline)"),
     (["convert", "reference", "/nonexistent", "/tmp/out"], "params.json is missing"),
     (["convert", "hf", "/nonexistent", "/tmp/out"], "nonexistent"),
+    (["--shutdown-timeout", "-5"], "invalid --shutdown-timeout -5.0: allowed a number of seconds >= 0"),
+    (["--shutdown-timeout", "nan"], "invalid --shutdown-timeout nan"),
+    (["--host", "999.1.1.1"], "cannot listen on 999.1.1.1:8000"),
 ])
 def test_cli_errors_are_one_line(args, needle):
     out = run_cli(*args)
     assert out.returncode != 0
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("mta-serve: error:") and needle in lines[0], out.stderr
+
+
+def test_a_port_in_use_is_a_one_line_error():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = run_cli("--port", str(port))
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(lines) == 1 and f"cannot listen on 127.0.0.1:{port}" in lines[0], out.stderr
 
 
 def test_cli_bad_config_value(tmp_path):

@@ -233,3 +233,34 @@ def test_cli_convert_hf_then_serve_exactly(tmp_path):
     assert ids == [1, 5, 9, 13, 40, 77, 3]
     assert (model.score([ids])[0] - _hf_logits(hf, ids)).abs().max().item() < TOL
     assert model.cfg.mta.pre_conv == (6, 11) and model.cfg.mta.wpsm
+
+
+def test_cli_mta_config_is_checked_against_the_source_model(tmp_path):
+    """--mta-config's layer ids and head kernel are checked against the converted model's layers and heads
+    (3 and 4 here), not a placeholder model's; one the source cannot take is a one-line error naming it. An
+    OUT_DIR that is SRC_DIR is refused before anything is written."""
+    import subprocess
+    import sys
+
+    from mta_serve.checkpoint import load_checkpoint
+
+    _save_llama(tmp_path / "src", n_layers=3)
+    _write_hf_tokenizer(tmp_path / "src")
+
+    def convert(mta_yaml: str, out: str = "out"):
+        (tmp_path / "mta.yaml").write_text(mta_yaml)
+        return subprocess.run([sys.executable, "-m", "mta_serve.cli", "convert", "hf", str(tmp_path / "src"),
+                               str(tmp_path / out), "--mta-config", str(tmp_path / "mta.yaml")],
+                              capture_output=True, text=True, timeout=120)
+
+    done = convert("mta:\n  pre_conv: [2, 3]\n  mta_layers: [2]\n  wpsm: true\n  head_kernel_size: 2\n")
+    assert done.returncode == 0, done.stderr
+    model, _ = load_checkpoint(tmp_path / "out")
+    assert model.cfg.mta.mta_layers == (2,) and model.cfg.mta.head_kernel_size == 2
+    refused = convert("mta_layers: [3]\n")
+    assert refused.returncode == 1 and "mta.mta_layers=[3]" in refused.stderr and "n_layers=3" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    before = sorted(p.name for p in (tmp_path / "src").iterdir())
+    same = convert("mta_layers: [0]\n", out="src")
+    assert same.returncode == 1 and "is SRC_DIR" in same.stderr
+    assert sorted(p.name for p in (tmp_path / "src").iterdir()) == before

@@ -86,6 +86,9 @@ def test_min_tokens_eos_and_stop_token_ids(model):
         "eos": ([1, 2], SamplingParams(max_tokens=6, temperature=0, logit_bias=push_eos)),
         "min": ([1, 2], SamplingParams(max_tokens=6, temperature=0, logit_bias=push_eos, min_tokens=3)),
         "ignore": ([1, 2], SamplingParams(max_tokens=3, temperature=0, logit_bias=push_eos, ignore_eos=True)),
+        # with ignore_eos, EOS stops nothing, so min_tokens must not ban it
+        "ignore_min": ([1, 2], SamplingParams(max_tokens=3, temperature=0, logit_bias=push_eos, ignore_eos=True,
+                                              min_tokens=3)),
         "stop": ([1, 2], SamplingParams(max_tokens=6, temperature=0, logit_bias={21: 100.0},
                                         stop_token_ids=(21,))),
     })
@@ -93,6 +96,7 @@ def test_min_tokens_eos_and_stop_token_ids(model):
     assert EOS not in out["min"].token_ids[:3] and out["min"].token_ids[3] == EOS
     assert out["min"].finish_reason == "stop" and len(out["min"].token_ids) == 4
     assert out["ignore"].token_ids == [EOS] * 3 and out["ignore"].finish_reason == "length"
+    assert out["ignore_min"].token_ids == [EOS] * 3
     assert out["stop"].token_ids == [21] and out["stop"].finish_reason == "stop"
 
 
@@ -171,6 +175,7 @@ def test_sampled_frequencies_follow_the_distribution():
     (dict(max_tokens=0), "max_tokens"), (dict(logprobs=21), "logprobs"), (dict(min_tokens=9, max_tokens=3),
                                                                           "min_tokens"),
     (dict(top_k=1.5), "top_k"), (dict(repetition_penalty=0), "repetition_penalty"),
+    (dict(logprobs=True), "logprobs"), (dict(logprobs=1.5), "logprobs"), (dict(prompt_logprobs=2.0), "prompt_logprobs"),
 ])
 def test_invalid_params_name_the_param(kwargs, param):
     with pytest.raises(ValueError) as err:
@@ -225,3 +230,43 @@ def test_batched_greedy_rows_equal_the_row_by_row_path():
         else:
             assert batched[row][1] == logprob_record(raw[row], alone_token, request.params.logprobs)
     assert batched[0][0] == 5 and batched[2][0] == 7
+
+
+def test_llm_generate_leaves_no_request_behind_when_it_raises(model):
+    """A refused prompt, or a step that raises (here a sampler stand-in; a Ctrl-C lands the same way), ends
+    generate with its error and its requests aborted: the next call runs alone and gives the usual tokens."""
+    from mta_serve.llm import LLM
+
+    llm = LLM(model, block_size=4, num_blocks=64)
+    greedy = SamplingParams(max_tokens=4, temperature=0)
+    expected = llm.generate([[1, 2, 3]], greedy, use_tqdm=False)[0].token_ids
+    with pytest.raises(RequestError, match="exceeds the context length"):
+        llm.generate([[1, 2], [1] * 200], greedy, use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+    original = llm.engine.step
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    llm.engine.step = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate([[1, 2, 3]] * 3, greedy, use_tqdm=False)
+    llm.engine.step = original
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.generate([[1, 2, 3]], greedy, use_tqdm=False)[0].token_ids == expected
+
+
+def test_integer_like_token_ids_are_taken(model):
+    """NumPy and torch integers are token ids; a non-integer is named as such, not as out of range."""
+    import numpy as np
+
+    from mta_serve.llm import LLM
+
+    llm = LLM(model, block_size=4, num_blocks=64)
+    greedy = SamplingParams(max_tokens=3, temperature=0)
+    expected = llm.generate([[5, 6]], greedy, use_tqdm=False)[0].token_ids
+    for prompts in ([np.array([5, 6])], [[np.int64(5), np.int64(6)]], np.array([5, 6]), torch.tensor([5, 6]),
+                    [torch.tensor([5, 6])]):
+        assert llm.generate(prompts, greedy, use_tqdm=False)[0].token_ids == expected
+    with pytest.raises(RequestError, match="token id 1.5 is not an integer"):
+        llm.generate([[1.5, 2]], greedy, use_tqdm=False)
