@@ -132,17 +132,23 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """The server's listening socket, bound before the model loads, so a bad --host or a port in use is a
-    one-line error (uvicorn would log it among its own lines and exit 3)."""
+def _check_bindable(host: str, port: int) -> None:
+    """Bind every address `host` resolves to, as asyncio's server will, then let go: a bad --host or a port
+    in use is then a one-line error before the model loads, not uvicorn's log lines and exit 3."""
+    sockets = []
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        sock = socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sockets.append(socket.socket(family, kind, proto))
+            sockets[-1].setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # as asyncio: IPv4 and IPv6 sockets side by side
+                sockets[-1].setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sockets[-1].bind(address)
     except OSError as exc:
         raise CLIError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    return sock
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def _device(name: str):
@@ -202,7 +208,7 @@ def serve(args: argparse.Namespace) -> int:
         raise CLIError(f"invalid --max-queued-requests {args.max_queued_requests}: allowed an integer >= 1")
     if not 0 <= args.shutdown_timeout < float("inf"):
         raise CLIError(f"invalid --shutdown-timeout {args.shutdown_timeout}: allowed a number of seconds >= 0")
-    listener = _listen(args.host, args.port)
+    _check_bindable(args.host, args.port)
     torch.set_grad_enabled(False)
     model, tokenizer, name = load_model(args)
     engine = AsyncEngine(build_engine(args, model, tokenizer), Metrics(name), max_queued=args.max_queued_requests)
@@ -214,7 +220,7 @@ def serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: None)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout + 5)
-    _graceful_server(config, engine, args.shutdown_timeout).run(sockets=[listener])
+    _graceful_server(config, engine, args.shutdown_timeout).run()
     engine.abort_all()
     engine.stop()
     return 0

@@ -200,9 +200,13 @@ async def merge(streams: list) -> AsyncIterator[tuple[int, RequestOutput]]:
 # ---- engine outputs -> OpenAI JSON ------------------------------------------------------------------------
 
 def _token_bytes(tokenizer, token_id: int) -> bytes:
-    """The token's bytes: its own where the tokenizer has them (token_bytes), else its decoded text's."""
+    """The token's bytes: its own where the tokenizer has them (token_bytes), else its decoded text's (none
+    for an id past the tokenizer's vocabulary: a model's may be larger)."""
     if hasattr(tokenizer, "token_bytes"):
-        return tokenizer.token_bytes(token_id)
+        try:
+            return tokenizer.token_bytes(token_id)
+        except ValueError:
+            return b""
     return _safe_decode(tokenizer, [token_id], skip_special=False).encode("utf-8")
 
 

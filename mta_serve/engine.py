@@ -39,7 +39,8 @@ from .tokenizer import IncrementalDetokenizer
 def _token_id(value):
     """An integer-like token id (int, NumPy or 0-d torch integer) as an int; anything else unchanged, for
     validate() to name."""
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
+    dtype = str(getattr(value, "dtype", ""))
+    if isinstance(value, bool) or not hasattr(value, "__index__") or getattr(value, "ndim", 0) or "bool" in dtype:
         return value
     try:
         return operator.index(value)

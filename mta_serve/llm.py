@@ -41,11 +41,10 @@ class LLM:
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in prompt order. If it raises (a prompt the engine
-        refuses, an error in a step, Ctrl-C), its requests are aborted, so the engine is left as it was."""
+        refuses, an error in a step, Ctrl-C), its requests are aborted: none of them runs in later calls."""
         if hasattr(prompts, "tolist"):  # a NumPy array or tensor of ids
             prompts = prompts.tolist()
-        if isinstance(prompts, str) or (prompts and not isinstance(prompts[0], (str, list, tuple))
-                                        and not hasattr(prompts[0], "tolist")):
+        if isinstance(prompts, str) or (prompts and not _is_prompt(prompts[0])):  # one prompt of ids
             prompts = [prompts]
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
@@ -70,6 +69,11 @@ class LLM:
                         finished[out.request_id] = out
                         bar.update(1)
         return [finished[i] for i in order]
+
+
+def _is_prompt(x) -> bool:
+    """Whether x is one prompt (text, or a sequence or array of ids) rather than one id."""
+    return isinstance(x, (str, list, tuple)) or getattr(x, "ndim", 0) > 0
 
 
 def _pick(options: dict, cls: type) -> dict:

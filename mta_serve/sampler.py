@@ -167,7 +167,7 @@ def _row_tokens(token_lists: list[list[int]], device: torch.device) -> tuple[tor
 
 def filtered_probs(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                    min_p: torch.Tensor) -> torch.Tensor:
-    """logits [m, vocab] (after temperature); top_k [m] (0 = off), top_p [m], min_p [m] -> probabilities
+    """logits [m, vocab] (after temperature); top_k [m] (0 or -1 = off), top_p [m], min_p [m] -> probabilities
     [m, vocab] after top-k (ties with the k-th logit kept), top-p (the smallest set of most likely tokens
     whose mass reaches top_p) and min-p filtering, renormalized."""
     vocab = logits.shape[1]

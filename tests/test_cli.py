@@ -47,6 +47,23 @@ def test_a_port_in_use_is_a_one_line_error():
     assert out.returncode == 1 and len(lines) == 1 and f"cannot listen on 127.0.0.1:{port}" in lines[0], out.stderr
 
 
+def test_every_address_of_a_host_is_checked():
+    """localhost (which may resolve to ::1 and 127.0.0.1) and "" (every interface) pass the bind check; a
+    port taken on one of them does not."""
+    import socket
+
+    from mta_serve.cli import CLIError, _check_bindable
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        _check_bindable("localhost", 0)
+        _check_bindable("", 0)
+        taken.listen()
+        with pytest.raises(CLIError, match=f"cannot listen on localhost:{port}"):
+            _check_bindable("localhost", port)
+
+
 def test_cli_bad_config_value(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("dim: 32\nn_layers: 1\nn_heads: 4\nvocab_size: 300\nmta:\n  pad_key: middle\n")

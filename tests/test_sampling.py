@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -233,8 +234,9 @@ def test_batched_greedy_rows_equal_the_row_by_row_path():
 
 
 def test_llm_generate_leaves_no_request_behind_when_it_raises(model):
-    """A refused prompt, or a step that raises (here a sampler stand-in; a Ctrl-C lands the same way), ends
-    generate with its error and its requests aborted: the next call runs alone and gives the usual tokens."""
+    """A refused prompt, or a step that raises (here KeyboardInterrupt, as Ctrl-C would, from a stand-in
+    step), ends generate with its error and its requests aborted: the next call runs alone and gives the
+    usual tokens."""
     from mta_serve.llm import LLM
 
     llm = LLM(model, block_size=4, num_blocks=64)
@@ -266,7 +268,9 @@ def test_integer_like_token_ids_are_taken(model):
     greedy = SamplingParams(max_tokens=3, temperature=0)
     expected = llm.generate([[5, 6]], greedy, use_tqdm=False)[0].token_ids
     for prompts in ([np.array([5, 6])], [[np.int64(5), np.int64(6)]], np.array([5, 6]), torch.tensor([5, 6]),
-                    [torch.tensor([5, 6])]):
-        assert llm.generate(prompts, greedy, use_tqdm=False)[0].token_ids == expected
-    with pytest.raises(RequestError, match="token id 1.5 is not an integer"):
-        llm.generate([[1.5, 2]], greedy, use_tqdm=False)
+                    [torch.tensor([5, 6])], [np.int64(5), np.int64(6)], [torch.tensor(5), 6]):
+        outs = llm.generate(prompts, greedy, use_tqdm=False)
+        assert len(outs) == 1 and outs[0].token_ids == expected
+    for bad, shown in (([1.5, 2], "1.5"), ([torch.tensor(True), 2], "tensor(True)"), ([[5], 6], "[5]")):
+        with pytest.raises(RequestError, match=f"token id {re.escape(shown)} is not an integer"):
+            llm.generate([bad], greedy, use_tqdm=False)

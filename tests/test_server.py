@@ -177,6 +177,19 @@ def test_alternatives_written_alike_keep_the_likeliest():
     assert completion_logprobs(TwoAlike(), [record], [0], [0])["top_logprobs"] == [{"a": -0.5, "b": -1.0}]
 
 
+def test_alternatives_past_the_tokenizers_vocabulary_have_no_text():
+    """A model's vocabulary may be larger than its tokenizer's: such an alternative is written "" with no
+    bytes rather than failing the request."""
+    from mta_serve.completions import chat_logprobs, completion_logprobs
+    from mta_serve.request import TokenLogprob
+    from mta_serve.tokenizer import BytesTokenizer
+
+    record = TokenLogprob(104, -1.0, {104: -1.0, 300: -2.0})
+    assert completion_logprobs(BytesTokenizer(), [record], [104], [0])["top_logprobs"] == [{"h": -1.0, "": -2.0}]
+    top = chat_logprobs(BytesTokenizer(), [record])["content"][0]["top_logprobs"]
+    assert [(t["token"], t["bytes"]) for t in top] == [("h", [104]), ("", [])]
+
+
 def test_echo_with_logprobs_as_lm_eval_sends_it(server):
     ids = [256, 84, 104, 101, 32, 99, 97, 116]
     body = completion(server, prompt=[ids], max_tokens=1, temperature=0, logprobs=1, echo=True, seed=1234)
