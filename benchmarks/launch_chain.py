@@ -1,14 +1,23 @@
 """The floor a kernel boundary puts under a batch-1 decode step: a chain of tiny Triton kernels, each reading
-what the one before it wrote, replayed as one CUDA graph at each PDL level of kernels/pdl.py.
+what the one before it wrote, replayed as one CUDA graph at each PDL level of kernels/pdl.py; and the same
+chain inside one persistent kernel, its links separated by grid barriers instead of kernel boundaries.
 
 A batch-1 step of the 830M models runs about 160 (baseline) or 200 (MTA) kernels one after another, each
 depending on the one before. Per link it reports the graph's replay time over the chain's length (the
 replay of a two-link graph subtracted), for grids of a few to several hundred programs: what every kernel
-boundary costs before any work. Each link adds 1 to every element, so the chain's result is checked.
+boundary costs before any work. In each link every program adds 1 to the block the next program wrote in
+the link before, so each link depends on another program's writes and the chain's result is checked: a
+barrier that let a program read too early would leave a smaller sum.
+
+The persistent form is what a megakernel-style decode step would pay per phase instead of a kernel
+boundary: every program arrives at an atomic counter and spins until all have (so all programs must be
+resident at once, which the grids here are).
 
     python benchmarks/launch_chain.py [--links 256] [--programs 1 16 132 528] [--out FILE]
 
-Without CUDA (TRITON_INTERPRET=1) it only runs the chain eagerly and checks its result.
+Without CUDA (TRITON_INTERPRET=1) it only runs both chains once and checks their results; the persistent
+one on one program, since the interpreter runs programs one after another and a barrier over several
+would never open.
 """
 from __future__ import annotations
 
@@ -29,11 +38,34 @@ BLOCK = 128  # fp32 elements per program
 
 @triton.jit
 def _link_kernel(src_ptr, dst_ptr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """dst = src + 1 over this program's BLOCK elements (src_ptr, dst_ptr [programs * BLOCK] fp32)."""
+    """dst = src + 1, this program's BLOCK elements of dst from the next program's of src (src_ptr, dst_ptr
+    [programs * BLOCK] fp32)."""
     pdl.wait(PDL)
     pdl.launch_dependents(PDL)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(dst_ptr + offs, tl.load(src_ptr + offs) + 1.0)
+    pid, arange = tl.program_id(0), tl.arange(0, BLOCK)
+    src = (pid + 1) % tl.num_programs(0) * BLOCK + arange
+    tl.store(dst_ptr + pid * BLOCK + arange, tl.load(src_ptr + src) + 1.0)
+
+
+@triton.jit
+def _persistent_chain_kernel(buf_ptr, count_ptr, links, BLOCK: tl.constexpr):
+    """`links` of _link_kernel's links in one launch, alternating buf_ptr's halves (buf_ptr [2, programs *
+    BLOCK] fp32), with a grid barrier after each; count_ptr [1] int32, zero at launch, counts arrivals."""
+    pid, programs, arange = tl.program_id(0), tl.num_programs(0), tl.arange(0, BLOCK)
+    half = programs * BLOCK
+    src, dst = (pid + 1) % programs * BLOCK + arange, pid * BLOCK + arange
+    for i in range(links):
+        # .cg: read from L2, where the other programs' stores are, not from a stale line in this SM's L1
+        vals = tl.load(buf_ptr + i % 2 * half + src, cache_modifier=".cg")
+        tl.store(buf_ptr + (i + 1) % 2 * half + dst, vals + 1.0)
+        # every thread's stores before the release, and no thread reads before the acquire, as CUDA's grid
+        # sync does it
+        tl.debug_barrier()
+        tl.atomic_add(count_ptr, 1, sem="release", scope="gpu")
+        seen = tl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu")
+        while seen < (i + 1) * programs:
+            seen = tl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu")
+        tl.debug_barrier()
 
 
 def run_chain(bufs: tuple[torch.Tensor, torch.Tensor], links: int, level: int) -> None:
@@ -44,15 +76,27 @@ def run_chain(bufs: tuple[torch.Tensor, torch.Tensor], links: int, level: int) -
         _link_kernel[grid](bufs[i % 2], bufs[(i + 1) % 2], BLOCK=BLOCK, **launch)
 
 
-def replay_us(programs: int, links: int, level: int, replays: int) -> float:
-    """Median replay time (µs) of a CUDA graph of the chain; checks the chain added `links` per replay."""
-    bufs = (torch.zeros(programs * BLOCK, device="cuda"), torch.zeros(programs * BLOCK, device="cuda"))
-    run_chain(bufs, links, level)  # compile outside the capture
+def run_persistent(bufs: tuple[torch.Tensor, torch.Tensor], links: int, count: torch.Tensor) -> None:
+    """The chain of run_chain over bufs (two halves of one [2, programs * BLOCK] tensor) in one launch."""
+    count.zero_()
+    _persistent_chain_kernel[(bufs[0].numel() // BLOCK,)](bufs[0], count, links, BLOCK=BLOCK)
+
+
+def replay_us(programs: int, links: int, level: int | None, replays: int) -> float:
+    """Median replay time (µs) of a CUDA graph of the chain (level: its PDL level, or None for the persistent
+    kernel); checks the chain added `links` per replay."""
+    halves = torch.zeros(2, programs * BLOCK, device="cuda")
+    bufs, count = (halves[0], halves[1]), torch.zeros(1, dtype=torch.int32, device="cuda")
+
+    def run():
+        run_chain(bufs, links, level) if level is not None else run_persistent(bufs, links, count)
+
+    run()  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        run_chain(bufs, links, level)
-    bufs[0].zero_(), bufs[1].zero_()
+        run()
+    halves.zero_()
     times = []
     for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -73,24 +117,31 @@ def check(bufs, links: int, times: int) -> None:
 
 
 def measure(programs: list[int], links: int, replays: int) -> list[dict]:
+    """A row per grid size and form: the chain of kernels at each PDL level, then the persistent kernel."""
     levels = pdl.LEVELS if torch.cuda.get_device_capability()[0] >= 9 else (0,)
     rows = []
     for n in programs:
-        for level in levels:
+        for level in (*levels, None):
             two, many = replay_us(n, 2, level, replays), replay_us(n, links, level, replays)
-            rows.append(dict(programs=n, pdl=level, links=links, replay_us=many,
+            form = "kernels" if level is not None else "grid barrier"
+            rows.append(dict(programs=n, form=form, pdl=level, links=links, replay_us=many,
                              us_per_link=(many - two) / (links - 2)))
-            print(f"{n:5d} programs  PDL {level}: {rows[-1]['us_per_link']:.2f} us per link "
+            label = f"PDL {level}" if level is not None else "grid barrier"
+            print(f"{n:5d} programs  {label:>12}: {rows[-1]['us_per_link']:.2f} us per link "
                   f"({many:.1f} us for {links})", flush=True)
     return rows
 
 
 def check_eagerly(links: int) -> None:
-    """The chain's sums without CUDA (the interpreter)."""
+    """Both chains' sums without CUDA (the interpreter): the kernels over two programs, the persistent kernel
+    over one."""
     bufs = (torch.zeros(2 * BLOCK), torch.zeros(2 * BLOCK))
     run_chain(bufs, links, 0)
     check(bufs, links, 1)
-    print(f"{links} links checked on the CPU; timing needs CUDA")
+    halves = torch.zeros(2, BLOCK)
+    run_persistent((halves[0], halves[1]), links, torch.zeros(1, dtype=torch.int32))
+    check((halves[0], halves[1]), links, 1)
+    print(f"{links} links checked on the CPU (kernels and persistent); timing needs CUDA")
 
 
 def main() -> int:

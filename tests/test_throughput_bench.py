@@ -84,12 +84,13 @@ def test_host_overhead_runs_and_reports(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU check; on CUDA the script times the chain")
 def test_launch_chain_checks_its_chain_on_the_cpu():
     """benchmarks/launch_chain.py without CUDA: the interpreter runs the chain of link kernels and the
-    script checks that every link added to what the one before it wrote; without the interpreter it
-    says how to run it."""
+    persistent kernel's chain, and the script checks that every link added to what the one before it
+    wrote; without the interpreter it says how to run it."""
     script = [sys.executable, str(ROOT / "benchmarks" / "launch_chain.py"), "--links", "6"]
     done = subprocess.run(script, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert done.returncode == 0 and "6 links checked" in done.stdout, done.stderr[-2000:]
+    assert done.returncode == 0 and "6 links checked on the CPU (kernels and persistent)" in done.stdout, \
+        done.stderr[-2000:]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     refused = subprocess.run(script, capture_output=True, text=True, timeout=300, env=env)
     assert refused.returncode == 2 and "TRITON_INTERPRET=1" in refused.stderr
