@@ -58,14 +58,22 @@ def _persistent_chain_kernel(buf_ptr, count_ptr, links, BLOCK: tl.constexpr):
         # .cg: read from L2, where the other programs' stores are, not from a stale line in this SM's L1
         vals = tl.load(buf_ptr + i % 2 * half + src, cache_modifier=".cg")
         tl.store(buf_ptr + (i + 1) % 2 * half + dst, vals + 1.0)
-        # every thread's stores before the release, and no thread reads before the acquire, as CUDA's grid
-        # sync does it
+        # every thread's stores before the release and every read after the acquire, as CUDA's grid sync
+        # orders them
         tl.debug_barrier()
-        tl.atomic_add(count_ptr, 1, sem="release", scope="gpu")
-        seen = tl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu")
-        while seen < (i + 1) * programs:
-            seen = tl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu")
+        _grid_barrier(count_ptr, (i + 1) * programs)
         tl.debug_barrier()
+
+
+@triton.jit
+def _grid_barrier(count_ptr, target):
+    """Arrive at the counter (count_ptr [1] int32) and wait until it reaches `target`. One atomic, whose
+    result may already open the barrier; then plain acquire loads, which every program can poll at once
+    where atomics on one address would queue."""
+    seen = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu") + 1
+    while seen < target:
+        seen = tl.inline_asm_elementwise("ld.acquire.gpu.global.u32 $0, [$1];", "=r,l", [count_ptr],
+                                         dtype=tl.int32, is_pure=False, pack=1)
 
 
 def run_chain(bufs: tuple[torch.Tensor, torch.Tensor], links: int, level: int) -> None:
