@@ -86,6 +86,10 @@ class AsyncEngine:
         """Whether a new request must be turned away: checked before any parsing or tokenization."""
         return self.max_queued is not None and self._num_waiting() >= self.max_queued
 
+    def queue_room(self) -> int | None:
+        """How many more requests the queue admits (None: unbounded)."""
+        return None if self.max_queued is None else self.max_queued - self._num_waiting()
+
     def _num_waiting(self) -> int:
         # Requests admitted by the server but not yet submitted, submitted but not yet seen by the engine
         # thread, and waiting in the scheduler.

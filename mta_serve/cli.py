@@ -158,8 +158,12 @@ def _device(name: str):
         device = torch.device(name)
     except RuntimeError:
         raise CLIError(f"invalid --device {name!r}: allowed e.g. cpu, cuda, cuda:1") from None
+    if device.type not in ("cpu", "cuda"):
+        raise CLIError(f"unsupported --device {name!r}: allowed cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise CLIError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -206,6 +210,8 @@ def serve(args: argparse.Namespace) -> int:
 
     if args.max_queued_requests < 1:
         raise CLIError(f"invalid --max-queued-requests {args.max_queued_requests}: allowed an integer >= 1")
+    if not 0 <= args.seed < 2**63:  # also the sampler's seed, which would fail only at the first draw
+        raise CLIError(f"invalid --seed {args.seed}: allowed an integer in [0, 2^63)")
     if not 0 <= args.shutdown_timeout < float("inf"):
         raise CLIError(f"invalid --shutdown-timeout {args.shutdown_timeout}: allowed a number of seconds >= 0")
     _check_bindable(args.host, args.port)

@@ -6,18 +6,22 @@ A request with several prompts and `n` choices becomes len(prompts) x n engine r
 from __future__ import annotations
 
 import asyncio
+import datetime
+import functools
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .engine import RequestOutput
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .request import TokenLogprob
 from .sampling_params import SamplingParams
-from .tokenizer import IncrementalDetokenizer
+from .tokenizer import IncrementalDetokenizer, decode_in_vocab
 
 # Used when the tokenizer has no chat template: one "role: content" line per message, then the cue.
 DEFAULT_CHAT_TEMPLATE = (
@@ -58,7 +62,8 @@ def sampling_params(req, max_tokens: int, logprobs: int | None, prompt_logprobs:
         max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
         seed=seed, presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
         repetition_penalty=req.repetition_penalty, logit_bias=bias, min_tokens=req.min_tokens,
-        ignore_eos=req.ignore_eos, stop=stop, include_stop_str_in_output=req.include_stop_str_in_output,
+        ignore_eos=req.ignore_eos, stop=stop, stop_token_ids=req.stop_token_ids,
+        include_stop_str_in_output=req.include_stop_str_in_output,
         logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
 
@@ -112,11 +117,10 @@ def render_chat(req: ChatCompletionRequest, tokenizer) -> tuple[list[int], bool]
     """Apply the tokenizer's chat template (or DEFAULT_CHAT_TEMPLATE) -> (prompt ids, used own template)."""
     template = getattr(tokenizer, "chat_template", None)
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     try:
-        text = env.from_string(template or DEFAULT_CHAT_TEMPLATE).render(
-            messages=messages, add_generation_prompt=True, bos_token=_special_text(tokenizer, "bos_id"),
-            eos_token=_special_text(tokenizer, "eos_id"))
+        text = _chat_environment().from_string(template or DEFAULT_CHAT_TEMPLATE).render(
+            messages=messages, tools=None, documents=None, add_generation_prompt=True,
+            bos_token=_special_text(tokenizer, "bos_id"), eos_token=_special_text(tokenizer, "eos_id"))
     except jinja2.TemplateError as exc:
         raise ParamError("messages", f"the chat template cannot render these messages: {exc}") from None
     try:  # a model's own template writes BOS as text itself; the default one does not
@@ -125,6 +129,27 @@ def render_chat(req: ChatCompletionRequest, tokenizer) -> tuple[list[int], bool]
         how = ("its chat template" if template
                else "the default chat template ('role: content' lines, then 'assistant:')")
         raise ParamError("messages", f"the chat prompt rendered with {how} cannot be tokenized: {exc}") from None
+
+
+@functools.cache
+def _chat_environment() -> jinja2.Environment:
+    """Jinja as Hugging Face's apply_chat_template sets it up, so a model's template renders the prompt it
+    was trained on: a sandbox, block tags taking their line's whitespace and newline (trim_blocks,
+    lstrip_blocks), undefined names falsy (templates test `tools`, `message.tool_calls`), break/continue,
+    raise_exception, strftime_now, and a tojson that leaves <, > and & alone."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+
+    def raise_exception(message: str):
+        raise jinja2.TemplateError(message)
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception,
+                       strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
+    return env
 
 
 def chat_jobs(req: ChatCompletionRequest, tokenizer, max_model_len: int) -> list[Job]:
@@ -158,7 +183,7 @@ def _special_text(tokenizer, attr: str) -> str:
 
 def _safe_decode(tokenizer, ids: list[int], skip_special: bool = True) -> str:
     try:
-        return tokenizer.decode(ids, skip_special=skip_special)
+        return decode_in_vocab(tokenizer, ids, skip_special)
     except ValueError:
         return ""
 

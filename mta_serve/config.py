@@ -194,7 +194,7 @@ class ModelConfig:
 def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
     _require(isinstance(data, dict), prefix.rstrip(".") or "config", data, "a mapping")
     known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - known, key=str)  # YAML keys may be booleans or numbers (`on:`, `1:`)
     if unknown:
         raise ConfigError(f"unknown config field {prefix}{unknown[0]!s}: allowed fields are {sorted(known)}")
     required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]

@@ -18,18 +18,23 @@ class LLM:
     """Load a native checkpoint (or take a built model and tokenizer) and generate with the engine.
 
     `model` is a checkpoint directory, a config YAML (seeded random weights, no tokenizer: prompts must be
-    token ids) or an `MTATransformer`. Engine options are the fields of CacheConfig and SchedulerConfig.
+    token ids) or an `MTATransformer`; a `tokenizer` given with a checkpoint replaces the checkpoint's. Engine
+    options are the fields of CacheConfig and SchedulerConfig.
     """
 
     def __init__(self, model: str | Path | MTATransformer, tokenizer=None, device: str = "cpu",
                  dtype: str | None = None, seed: int = 0, **engine_options):
+        if dtype is not None and dtype not in DTYPES:
+            raise ValueError(f"invalid dtype={dtype!r}: allowed {', '.join(DTYPES)} or None (the model's own)")
+        torch_dtype = DTYPES[dtype] if dtype else None
         if isinstance(model, MTATransformer):
             built = model
         elif Path(model).is_dir():
-            built, tokenizer = load_checkpoint(model, device=device, dtype=DTYPES[dtype] if dtype else None)
+            built, own_tokenizer = load_checkpoint(model, device=device, dtype=torch_dtype)
+            tokenizer = own_tokenizer if tokenizer is None else tokenizer
         else:
             built = build_model(ModelConfig.from_yaml(model), seed=seed, mta_init="random", device=device,
-                                dtype=DTYPES[dtype] if dtype else None)
+                                dtype=torch_dtype)
         cache = CacheConfig(**_pick(engine_options, CacheConfig))
         scheduler = SchedulerConfig(**_pick(engine_options, SchedulerConfig))
         if engine_options:

@@ -30,6 +30,7 @@ class _Sampling(_Body):
     n: StrictInt = Field(1, ge=1, le=16)
     seed: StrictInt | None = None
     stop: StrictStr | list[StrictStr] | None = None
+    stop_token_ids: list[StrictInt] | None = None  # vLLM's extension: generation also ends at these tokens
     include_stop_str_in_output: StrictBool = False
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
@@ -72,7 +73,7 @@ class ChatMessage(_Body):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "\n".join(part.text for part in self.content)  # as vLLM joins text parts
 
 
 class ChatCompletionRequest(_Sampling):

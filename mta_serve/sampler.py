@@ -28,6 +28,9 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
 
 class Sampler:
     def __init__(self, seed: int | None = None):
+        if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63):
+            # checked here, not at the first draw, where it would fail a running engine's step
+            raise ValueError(f"invalid seed={seed!r}: allowed None or an integer in [0, 2^63)")
         self.seed = seed
         self._shared: dict[torch.device, torch.Generator] = {}  # per device, for requests without a seed
 
@@ -61,8 +64,13 @@ class Sampler:
         if drawn:
             device, params = logits.device, [requests[k].params for k in drawn]
             rows = _on(device, drawn, torch.long)
-            temperature = _on(device, [p.temperature for p in params], logits.dtype)[:, None]
-            probs = filtered_probs(logits[rows] / temperature, _on(device, [p.top_k for p in params], torch.long),
+            # a temperature past the dtype's range would be inf, and inf / inf NaN; at its largest finite
+            # value the distribution is as flat as it can be, the limit anyway
+            temperature = _on(device, [p.temperature for p in params], logits.dtype)[:, None].clamp(
+                max=torch.finfo(logits.dtype).max)
+            vocab = logits.shape[1]
+            probs = filtered_probs(logits[rows] / temperature,
+                                   _on(device, [min(p.top_k, vocab) for p in params], torch.long),
                                    _on(device, [p.top_p for p in params], logits.dtype),
                                    _on(device, [p.min_p for p in params], logits.dtype))
             tokens[rows] = draw(probs, self._uniforms([requests[k] for k in drawn], device))
@@ -155,8 +163,12 @@ def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
         seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)  # [m, vocab]: in prompt or output
         rows, ids = _row_tokens([r.token_ids[:r.num_known_tokens] for r in requests], device)
         seen.index_put_((rows, ids), torch.ones(ids.shape, dtype=torch.bool, device=device))
-        penalty = _on(device, [p.repetition_penalty for p in params], logits.dtype)[:, None]
-        logits.copy_(torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits))
+        # A penalty that rounds to 0 in the logits' dtype would make -inf * 0 NaN: at least the smallest normal
+        # number, and a logit it divides past the dtype's range is its largest value (the limit's order).
+        finfo = torch.finfo(logits.dtype)
+        penalty = _on(device, [p.repetition_penalty for p in params], logits.dtype)[:, None].clamp(min=finfo.tiny)
+        penalized = torch.where(logits > 0, (logits / penalty).clamp(max=finfo.max), logits * penalty)
+        logits.copy_(torch.where(seen, penalized, logits))
 
 
 def _row_tokens(token_lists: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,7 +188,9 @@ def filtered_probs(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tenso
     kth = sorted_logits.gather(1, (k - 1)[:, None])
     probs = torch.softmax(sorted_logits.masked_fill(sorted_logits < kth, float("-inf")), dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
-    probs = probs * ((mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0))  # keeps the most likely token
+    # the most likely token is always kept (its mass before is 0), even where top_p rounds to 0 in this dtype
+    top_p = top_p.clamp(min=torch.finfo(probs.dtype).tiny)
+    probs = probs * ((mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0))
     probs = probs.masked_fill(probs < min_p[:, None] * probs[:, :1], 0.0)
     probs = probs / probs.sum(dim=-1, keepdim=True)
     return torch.zeros_like(probs).scatter_(1, order, probs)

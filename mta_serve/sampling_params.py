@@ -20,6 +20,18 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _sequence(value, name: str, allowed: str) -> tuple:
+    """stop / stop_token_ids as a tuple: None is none, a lone string or integer is one."""
+    if value is None:
+        return ()
+    if isinstance(value, (str, int)):
+        return (value,)
+    try:
+        return tuple(value)
+    except TypeError:
+        raise SamplingParamsError(name, f"invalid {name}={value!r}: allowed a list of {allowed}") from None
+
+
 @dataclass(slots=True)
 class SamplingParams:
     """Temperature 0 (or below 1e-5) is greedy. Penalties follow vLLM: presence/frequency subtract from the logits of tokens
@@ -77,8 +89,14 @@ class SamplingParams:
         for ok, name, allowed in checks:
             if not ok:
                 raise SamplingParamsError(name, f"invalid {name}={getattr(self, name)!r}: allowed {allowed}")
-        self.stop_token_ids = tuple(self.stop_token_ids)
-        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        for name in ("ignore_eos", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise SamplingParamsError(name, f"invalid {name}={getattr(self, name)!r}: allowed true or false")
+        self.stop_token_ids = _sequence(self.stop_token_ids, "stop_token_ids", "non-negative integers")
+        if any(not _is_int(x) or x < 0 for x in self.stop_token_ids):
+            raise SamplingParamsError("stop_token_ids", f"invalid stop_token_ids={self.stop_token_ids!r}: "
+                                                        "allowed non-negative integers")
+        self.stop = _sequence(self.stop, "stop", "non-empty strings")
         if any(not isinstance(x, str) or not x for x in self.stop):
             raise SamplingParamsError("stop", f"invalid stop={self.stop!r}: allowed non-empty strings")
         self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}

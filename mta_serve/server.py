@@ -56,6 +56,8 @@ class APIError(Exception):
 
 
 def error_body(status: int, message: str, param: str | None = None, type_: str = "invalid_request_error") -> dict:
+    # a message may quote the client's text, and a lone surrogate (valid in JSON's \ud800) cannot be UTF-8
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": {"message": message, "type": type_, "param": param, "code": status}}
 
 
@@ -89,6 +91,7 @@ async def _generate(request: Request, served: ServedModel, schema, make_jobs, st
         req = await _parse_generation(request, served, schema)
         prompt_param = "messages" if schema is ChatCompletionRequest else "prompt"
         jobs = _jobs(lambda: make_jobs(req, served.tokenizer, served.max_model_len), served, prompt_param)
+        _check_queue_room(served.engine, len(jobs))
         streams = _submit(served, jobs)
     if req.stream:
         return _sse(stream(served, req, jobs, streams), streams)
@@ -148,6 +151,19 @@ async def _admission(served: ServedModel):
         yield
     finally:
         engine.num_reserved -= 1
+
+
+def _check_queue_room(engine, num_jobs: int) -> None:
+    """The queue limit counts engine requests (prompts x n), not HTTP requests; admission held one slot."""
+    room = engine.queue_room()
+    if room is None or num_jobs <= room + 1:
+        return
+    if num_jobs > engine.max_queued:
+        raise APIError(400, f"the request makes {num_jobs} sequences (prompts x n), more than the server's queue "
+                            f"limit of {engine.max_queued}; split it", param="n")
+    raise APIError(429, f"the server's queue has room for {room + 1} of this request's {num_jobs} sequences "
+                        "(prompts x n); retry later", type_="rate_limit_error",
+                   headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 async def _parse_generation(request: Request, served: ServedModel, schema: type[BaseModel]) -> Any:

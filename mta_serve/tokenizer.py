@@ -440,6 +440,12 @@ def tokenizer_from_reference(spec: dict, path_override: str | Path | None = None
 # streaming
 
 
+def decode_in_vocab(tokenizer: Any, ids: list[int], skip_special: bool = True) -> str:
+    """The text of ids, an id past the tokenizer's vocabulary decoded as nothing (as vLLM does): a model's
+    vocabulary may be larger than its tokenizer's (padded to a round size), and it can sample those ids."""
+    return tokenizer.decode([i for i in ids if 0 <= i < tokenizer.vocab_size], skip_special=skip_special)
+
+
 class IncrementalDetokenizer:
     """Turns a stream of generated ids into text deltas that never split a multi-byte character.
 
@@ -463,7 +469,7 @@ class IncrementalDetokenizer:
         self._read_offset = len(self._ids)
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special=self.skip_special)
+        return decode_in_vocab(self.tokenizer, ids, self.skip_special)
 
     def _advance(self, force: bool) -> str:
         prefix_text = self._decode(self._ids[self._prefix_offset:self._read_offset])

@@ -27,6 +27,10 @@ def test_help_lists_serve_and_convert():
     (["--shutdown-timeout", "-5"], "invalid --shutdown-timeout -5.0: allowed a number of seconds >= 0"),
     (["--shutdown-timeout", "nan"], "invalid --shutdown-timeout nan"),
     (["--host", "999.1.1.1"], "cannot listen on 999.1.1.1:8000"),
+    # also the sampler's seed: accepted, it failed the engine at the first sampled request
+    (["--seed", str(10**23)], f"invalid --seed {10**23}: allowed an integer in [0, 2^63)"),
+    (["--seed", "-1"], "invalid --seed -1"),
+    (["--device", "meta"], "unsupported --device 'meta': allowed cpu, cuda or cuda:N"),
 ])
 def test_cli_errors_are_one_line(args, needle):
     out = run_cli(*args)
@@ -69,6 +73,10 @@ def test_cli_bad_config_value(tmp_path):
     cfg.write_text("dim: 32\nn_layers: 1\nn_heads: 4\nvocab_size: 300\nmta:\n  pad_key: middle\n")
     out = run_cli("--config", str(cfg))
     assert out.returncode == 1 and "mta.pad_key='middle'" in out.stderr and "Traceback" not in out.stderr
+    # YAML reads `on:` as a boolean key: named among the unknown fields, not a traceback from sorting them
+    cfg.write_text("dim: 32\nn_layers: 1\nn_heads: 4\nvocab_size: 300\non: true\nfoo: 3\n")
+    out = run_cli("--config", str(cfg))
+    assert out.returncode == 1 and "unknown config field" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_serves_a_native_checkpoint_exactly(tmp_path):

@@ -13,6 +13,7 @@ from mta_serve.model import build_model
 from mta_serve.request import Request
 from mta_serve.sampler import apply_penalties, draw, filtered_probs
 from mta_serve.sampling_params import SamplingParams
+from mta_serve.tokenizer import CharTokenizer, IncrementalDetokenizer
 
 VOCAB = 40
 EOS = 3
@@ -177,11 +178,77 @@ def test_sampled_frequencies_follow_the_distribution():
                                                                           "min_tokens"),
     (dict(top_k=1.5), "top_k"), (dict(repetition_penalty=0), "repetition_penalty"),
     (dict(logprobs=True), "logprobs"), (dict(logprobs=1.5), "logprobs"), (dict(prompt_logprobs=2.0), "prompt_logprobs"),
+    (dict(stop_token_ids=["7"]), "stop_token_ids"), (dict(stop_token_ids=[True]), "stop_token_ids"),
+    (dict(stop_token_ids=[1.5]), "stop_token_ids"), (dict(stop_token_ids=[-1]), "stop_token_ids"),
+    (dict(stop_token_ids=object()), "stop_token_ids"), (dict(stop=[7]), "stop"),
+    (dict(ignore_eos="false"), "ignore_eos"), (dict(include_stop_str_in_output="no"), "include_stop_str_in_output"),
 ])
 def test_invalid_params_name_the_param(kwargs, param):
     with pytest.raises(ValueError) as err:
         SamplingParams(**kwargs)
     assert err.value.param == param and param in str(err.value)
+
+
+def test_stop_and_stop_token_ids_take_none_and_single_values():
+    params = SamplingParams(stop=None, stop_token_ids=None)
+    assert (params.stop, params.stop_token_ids) == ((), ())
+    params = SamplingParams(stop="ab", stop_token_ids=5)
+    assert (params.stop, params.stop_token_ids) == (("ab",), (5,))
+
+
+class _LastIdEos(_EosOnly):
+    """EOS as the vocabulary's last id, as in the byte tokenizer: where a NaN distribution's draw falls back."""
+
+    eos_id = VOCAB - 1
+
+
+def test_values_that_round_away_in_fp32_still_sample_sanely(model):
+    """top_p, temperature and repetition_penalty that the sampler's fp32 rounds to 0 or inf, and a top_k past
+    int64: a tiny top_p keeps the most likely token (greedy), a huge temperature or a tiny penalty makes
+    no NaN distribution (whose draw fell back to the last id, EOS here, breaking min_tokens), and a huge
+    top_k is off."""
+    eos = _LastIdEos.eos_id
+    prompt = [1, 2, eos, 4, 5]  # EOS seen: a penalty of 0 would turn its -inf (banned) into NaN
+
+    def eng():
+        return LLMEngine(model, _LastIdEos(), CacheConfig(block_size=4, num_blocks=64), SchedulerConfig())
+
+    greedy = run(eng(), {"g": (prompt, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))})["g"]
+    out = run(eng(), {
+        "top_p": (prompt, SamplingParams(max_tokens=6, top_p=1e-50, seed=1, ignore_eos=True)),
+        "hot": (prompt, SamplingParams(max_tokens=6, temperature=1e39, seed=2, min_tokens=6)),
+        "penalty": (prompt, SamplingParams(max_tokens=6, repetition_penalty=1e-46, seed=3, min_tokens=6)),
+        # a seen token's logit divided past fp32's range: inf, and softmax NaN, unless held at the largest
+        "penalty_big": (prompt, SamplingParams(max_tokens=6, repetition_penalty=1e-37, logit_bias={1: 50.0},
+                                               seed=3, min_tokens=6)),
+        "top_k": (prompt, SamplingParams(max_tokens=6, top_k=2**63, seed=4, ignore_eos=True)),
+        "top_k_off": (prompt, SamplingParams(max_tokens=6, top_k=0, seed=4, ignore_eos=True)),
+    })
+    assert out["top_p"].token_ids == greedy.token_ids
+    for rid in ("hot", "penalty", "penalty_big"):
+        assert len(out[rid].token_ids) == 6 and eos not in out[rid].token_ids, (rid, out[rid].token_ids)
+    assert out["top_k"].token_ids == out["top_k_off"].token_ids
+
+
+def test_ids_past_the_tokenizers_vocabulary_decode_as_nothing(model):
+    """A model's vocabulary may be larger than its tokenizer's (here 40 against the char tokenizer's 32); an
+    id past the tokenizer's, sampled or in the prompt, is text "" (as vLLM decodes it) instead of a
+    TokenizerError that stopped the engine mid-step."""
+    eng = LLMEngine(model, CharTokenizer(), CacheConfig(block_size=4, num_blocks=64), SchedulerConfig())
+    out = run(eng, {
+        "forced": ("ab", SamplingParams(max_tokens=3, temperature=0, logit_bias={35: 100.0}, stop=["zz"])),
+        "prompt": ([29, 0, 36, 1], SamplingParams(max_tokens=2, temperature=0, logit_bias={2: 100.0},
+                                                  ignore_eos=True)),
+    })
+    assert out["forced"].token_ids == [35] * 3 and out["forced"].text == ""
+    assert out["prompt"].token_ids == [2, 2] and out["prompt"].text == "cc"
+    detok = IncrementalDetokenizer(CharTokenizer(), [29, 0])
+    assert [detok.push(t) for t in (1, 33, 2)] == ["b", "", "c"]
+
+
+def test_an_engine_seed_out_of_range_is_refused_at_construction(model):
+    with pytest.raises(ValueError, match=r"invalid seed=.*\[0, 2\^63\)"):
+        LLMEngine(model, None, CacheConfig(block_size=4, num_blocks=16), SchedulerConfig(), seed=2**70)
 
 
 def test_requests_that_can_never_fit_are_rejected(model):

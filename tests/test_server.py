@@ -170,6 +170,8 @@ def test_alternatives_written_alike_keep_the_likeliest():
     from mta_serve.request import TokenLogprob
 
     class TwoAlike:  # ids 0 and 1 both decode to "a"; id 2 to "b"
+        vocab_size = 3
+
         def decode(self, ids, skip_special=True):
             return "".join("b" if i == 2 else "a" for i in ids)
 
@@ -227,8 +229,8 @@ def test_chat_completion_and_stream(client):
     choice = out.choices[0]
     assert choice.message.role == "assistant" and choice.finish_reason == "length"
     assert len(choice.logprobs.content) == 6 and all(len(t.top_logprobs) == 2 for t in choice.logprobs.content)
-    # default template: "system: be brief\nuser: hello MTA\nassistant:" after BOS
-    assert out.usage.prompt_tokens == 1 + len("system: be brief\nuser: hello MTA\nassistant:")
+    # default template after BOS; text parts joined with "\n", as vLLM joins them
+    assert out.usage.prompt_tokens == 1 + len("system: be brief\nuser: hello \nMTA\nassistant:")
     chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0,
                                                  stream=True, stream_options={"include_usage": True},
                                                  extra_body={"ignore_eos": True}))
@@ -347,6 +349,21 @@ def test_error_messages_and_routes(server):
     plain = post(server, "/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": 1,
                                              "response_format": {"type": "text"}, "guided_json": None})
     assert plain.status_code == 200, plain.text
+    # a lone surrogate (valid JSON, not UTF-8) quoted in the message: still the 404, not a 500
+    odd = httpx.post(server.url + "/v1/completions", headers={"content-type": "application/json"},
+                     content=b'{"model": "t\\ud800", "prompt": "a", "max_tokens": 1}')
+    assert odd.status_code == 404 and odd.json()["error"]["param"] == "model", odd.text
+    assert "\\ud800" in odd.json()["error"]["message"]
+
+
+def test_stop_token_ids(server):
+    """vLLM's stop_token_ids: generation ends at one of them (kept in the text, being no special token)."""
+    body = completion(server, prompt="ab", max_tokens=5, temperature=0, logit_bias={"120": 100},
+                      stop_token_ids=[120])
+    assert body["choices"][0]["finish_reason"] == "stop" and body["usage"]["completion_tokens"] == 1
+    assert body["choices"][0]["text"] == "x"
+    bad = post(server, "/v1/completions", {"model": MODEL, "prompt": "a", "stop_token_ids": ["x"]})
+    assert bad.status_code == 400 and "stop_token_ids" in bad.text
 
 
 def test_api_key():
@@ -423,8 +440,30 @@ def test_queue_full_gets_429_with_retry_after():
         assert set(statuses) <= {200, 429} and 200 in statuses and 429 in statuses
         assert rejected and all(r.headers["retry-after"] == "1" for r in rejected)
         assert rejected[0].json()["error"]["type"] == "rate_limit_error"
+        # the limit counts sequences (prompts x n), not HTTP requests: 3 or 4 can never fit in a queue of 2
+        for body in ({"prompt": "a", "n": 3}, {"prompt": ["a", "b"], "n": 2}):
+            resp = httpx.post(s.url + "/v1/completions", json={"model": MODEL, "max_tokens": 1, **body}, timeout=60)
+            assert resp.status_code == 400 and resp.json()["error"]["param"] == "n", resp.text
+            assert "more than the server's queue limit of 2" in resp.json()["error"]["message"]
+        assert httpx.post(s.url + "/v1/completions", json={"model": MODEL, "max_tokens": 1, "prompt": "a", "n": 2},
+                          timeout=60).status_code == 200
     finally:
         s.stop()
+
+
+def test_queue_room_is_counted_in_sequences():
+    """A request whose sequences exceed the queue's room now waits for a 429; beyond its limit, a 400."""
+    from types import SimpleNamespace
+
+    from mta_serve.server import APIError, _check_queue_room
+
+    engine = SimpleNamespace(max_queued=4, queue_room=lambda: 1)  # 3 waiting, this request's slot held
+    _check_queue_room(engine, 2)
+    for num_jobs, status in ((3, 429), (5, 400)):
+        with pytest.raises(APIError) as err:
+            _check_queue_room(engine, num_jobs)
+        assert err.value.status == status
+    _check_queue_room(SimpleNamespace(max_queued=None, queue_room=lambda: None), 1000)
 
 
 def test_sigterm_finishes_in_flight_and_exits_0():

@@ -28,6 +28,20 @@ def test_mta_checkpoint_solves_fresh_samples_through_the_engine(fresh_samples):
     assert all(out.finish_reason == "stop" for out, s in zip(outs, fresh_samples) if out.text[:5] == s.answer)
 
 
+def test_llm_uses_a_tokenizer_given_with_a_checkpoint_and_names_a_bad_dtype(fresh_samples):
+    from mta_serve.tokenizer import CharTokenizer
+
+    class Upper(CharTokenizer):
+        def decode(self, ids, skip_special=True):
+            return super().decode(ids, skip_special).upper()
+
+    llm = LLM(embedded_model_dir("mta-toy"), tokenizer=Upper())
+    out = llm.generate([fresh_samples[0].prompt], SamplingParams(max_tokens=6, temperature=0), use_tqdm=False)[0]
+    assert out.text[:5] == fresh_samples[0].answer.upper()
+    with pytest.raises(ValueError, match="invalid dtype='fp16': allowed float32, float16, bfloat16"):
+        LLM(embedded_model_dir("mta-toy"), dtype="fp16")
+
+
 def test_default_command_serves_the_toy_model(fresh_samples):
     server = Server()  # `mta-serve` with no model arguments
     try:
