@@ -17,7 +17,7 @@ resident at once, which the grids here are).
 
 Without CUDA (TRITON_INTERPRET=1) it only runs both chains once and checks their results; the persistent
 one on one program, since the interpreter runs programs one after another and a barrier over several
-would never open.
+would never open (so only a GPU run checks the barrier itself).
 """
 from __future__ import annotations
 
@@ -127,9 +127,14 @@ def check(bufs, links: int, times: int) -> None:
 def measure(programs: list[int], links: int, replays: int) -> list[dict]:
     """A row per grid size and form: the chain of kernels at each PDL level, then the persistent kernel."""
     levels = pdl.LEVELS if torch.cuda.get_device_capability()[0] >= 9 else (0,)
+    # the persistent kernel's programs must all be resident at once, or its first barrier never opens: 8 small
+    # programs per SM surely are
+    resident = 8 * torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
     for n in programs:
-        for level in (*levels, None):
+        if n > resident:
+            print(f"{n:5d} programs: the grid-barrier form is skipped (more than {resident} may not be resident)")
+        for level in (*levels, None) if n <= resident else levels:
             two, many = replay_us(n, 2, level, replays), replay_us(n, links, level, replays)
             form = "kernels" if level is not None else "grid barrier"
             rows.append(dict(programs=n, form=form, pdl=level, links=links, replay_us=many,
@@ -161,6 +166,8 @@ def main() -> int:
     args = p.parse_args()
     if args.links < 4 or args.links % 2 or min(args.programs) < 1:
         p.error("--links must be even and at least 4; --programs at least 1")
+    if args.links * max(args.programs) >= 2**31:
+        p.error("--links x --programs must stay below 2^31 (the grid barrier's int32 counter)")
     if not torch.cuda.is_available():
         if os.environ.get("TRITON_INTERPRET") != "1":
             p.error("no CUDA device: set TRITON_INTERPRET=1 to check the chain on the CPU")

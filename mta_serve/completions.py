@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import jinja2
+import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .engine import RequestOutput
@@ -131,13 +132,25 @@ def render_chat(req: ChatCompletionRequest, tokenizer) -> tuple[list[int], bool]
         raise ParamError("messages", f"the chat prompt rendered with {how} cannot be tokenized: {exc}") from None
 
 
+class _GenerationTag(jinja2.ext.Extension):
+    """{% generation %}...{% endgeneration %}, which Hugging Face's templates use to mark the assistant's
+    tokens for training masks: here it renders its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
 @functools.cache
 def _chat_environment() -> jinja2.Environment:
     """Jinja as Hugging Face's apply_chat_template sets it up, so a model's template renders the prompt it
     was trained on: a sandbox, block tags taking their line's whitespace and newline (trim_blocks,
     lstrip_blocks), undefined names falsy (templates test `tools`, `message.tool_calls`), break/continue,
-    raise_exception, strftime_now, and a tojson that leaves <, > and & alone."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    raise_exception, strftime_now, {% generation %}, and a tojson that leaves <, > and & alone."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols", _GenerationTag])
 
     def raise_exception(message: str):
         raise jinja2.TemplateError(message)

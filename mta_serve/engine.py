@@ -19,7 +19,6 @@ Not thread-safe: one thread owns it (the server's engine loop, or `LLM.generate`
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -31,21 +30,9 @@ from .model import MTATransformer
 from .model_runner import ModelRunner, StepLogits, num_cache_blocks
 from .request import Request, RequestStatus, TokenLogprob
 from .sampler import PendingSamples, Sampler, logprob_record
-from .sampling_params import SamplingParams, SamplingParamsError
+from .sampling_params import SamplingParams, SamplingParamsError, as_token_id
 from .scheduler import Scheduler, ScheduledRequest
 from .tokenizer import IncrementalDetokenizer
-
-
-def _token_id(value):
-    """An integer-like token id (int, NumPy or 0-d torch integer) as an int; anything else unchanged, for
-    validate() to name."""
-    dtype = str(getattr(value, "dtype", ""))
-    if isinstance(value, bool) or not hasattr(value, "__index__") or getattr(value, "ndim", 0) or "bool" in dtype:
-        return value
-    try:
-        return operator.index(value)
-    except TypeError:
-        return value
 
 
 class RequestError(ValueError):
@@ -138,7 +125,7 @@ class LLMEngine:
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if not isinstance(prompt, str):
-            return [_token_id(t) for t in prompt]
+            return [as_token_id(t) for t in prompt]
         if self.tokenizer is None:
             raise RequestError("a text prompt needs a tokenizer; pass token ids instead")
         return self.tokenizer.encode(prompt, add_bos=True)
@@ -281,7 +268,9 @@ class LLMEngine:
         """Decode the new tokens; a stop string in the text ends the request there."""
         if tracked.detokenizer is None:
             return
-        before = len(tracked.text)
+        request, before = tracked.request, len(tracked.text)
+        if request.status == RequestStatus.FINISHED_STOPPED and not request.params.include_stop_str_in_output:
+            new_ids = new_ids[:-1]  # a stop token's (or EOS's) text is left out, as vLLM leaves it out
         tracked.text += "".join(tracked.detokenizer.push(t) for t in new_ids)
         if tracked.request.status.finished:
             tracked.text += tracked.detokenizer.flush()

@@ -64,12 +64,14 @@ class Sampler:
         if drawn:
             device, params = logits.device, [requests[k].params for k in drawn]
             rows = _on(device, drawn, torch.long)
-            # a temperature past the dtype's range would be inf, and inf / inf NaN; at its largest finite
-            # value the distribution is as flat as it can be, the limit anyway
-            temperature = _on(device, [p.temperature for p in params], logits.dtype)[:, None].clamp(
-                max=torch.finfo(logits.dtype).max)
+            # A temperature past the dtype's range would be inf, and inf / inf NaN: at its largest finite value
+            # the distribution is as flat as it can be, the limit anyway. A logit divided past the range (a
+            # penalized one, below temperature 1) is held at the largest value too, since softmax over an inf
+            # is NaN.
+            finfo = torch.finfo(logits.dtype)
+            temperature = _on(device, [p.temperature for p in params], logits.dtype)[:, None].clamp(max=finfo.max)
             vocab = logits.shape[1]
-            probs = filtered_probs(logits[rows] / temperature,
+            probs = filtered_probs((logits[rows] / temperature).clamp(max=finfo.max),
                                    _on(device, [min(p.top_k, vocab) for p in params], torch.long),
                                    _on(device, [p.top_p for p in params], logits.dtype),
                                    _on(device, [p.min_p for p in params], logits.dtype))
@@ -164,7 +166,7 @@ def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
         rows, ids = _row_tokens([r.token_ids[:r.num_known_tokens] for r in requests], device)
         seen.index_put_((rows, ids), torch.ones(ids.shape, dtype=torch.bool, device=device))
         # A penalty that rounds to 0 in the logits' dtype would make -inf * 0 NaN: at least the smallest normal
-        # number, and a logit it divides past the dtype's range is its largest value (the limit's order).
+        # number; a logit it divides past the dtype's range is held at the largest value (such logits tie).
         finfo = torch.finfo(logits.dtype)
         penalty = _on(device, [p.repetition_penalty for p in params], logits.dtype)[:, None].clamp(min=finfo.tiny)
         penalized = torch.where(logits > 0, (logits / penalty).clamp(max=finfo.max), logits * penalty)

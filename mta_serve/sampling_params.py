@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
@@ -18,6 +19,18 @@ class SamplingParamsError(ValueError):
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def as_token_id(value):
+    """An integer-like token id (int, NumPy or 0-d torch integer) as an int; anything else unchanged, for the
+    caller to name."""
+    dtype = str(getattr(value, "dtype", ""))
+    if isinstance(value, bool) or not hasattr(value, "__index__") or getattr(value, "ndim", 0) or "bool" in dtype:
+        return value
+    try:
+        return operator.index(value)
+    except TypeError:
+        return value
 
 
 def _sequence(value, name: str, allowed: str) -> tuple:
@@ -92,7 +105,9 @@ class SamplingParams:
         for name in ("ignore_eos", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 raise SamplingParamsError(name, f"invalid {name}={getattr(self, name)!r}: allowed true or false")
-        self.stop_token_ids = _sequence(self.stop_token_ids, "stop_token_ids", "non-negative integers")
+        # NumPy and torch integers too (ids taken from an array), as plain ints
+        self.stop_token_ids = tuple(map(as_token_id, _sequence(self.stop_token_ids, "stop_token_ids",
+                                                               "non-negative integers")))
         if any(not _is_int(x) or x < 0 for x in self.stop_token_ids):
             raise SamplingParamsError("stop_token_ids", f"invalid stop_token_ids={self.stop_token_ids!r}: "
                                                         "allowed non-negative integers")

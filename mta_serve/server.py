@@ -91,7 +91,7 @@ async def _generate(request: Request, served: ServedModel, schema, make_jobs, st
         req = await _parse_generation(request, served, schema)
         prompt_param = "messages" if schema is ChatCompletionRequest else "prompt"
         jobs = _jobs(lambda: make_jobs(req, served.tokenizer, served.max_model_len), served, prompt_param)
-        _check_queue_room(served.engine, len(jobs))
+        _check_queue_room(served.engine, len(jobs), "n" if req.n > 1 else prompt_param)
         streams = _submit(served, jobs)
     if req.stream:
         return _sse(stream(served, req, jobs, streams), streams)
@@ -153,17 +153,16 @@ async def _admission(served: ServedModel):
         engine.num_reserved -= 1
 
 
-def _check_queue_room(engine, num_jobs: int) -> None:
-    """The queue limit counts engine requests (prompts x n), not HTTP requests; admission held one slot."""
+def _check_queue_room(engine, num_jobs: int, param: str) -> None:
+    """The queue limit counts engine requests (prompts x n), not HTTP requests; admission held one slot. A
+    request larger than the whole limit runs only when nothing else waits (so a large batch still runs on an
+    idle server, but never waits behind or ahead of others past the limit)."""
     room = engine.queue_room()
-    if room is None or num_jobs <= room + 1:
+    if room is None or num_jobs <= room + 1 or room + 1 == engine.max_queued:
         return
-    if num_jobs > engine.max_queued:
-        raise APIError(400, f"the request makes {num_jobs} sequences (prompts x n), more than the server's queue "
-                            f"limit of {engine.max_queued}; split it", param="n")
     raise APIError(429, f"the server's queue has room for {room + 1} of this request's {num_jobs} sequences "
-                        "(prompts x n); retry later", type_="rate_limit_error",
-                   headers={"Retry-After": str(RETRY_AFTER_S)})
+                        f"(prompts x n; limit {engine.max_queued}); retry later", param=param,
+                   type_="rate_limit_error", headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 async def _parse_generation(request: Request, served: ServedModel, schema: type[BaseModel]) -> Any:

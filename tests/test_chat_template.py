@@ -41,12 +41,12 @@ ZEPHYR_LIKE = """{% for message in messages %}
 {{ '<|assistant|>' }}
 {% endif %}
 {% endfor %}"""
-# break/continue, tojson (which must leave < > & alone) and raise_exception (after a leading system message,
-# users at odd positions)
+# break/continue, tojson (which must leave < > & alone), raise_exception (after a leading system message,
+# users at odd positions) and {% generation %} around the assistant's text
 STRICT_JSON = """{{ bos_token }}{% for m in messages %}
     {% if m.role == 'system' %}{% continue %}{% endif %}
     {% if (m.role == 'user') != (loop.index0 % 2 == 1) %}{{ raise_exception('roles must alternate user/assistant') }}{% endif %}
-    {{ m | tojson }}
+    {% if m.role == 'assistant' %}{% generation %}{{ m | tojson }}{% endgeneration %}{% else %}{{ m | tojson }}{% endif %}
 {% endfor %}"""
 
 
@@ -81,7 +81,7 @@ def _hugging_face(template: str, messages: list[dict]) -> str:
 
 @pytest.mark.parametrize("template", [QWEN_LIKE, ZEPHYR_LIKE, STRICT_JSON], ids=["qwen", "zephyr", "strict"])
 def test_templates_render_as_hugging_face_renders_them(template):
-    messages = [{"role": "system", "content": "be <brief> & kind"}, {"role": "user", "content": "hi"},
+    messages = [{"role": "system", "content": "be <brief> & kind"}, {"role": "user", "content": "hi <b> & </b>"},
                 {"role": "assistant", "content": "héllo"}, {"role": "user", "content": "again"}]
     assert _ours(template, messages) == _hugging_face(template, messages)
 

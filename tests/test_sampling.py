@@ -194,6 +194,9 @@ def test_stop_and_stop_token_ids_take_none_and_single_values():
     assert (params.stop, params.stop_token_ids) == ((), ())
     params = SamplingParams(stop="ab", stop_token_ids=5)
     assert (params.stop, params.stop_token_ids) == (("ab",), (5,))
+    # ids taken from an array: plain ints
+    assert SamplingParams(stop_token_ids=torch.tensor([7, 8])).stop_token_ids == (7, 8)
+    assert type(SamplingParams(stop_token_ids=torch.tensor([7])).stop_token_ids[0]) is int
 
 
 class _LastIdEos(_EosOnly):
@@ -221,11 +224,14 @@ def test_values_that_round_away_in_fp32_still_sample_sanely(model):
         # a seen token's logit divided past fp32's range: inf, and softmax NaN, unless held at the largest
         "penalty_big": (prompt, SamplingParams(max_tokens=6, repetition_penalty=1e-37, logit_bias={1: 50.0},
                                                seed=3, min_tokens=6)),
+        # ... and held there when a temperature below 1 divides it again
+        "penalty_big_cool": (prompt, SamplingParams(max_tokens=6, temperature=0.5, repetition_penalty=1e-37,
+                                                    logit_bias={1: 50.0}, seed=3, min_tokens=6)),
         "top_k": (prompt, SamplingParams(max_tokens=6, top_k=2**63, seed=4, ignore_eos=True)),
         "top_k_off": (prompt, SamplingParams(max_tokens=6, top_k=0, seed=4, ignore_eos=True)),
     })
     assert out["top_p"].token_ids == greedy.token_ids
-    for rid in ("hot", "penalty", "penalty_big"):
+    for rid in ("hot", "penalty", "penalty_big", "penalty_big_cool"):
         assert len(out[rid].token_ids) == 6 and eos not in out[rid].token_ids, (rid, out[rid].token_ids)
     assert out["top_k"].token_ids == out["top_k_off"].token_ids
 

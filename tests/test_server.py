@@ -357,11 +357,14 @@ def test_error_messages_and_routes(server):
 
 
 def test_stop_token_ids(server):
-    """vLLM's stop_token_ids: generation ends at one of them (kept in the text, being no special token)."""
-    body = completion(server, prompt="ab", max_tokens=5, temperature=0, logit_bias={"120": 100},
-                      stop_token_ids=[120])
-    assert body["choices"][0]["finish_reason"] == "stop" and body["usage"]["completion_tokens"] == 1
-    assert body["choices"][0]["text"] == "x"
+    """vLLM's stop_token_ids: generation ends at one of them, whose text is left out as a stop string's is
+    (kept with include_stop_str_in_output)."""
+    for include, text in ((False, "yy"), (True, "yyx")):
+        body = completion(server, prompt="ab", max_tokens=5, temperature=0, min_tokens=2, stop_token_ids=[120],
+                          logit_bias={"120": 50, "121": 40}, include_stop_str_in_output=include)
+        # min_tokens holds the stop token back for two tokens: "y", "y", then "x" stops
+        assert body["choices"][0]["finish_reason"] == "stop" and body["usage"]["completion_tokens"] == 3
+        assert body["choices"][0]["text"] == text
     bad = post(server, "/v1/completions", {"model": MODEL, "prompt": "a", "stop_token_ids": ["x"]})
     assert bad.status_code == 400 and "stop_token_ids" in bad.text
 
@@ -440,30 +443,44 @@ def test_queue_full_gets_429_with_retry_after():
         assert set(statuses) <= {200, 429} and 200 in statuses and 429 in statuses
         assert rejected and all(r.headers["retry-after"] == "1" for r in rejected)
         assert rejected[0].json()["error"]["type"] == "rate_limit_error"
-        # the limit counts sequences (prompts x n), not HTTP requests: 3 or 4 can never fit in a queue of 2
-        for body in ({"prompt": "a", "n": 3}, {"prompt": ["a", "b"], "n": 2}):
-            resp = httpx.post(s.url + "/v1/completions", json={"model": MODEL, "max_tokens": 1, **body}, timeout=60)
-            assert resp.status_code == 400 and resp.json()["error"]["param"] == "n", resp.text
-            assert "more than the server's queue limit of 2" in resp.json()["error"]["message"]
-        assert httpx.post(s.url + "/v1/completions", json={"model": MODEL, "max_tokens": 1, "prompt": "a", "n": 2},
-                          timeout=60).status_code == 200
+        # the limit counts sequences (prompts x n): while one request waits, a request of 2 more is turned away
+        async def crowded():
+            async with httpx.AsyncClient(timeout=300) as c:
+                first = [asyncio.create_task(c.post(s.url + "/v1/completions", json={
+                    "model": MODEL, "prompt": f"w{i}", "max_tokens": 480, "ignore_eos": True})) for i in range(2)]
+                while _metric(s, "vllm:num_requests_waiting") < 1:  # one runs, one waits
+                    await asyncio.sleep(0.02)
+                pair = await c.post(s.url + "/v1/completions", json={
+                    "model": MODEL, "prompt": ["a", "b"], "max_tokens": 1})
+                return pair, await asyncio.gather(*first)
+
+        pair, first = asyncio.run(crowded())
+        assert [r.status_code for r in first] == [200, 200]
+        assert pair.status_code == 429 and pair.json()["error"]["param"] == "prompt", pair.text
+        assert "room for 1 of this request's 2 sequences" in pair.json()["error"]["message"]
+        # on an idle server a request larger than the limit still runs
+        big = httpx.post(s.url + "/v1/completions", json={"model": MODEL, "max_tokens": 1, "prompt": "a", "n": 3},
+                         timeout=60)
+        assert big.status_code == 200 and len(big.json()["choices"]) == 3, big.text
     finally:
         s.stop()
 
 
 def test_queue_room_is_counted_in_sequences():
-    """A request whose sequences exceed the queue's room now waits for a 429; beyond its limit, a 400."""
+    """Sequences past the queue's room get a 429 naming the field that made them; a request larger than the
+    whole limit is let in only when nothing else waits."""
     from types import SimpleNamespace
 
     from mta_serve.server import APIError, _check_queue_room
 
-    engine = SimpleNamespace(max_queued=4, queue_room=lambda: 1)  # 3 waiting, this request's slot held
-    _check_queue_room(engine, 2)
-    for num_jobs, status in ((3, 429), (5, 400)):
+    busy = SimpleNamespace(max_queued=4, queue_room=lambda: 1)  # 3 waiting, this request's slot held
+    _check_queue_room(busy, 2, "n")
+    for num_jobs in (3, 5):
         with pytest.raises(APIError) as err:
-            _check_queue_room(engine, num_jobs)
-        assert err.value.status == status
-    _check_queue_room(SimpleNamespace(max_queued=None, queue_room=lambda: None), 1000)
+            _check_queue_room(busy, num_jobs, "n")
+        assert (err.value.status, err.value.param) == (429, "n")
+    _check_queue_room(SimpleNamespace(max_queued=4, queue_room=lambda: 3), 10, "prompt")  # nothing else waits
+    _check_queue_room(SimpleNamespace(max_queued=None, queue_room=lambda: None), 1000, "n")
 
 
 def test_sigterm_finishes_in_flight_and_exits_0():
