@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 from .config import DTYPES, CacheConfig, ModelConfig, MTAConfig, SchedulerConfig
+from .sampling_params import valid_seed
 
 DEFAULT_MODEL = "mta-toy"  # the embedded checkpoint served when no model is named
 EMBEDDED_MODELS = ("mta-toy", "toy-baseline")
@@ -210,7 +211,7 @@ def serve(args: argparse.Namespace) -> int:
 
     if args.max_queued_requests < 1:
         raise CLIError(f"invalid --max-queued-requests {args.max_queued_requests}: allowed an integer >= 1")
-    if not 0 <= args.seed < 2**63:  # also the sampler's seed, which would fail only at the first draw
+    if not valid_seed(args.seed):  # also the sampler's seed, which would fail only at the first draw
         raise CLIError(f"invalid --seed {args.seed}: allowed an integer in [0, 2^63)")
     if not 0 <= args.shutdown_timeout < float("inf"):
         raise CLIError(f"invalid --shutdown-timeout {args.shutdown_timeout}: allowed a number of seconds >= 0")

@@ -21,7 +21,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from .engine import RequestOutput
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .request import TokenLogprob
-from .sampling_params import SamplingParams
+from .sampling_params import SEED_LIMIT, SamplingParams, valid_seed
 from .tokenizer import IncrementalDetokenizer, decode_in_vocab
 
 # Used when the tokenizer has no chat template: one "role: content" line per message, then the cue.
@@ -91,7 +91,7 @@ def completion_prompts(req: CompletionRequest, tokenizer) -> list[tuple[list[int
 def _check_common(req) -> None:
     if req.stream_options is not None and not req.stream:
         raise ParamError("stream_options", "stream_options is only allowed with stream=true")
-    if req.seed is not None and not 0 <= req.seed < 2**63:
+    if req.seed is not None and not valid_seed(req.seed):
         raise ParamError("seed", f"invalid seed={req.seed}: allowed an integer in [0, 2^63)")
 
 
@@ -186,7 +186,7 @@ def _room(num_prompt_tokens: int, max_model_len: int, param: str) -> int:
 
 
 def _choice_seed(seed: int | None, choice: int) -> int | None:
-    return None if seed is None else (seed + choice) % 2**63
+    return None if seed is None else (seed + choice) % SEED_LIMIT
 
 
 def _special_text(tokenizer, attr: str) -> str:

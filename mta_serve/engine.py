@@ -272,15 +272,15 @@ class LLMEngine:
         if request.status == RequestStatus.FINISHED_STOPPED and not request.params.include_stop_str_in_output:
             new_ids = new_ids[:-1]  # a stop token's (or EOS's) text is left out, as vLLM leaves it out
         tracked.text += "".join(tracked.detokenizer.push(t) for t in new_ids)
-        if tracked.request.status.finished:
+        if request.status.finished:
             tracked.text += tracked.detokenizer.flush()
         # Like EOS, stop strings count only once min_tokens tokens exist.
-        if tracked.request.num_output_tokens < tracked.request.params.min_tokens:
+        if request.num_output_tokens < request.params.min_tokens:
             return
         stop_at = self._find_stop(tracked, before)
         if stop_at is not None:
             tracked.text = tracked.text[:stop_at]
-            self.scheduler.finish(tracked.request, RequestStatus.FINISHED_STOPPED)
+            self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED)
 
     @staticmethod
     def _find_stop(tracked: _Tracked, before: int) -> int | None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .request import Request, TokenLogprob
+from .sampling_params import valid_seed
 
 
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
@@ -28,7 +29,7 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
 
 class Sampler:
     def __init__(self, seed: int | None = None):
-        if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63):
+        if seed is not None and not valid_seed(seed):
             # checked here, not at the first draw, where it would fail a running engine's step
             raise ValueError(f"invalid seed={seed!r}: allowed None or an integer in [0, 2^63)")
         self.seed = seed
@@ -166,11 +167,10 @@ def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
         rows, ids = _row_tokens([r.token_ids[:r.num_known_tokens] for r in requests], device)
         seen.index_put_((rows, ids), torch.ones(ids.shape, dtype=torch.bool, device=device))
         # A penalty that rounds to 0 in the logits' dtype would make -inf * 0 NaN: at least the smallest normal
-        # number; a logit it divides past the dtype's range is held at the largest value (such logits tie).
-        finfo = torch.finfo(logits.dtype)
-        penalty = _on(device, [p.repetition_penalty for p in params], logits.dtype)[:, None].clamp(min=finfo.tiny)
-        penalized = torch.where(logits > 0, (logits / penalty).clamp(max=finfo.max), logits * penalty)
-        logits.copy_(torch.where(seen, penalized, logits))
+        # number. A logit it divides past the dtype's range is inf here; _decide holds it at the largest value.
+        penalty = _on(device, [p.repetition_penalty for p in params], logits.dtype)[:, None].clamp(
+            min=torch.finfo(logits.dtype).tiny)
+        logits.copy_(torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits))
 
 
 def _row_tokens(token_lists: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,6 +21,13 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+SEED_LIMIT = 2**63  # seeds are in [0, 2^63): what torch.Generator.manual_seed takes as a signed 64-bit int
+
+
+def valid_seed(value) -> bool:
+    return _is_int(value) and 0 <= value < SEED_LIMIT
+
+
 def as_token_id(value):
     """An integer-like token id (int, NumPy or 0-d torch integer) as an int; anything else unchanged, for the
     caller to name."""
@@ -82,7 +89,7 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None and not _is_int(getattr(self, name)):
                 raise SamplingParamsError(name, f"invalid {name}={getattr(self, name)!r}: allowed None or an integer")
-        if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed < 2**63):
+        if self.seed is not None and not valid_seed(self.seed):
             raise SamplingParamsError("seed", f"invalid seed={self.seed!r}: allowed an integer in [0, 2^63)")
         checks = [
             (self.max_tokens >= 1, "max_tokens", "an integer >= 1"),
